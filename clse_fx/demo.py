@@ -1,0 +1,114 @@
+"""A tiny, randomly initialised LLaVA checkpoint for demos and tests (no downloads needed).
+
+It is built from the real `transformers` config classes, with a word-level tokenizer made with
+`tokenizers` and a real `LlavaProcessor`, and saved with `save_pretrained`, so everything downstream
+loads it through the same `from_pretrained` path as a published checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+WORDS = (
+    "user assistant : what is the colour of shape left right top bottom red green blue yellow circle square "
+    "triangle star how many are there in image a an yes no one two three four describe picture ? . , \n"
+).split(" ")
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer with LLaVA's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL_TOKENS + [w for w in WORDS if w]))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(IMAGE_TOKEN, behavior="isolated")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+
+
+def tiny_llava_config(
+    image_size: int = 48,
+    patch_size: int = 8,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int | None = None,
+):
+    """A LlavaConfig with a small CLIP vision tower and a small GQA Llama decoder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tokenizer = build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=2 * hidden_size // num_heads,  # != hidden_size / heads, so shape mix-ups fail loudly
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def save_tiny_llava(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
+    """Build a random tiny LLaVA with tokenizer and processor, save it to ``path``, return the path."""
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    config = tiny_llava_config(**config_kwargs)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random init leaves tiny logits; widen the weights so scores and top-k choices are well separated.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+    size = config.vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,74 @@
+"""What clse-fx needs to know about a model family, and the registry of supported families.
+
+One adapter per family (as HF Optimum keeps one export config per architecture): everything
+model-specific lives in the adapter, so passes, the reference pruner and exporters stay generic.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from clse_fx.plan import LLAVA_SCHEDULE, ReferenceSchedule
+from clse_fx.scoring import Grid
+
+
+class ModelAdapter:
+    """Per-family knowledge. Subclasses set ``architectures`` and implement the accessors."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    schedule: ClassVar[ReferenceSchedule] = LLAVA_SCHEDULE
+    # Module path of the decoder-layer list inside the top-level model, as named in nn_module_stack.
+    layers_path: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def decoder(self) -> nn.Module:
+        """The text decoder (has ``.layers`` and ``.norm``)."""
+        raise NotImplementedError
+
+    def lm_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Token ids that mark visual positions in ``input_ids``."""
+        raise NotImplementedError
+
+    def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
+        """The (T, H, W) grid of one row's ``num_visual`` visual tokens (several images stack along T)."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder().layers)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: which positions hold visual tokens."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.visual_token_ids():
+            mask |= input_ids == token_id
+        return mask
+
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    for arch in cls.architectures:
+        _ADAPTERS[arch] = cls
+    return cls
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s class; unsupported classes raise a ValueError naming the supported ones."""
+    name = type(model).__name__
+    if name not in _ADAPTERS:
+        raise ValueError(f"unsupported architecture {name}; clse-fx supports: {', '.join(supported_architectures())}")
+    return _ADAPTERS[name](model)

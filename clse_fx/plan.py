@@ -1,0 +1,204 @@
+"""Budgets -> validated per-stage keep counts (DESIGN.md section 2, "Stages and budgets")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clse_fx.scoring import SCORE_TYPES
+
+
+@dataclass(frozen=True)
+class ReferenceSchedule:
+    """A published three-stage schedule: stage layers at a reference depth and keep counts per budget.
+
+    ``unit`` says how budgets are quoted: "count" (average visual tokens per layer, LLaVA-1.5) or
+    "ratio" (share of the visual tokens, Qwen2-VL). ``table`` maps a budget to per-stage keeps in that
+    unit; other budgets are scaled by ``multipliers``.
+    """
+
+    name: str
+    depth: int
+    layers: tuple[int, ...]
+    unit: str
+    table: dict[float, tuple[float, ...]] = field(default_factory=dict)
+    multipliers: tuple[float, ...] = ()
+
+
+LLAVA_SCHEDULE = ReferenceSchedule(
+    name="llava",
+    depth=32,
+    layers=(1, 11, 21),
+    unit="count",
+    table={192: (330, 210, 62), 128: (220, 140, 41), 64: (110, 70, 20)},
+    multipliers=(1.72, 1.09, 0.32),
+)
+QWEN2_VL_SCHEDULE = ReferenceSchedule(
+    name="qwen2_vl",
+    depth=28,
+    layers=(1, 10, 19),
+    unit="ratio",
+    table={0.334: (0.57, 0.36, 0.098), 0.223: (0.38, 0.24, 0.066), 0.112: (0.19, 0.12, 0.034)},
+    multipliers=(1.71, 1.08, 0.294),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-stage pruning plan: before decoder layer ``layer``, keep ``keep`` visual tokens."""
+
+    stages: tuple[tuple[int, int], ...]
+    num_layers: int
+    num_visual: int
+
+    @property
+    def avg_visual_tokens(self) -> float:
+        """Visual tokens each decoder layer runs on, averaged over all layers."""
+        return sum(self.visual_tokens_per_layer()) / self.num_layers
+
+    def visual_tokens_per_layer(self) -> list[int]:
+        counts, current = [], self.num_visual
+        keeps = dict(self.stages)
+        for layer in range(self.num_layers):
+            current = keeps.get(layer, current)
+            counts.append(current)
+        return counts
+
+    @property
+    def is_noop(self) -> bool:
+        """True when every stage keeps all visual tokens (pruning disabled)."""
+        return all(keep == self.num_visual for _, keep in self.stages)
+
+    def describe(self) -> str:
+        stages = ", ".join(f"layer {layer}: {keep}" for layer, keep in self.stages)
+        return f"{stages} of {self.num_visual} visual tokens (avg {self.avg_visual_tokens:.1f}/layer)"
+
+
+def parse_stages(text: str) -> list[tuple[int, int]]:
+    """Parse ``"1:330,11:210,21:62"`` into [(1, 330), (11, 210), (21, 62)]."""
+    stages = []
+    for item in text.split(","):
+        layer, sep, keep = item.strip().partition(":")
+        if not sep or not layer.strip().lstrip("-").isdigit() or not keep.strip().lstrip("-").isdigit():
+            raise ValueError(f"bad stage {item.strip()!r}: write stages as LAYER:KEEP pairs, e.g. 1:330,11:210,21:62")
+        stages.append((int(layer), int(keep)))
+    return stages
+
+
+def _scaled_layers(schedule: ReferenceSchedule, num_layers: int) -> list[int]:
+    """The schedule's stage layers moved to the same relative depths of a ``num_layers``-deep decoder."""
+    if num_layers < len(schedule.layers) + 1:
+        raise ValueError(
+            f"the model has {num_layers} decoder layers, too few for a {len(schedule.layers)}-stage plan; "
+            f"pass explicit stages, e.g. --stages 1:KEEP"
+        )
+    count = len(schedule.layers)
+    layers = [max(1, round(ref * num_layers / schedule.depth)) for ref in schedule.layers]
+    for i in range(1, count):  # collisions on shallow models: keep the stages strictly increasing
+        layers[i] = max(layers[i], layers[i - 1] + 1)
+    # ... and below the last layer (the caps rise by one per stage, so the order survives).
+    return [min(layer, num_layers - count + i) for i, layer in enumerate(layers)]
+
+
+def _scheduled_keeps(schedule: ReferenceSchedule, keep: float, num_visual: int) -> list[int]:
+    """Per-stage keep counts for a budget in the schedule's unit, rounded and capped at ``num_visual``."""
+    if schedule.unit == "count":
+        budget = keep
+        per_stage = schedule.table.get(budget) or [budget * m for m in schedule.multipliers]
+        counts = [round(x) for x in per_stage]
+    else:
+        ratio = keep
+        per_stage = schedule.table.get(round(ratio, 3)) or [ratio * m for m in schedule.multipliers]
+        counts = [round(r * num_visual) for r in per_stage]
+    return [min(max(c, 1), num_visual) for c in counts]
+
+
+def plan_budget(
+    keep: float | None,
+    num_layers: int,
+    num_visual: int,
+    stages: list[tuple[int, int]] | str | None = None,
+    schedule: ReferenceSchedule = LLAVA_SCHEDULE,
+) -> Plan:
+    """Turn a budget into a validated :class:`Plan`.
+
+    ``keep`` is an average visual-token count (an int, or an integral float) or a ratio of the visual
+    tokens (a float in (0, 1)); ``stages`` (``[(layer, keep), ...]`` or ``"1:330,11:210"``) overrides the
+    schedule. Invalid input raises ValueError saying what to change.
+    """
+    if num_layers < 2:
+        raise ValueError(f"the model needs at least 2 decoder layers to prune between them, it has {num_layers}")
+    if num_visual < 1:
+        raise ValueError(f"there are no visual tokens to prune (num_visual={num_visual}); compile with an image")
+    if stages is not None:
+        if isinstance(stages, str):
+            stages = parse_stages(stages)
+        return _validated(list(stages), num_layers, num_visual)
+    if keep is None:
+        raise ValueError("give a budget (--keep N or --keep RATIO) or explicit --stages LAYER:KEEP,...")
+    is_ratio = isinstance(keep, float) and 0 < keep < 1
+    if not is_ratio and keep != int(keep):
+        raise ValueError(f"keep={keep} is neither a token count nor a ratio in (0, 1); pass e.g. --keep 128 or 0.25")
+    count = keep * num_visual if is_ratio else int(keep)
+    if count < 1:
+        raise ValueError(f"keep={keep} leaves less than one visual token; use a budget of at least 1")
+    if count > num_visual:
+        raise ValueError(
+            f"keep={keep} exceeds the {num_visual} visual tokens of this model; use a budget <= {num_visual}"
+        )
+    # Express the budget in the schedule's own unit before looking it up.
+    if schedule.unit == "count":
+        budget: float = round(count) if is_ratio else count
+    else:
+        budget = keep if is_ratio else count / num_visual
+    # A budget of every visual token disables pruning (the schedule would still cut the last stages).
+    keeps = (
+        [num_visual] * len(schedule.layers) if count == num_visual else _scheduled_keeps(schedule, budget, num_visual)
+    )
+    return _validated(list(zip(_scaled_layers(schedule, num_layers), keeps)), num_layers, num_visual)
+
+
+def _validated(stages: list[tuple[int, int]], num_layers: int, num_visual: int) -> Plan:
+    if not stages:
+        raise ValueError("a plan needs at least one stage, e.g. --stages 1:64")
+    previous_layer, previous_keep = 0, num_visual
+    for layer, keep in stages:
+        if not 1 <= layer < num_layers:
+            raise ValueError(
+                f"stage layer {layer} is out of range: use 1..{num_layers - 1} "
+                f"(the model has {num_layers} decoder layers and a stage needs layer K-1's attention)"
+            )
+        if layer <= previous_layer and previous_layer:
+            raise ValueError(f"stage layers must increase, got {layer} after {previous_layer}; sort the stages")
+        if not 1 <= keep <= num_visual:
+            raise ValueError(f"stage keep {keep} at layer {layer} is out of range: use 1..{num_visual} visual tokens")
+        if keep > previous_keep:
+            raise ValueError(
+                f"stage keep {keep} at layer {layer} grows from {previous_keep}; keep counts must not increase"
+            )
+        previous_layer, previous_keep = layer, keep
+    return Plan(stages=tuple(stages), num_layers=num_layers, num_visual=num_visual)
+
+
+KV_POLICIES = ("uniform", "per-layer")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides which tokens are kept: the plan plus the score's hyper-parameters."""
+
+    plan: Plan
+    score: str = "clse_attn"
+    cutoff: float = 0.1
+    temp: float = 0.1
+    seed: int = 0
+    kv_policy: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_TYPES:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORE_TYPES)}")
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"unknown KV policy {self.kv_policy!r}; choose one of {', '.join(KV_POLICIES)}")
+        if self.cutoff < 0:
+            raise ValueError(f"cutoff must be >= 0, got {self.cutoff}")
+        if self.temp <= 0:
+            raise ValueError(f"temp must be > 0, got {self.temp}")

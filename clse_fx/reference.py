@@ -1,0 +1,199 @@
+"""The eager reference pruner: the test oracle for every compiled path.
+
+It runs an unmodified `transformers` model's decoder-layer loop itself and applies DESIGN.md section 2
+between layers. The embedding, the causal mask and the rotary tables come from the model's own code
+(captured at the input of decoder layer 0); q and k come from the model's own attention modules
+(captured through a registered attention function). Readable first, not fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from clse_fx.models import adapter_for
+from clse_fx.plan import PruneConfig
+from clse_fx.scoring import last_query_attention, score_stage, select_topk
+
+_CAPTURE_IMPL = "clse_capture"
+_records: dict[int, tuple] = {}
+
+
+def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA that also records each layer's (q, k, v, mask, scale): post-RoPE, before any GQA repeat."""
+    _records[module.layer_idx] = (query, key, value, attention_mask, kwargs.get("scaling"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+ALL_ATTENTION_FUNCTIONS.register(_CAPTURE_IMPL, _capturing_sdpa)
+
+
+class _StopAtLayer0(Exception):
+    pass
+
+
+@dataclass
+class ReferenceOutput:
+    """Logits on the kept tokens, what each stage kept, and the KV cache after prefill.
+
+    ``kept[j]``: [B, keep_j] indices into the row's visual tokens (0..N-1, grid order) kept by stage j.
+    ``positions``: [B, S'] original sequence positions of the tokens the last layer ran on.
+    ``cache[i]``: layer i's (key, value) [B, Hkv, S_i, D] under the KV policy, at ``cache_positions[i]``.
+    """
+
+    logits: torch.Tensor
+    kept: list[torch.Tensor]
+    positions: torch.Tensor
+    cache: list[tuple[torch.Tensor, torch.Tensor]]
+    cache_positions: list[torch.Tensor]
+
+
+def _layer0_inputs(model, adapter, model_inputs: dict) -> tuple[torch.Tensor, dict]:
+    """Run the model up to decoder layer 0 and return its hidden states and keyword inputs."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = kwargs
+        raise _StopAtLayer0
+
+    handle = adapter.decoder().layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**model_inputs, use_cache=False)
+    except _StopAtLayer0:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    """Column indices of the True entries of each row of [B, S] ``mask`` (same count per row): [B, n]."""
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)
+
+
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather sequence positions ``index`` [B, S'] along ``dim`` of x, whose batch dim is the one before it
+    (it may be 1 and broadcast; position tables may carry a leading M-RoPE axis)."""
+    dim = dim % x.dim()
+    sizes = list(x.shape)
+    sizes[dim - 1] = index.shape[0]
+    x = x.expand(sizes)
+    view = [1] * x.dim()
+    view[dim - 1], view[dim] = index.shape
+    sizes[dim] = index.shape[1]
+    return x.gather(dim, index.reshape(view).expand(sizes))
+
+
+@torch.no_grad()
+def reference_prune(
+    model: torch.nn.Module,
+    config: PruneConfig,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **model_inputs: torch.Tensor,
+) -> ReferenceOutput:
+    """Prefill ``model`` on one batch with CLSE pruning per ``config`` and return a :class:`ReferenceOutput`."""
+    adapter = adapter_for(model)
+    decoder = adapter.decoder()
+    plan = config.plan
+    if plan.num_layers != adapter.num_layers:
+        raise ValueError(f"the plan is for {plan.num_layers} layers but the model has {adapter.num_layers}")
+
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **model_inputs)
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    hidden, layer_kwargs = _layer0_inputs(model, adapter, inputs)
+    batch, seq = input_ids.shape
+
+    visual = adapter.visual_mask(input_ids)
+    counts = visual.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"rows have different visual-token counts {counts.tolist()}; batch rows with the same number of images"
+        )
+    num_visual = int(counts[0])
+    stages = plan.stages if num_visual else ()  # a prompt without an image is left unpruned
+    if num_visual and num_visual != plan.num_visual:
+        raise ValueError(f"the plan is for {plan.num_visual} visual tokens but the input has {num_visual}")
+    grid = adapter.visual_grid(num_visual, **model_inputs) if num_visual else None
+
+    mask = layer_kwargs.get("attention_mask")
+    cos, sin = layer_kwargs["position_embeddings"]
+    position_ids = layer_kwargs.get("position_ids")
+    positions = torch.arange(seq).expand(batch, seq)  # original position of every current token
+    vis_index = _rows(visual)  # [B, n]: where the current visual tokens sit in the current sequence
+    vis_id = torch.arange(num_visual).expand(batch, num_visual)  # their visual indices 0..N-1
+    z_ref = _gather_seq(hidden, vis_index, 1) if num_visual else None
+
+    stage_keep = dict(stages)
+    kept: list[torch.Tensor] = []
+    layer_positions: list[torch.Tensor] = []
+    decoder.config._attn_implementation, saved_impl = _CAPTURE_IMPL, decoder.config._attn_implementation
+    try:
+        for layer_idx, layer in enumerate(decoder.layers):
+            if layer_idx in stage_keep:
+                stage = len(kept)
+                query, key, _, layer_mask, scale = _records[layer_idx - 1]
+                attn = last_query_attention(query, key, layer_mask, scale).gather(1, vis_index)
+                z_cur = _gather_seq(hidden, vis_index, 1)
+                scores = score_stage(
+                    config.score,
+                    stage,
+                    stage_keep[layer_idx],
+                    grid=grid,
+                    attn=attn,
+                    z_ref=z_ref,
+                    z_cur=z_cur,
+                    cutoff=config.cutoff,
+                    temp=config.temp,
+                    seed=config.seed,
+                )
+                local = select_topk(scores, stage_keep[layer_idx])
+                kept.append(vis_id.gather(1, local))
+                keep_mask = ~adapter.visual_mask(input_ids.gather(1, positions))
+                keep_mask.scatter_(1, vis_index.gather(1, local), True)
+                index = _rows(keep_mask)  # [B, S']: current tokens that survive, in sequence order
+
+                if mask is None:  # SDPA's implicit causal mask: make it explicit so it can be gathered
+                    mask = torch.ones(seq, seq, dtype=torch.bool).tril().expand(batch, 1, seq, seq)
+                mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+                mask = mask.gather(3, index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+                hidden = _gather_seq(hidden, index, 1)
+                cos, sin = (_gather_seq(t, index, -2) for t in (cos, sin))
+                if position_ids is not None:
+                    position_ids = _gather_seq(position_ids, index, -1)
+                positions = positions.gather(1, index)
+                vis_index = _rows(adapter.visual_mask(input_ids.gather(1, positions)))
+                vis_id = kept[-1]
+            layer_positions.append(positions)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=(cos, sin),
+                position_ids=position_ids,
+                use_cache=False,
+            )
+    finally:
+        decoder.config._attn_implementation = saved_impl
+        records = dict(_records)
+        _records.clear()
+
+    logits = adapter.lm_head()(decoder.norm(hidden))
+    cache, cache_positions = [], []
+    for layer_idx in range(plan.num_layers):
+        key, value = records[layer_idx][1:3]
+        layer_pos = layer_positions[layer_idx]
+        if config.kv_policy == "uniform" and layer_pos.shape[1] != positions.shape[1]:
+            index = torch.searchsorted(layer_pos.contiguous(), positions)
+            key, value = (
+                t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in (key, value)
+            )
+            layer_pos = positions
+        cache.append((key, value))
+        cache_positions.append(layer_pos)
+    return ReferenceOutput(logits=logits, kept=kept, positions=positions, cache=cache, cache_positions=cache_positions)

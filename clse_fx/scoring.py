@@ -1,0 +1,206 @@
+"""CLSE token scores (DESIGN.md section 2), pure torch, batch-first, float32 math.
+
+Everything here is shape-static for a fixed grid and budget, so the same functions run eagerly in the
+reference pruner and are traced into the compiled graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
+# Score types that need the intact spectral grid; later stages fall back to "attn" (DESIGN.md §2).
+SPECTRAL_SCORE_TYPES = ("clse_attn", "clse")
+
+Grid = tuple[int, int, int]
+
+
+def _check_grid(z: torch.Tensor, grid: Grid) -> tuple[int, int, int]:
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be (T, H, W) with positive sizes, got {tuple(grid)}")
+    t, h, w = (int(g) for g in grid)
+    if z.dim() != 3 or z.shape[1] != t * h * w:
+        raise ValueError(f"z must be [B, N, C] with N = T*H*W = {t * h * w}, got shape {tuple(z.shape)}")
+    return t, h, w
+
+
+def _gaussian_response(n: int, cutoff: float, sigma_extent: int) -> torch.Tensor:
+    """1-D Gaussian low-pass response centred at n // 2, in float64 (fftshifted layout)."""
+    if cutoff == 0:
+        return torch.zeros(n, dtype=torch.float64)
+    d = torch.arange(n, dtype=torch.float64) - n // 2
+    sigma = sigma_extent * cutoff
+    if sigma == 0:  # the sigma -> 0 limit of exp(-d^2 / 2 sigma^2): a delta at the centre
+        return (d == 0).to(torch.float64)
+    return torch.exp(-(d**2) / (2 * sigma**2))
+
+
+def highpass_mask(h: int, w: int, cutoff: float) -> torch.Tensor:
+    """The 2-D Gaussian high-pass M(u, v) = 1 - exp(-d^2 / (2 sigma^2)) on the fftshifted spectrum."""
+    extent = min(h // 2, w // 2)
+    return 1 - torch.outer(_gaussian_response(h, cutoff, extent), _gaussian_response(w, cutoff, extent))
+
+
+@functools.lru_cache(maxsize=64)
+def circulant_lowpass(n: int, cutoff: float, sigma_extent: int) -> torch.Tensor:
+    """Real n x n circulant C with C x == ifft(ifftshift(g) * fft(x)) for the 1-D Gaussian g.
+
+    g is real and symmetric around the centre, so its inverse DFT is real and the filter is an exact
+    real matrix; the separable 2-D low-pass is then C_H X C_W^T (DESIGN.md section 3).
+    """
+    g = torch.fft.ifftshift(_gaussian_response(n, cutoff, sigma_extent))
+    column = torch.fft.ifft(g).real
+    rows = torch.arange(n)
+    return column[(rows[:, None] - rows[None, :]) % n].to(torch.float32)
+
+
+def spectral_energy(z: torch.Tensor, grid: Grid, cutoff: float = 0.1, impl: str = "matmul") -> torch.Tensor:
+    """High-frequency energy per visual token: [B, N, C] on a (T, H, W) grid -> [B, N] float32.
+
+    ``impl="matmul"`` is the FFT-free circulant form used in graphs; ``impl="fft"`` is the oracle.
+    """
+    t, h, w = _check_grid(z, grid)
+    if cutoff < 0:
+        raise ValueError(f"cutoff must be >= 0, got {cutoff}")
+    b, n, c = z.shape
+    x = z.to(torch.float32)
+    if impl == "fft":
+        frames = x.reshape(b, t, h, w, c).permute(0, 1, 4, 2, 3)  # [B, T, C, H, W]
+        spectrum = torch.fft.fftshift(torch.fft.fft2(frames), dim=(-2, -1))
+        spectrum = spectrum * highpass_mask(h, w, cutoff).to(x.device)
+        high = torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).abs()
+        return high.mean(dim=2).reshape(b, n)
+    if impl != "matmul":
+        raise ValueError(f"impl must be 'matmul' or 'fft', got {impl!r}")
+    extent = min(h // 2, w // 2)
+    c_h = circulant_lowpass(h, float(cutoff), extent).to(x.device)
+    c_w = circulant_lowpass(w, float(cutoff), extent).to(x.device)
+    # Two broadcast matmuls, no permutes: mix rows on [BT, H, W*C], then columns on [BTH, W, C].
+    low = torch.matmul(c_h, x.reshape(b * t, h, w * c))
+    low = torch.matmul(c_w, low.reshape(b * t * h, w, c))
+    return (x - low.reshape(b, n, c)).abs().mean(dim=-1)
+
+
+def evolution_factor(s_ref: torch.Tensor, s_cur: torch.Tensor, temp: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+    """sigmoid(zscore(min(|s_K - s_L| / (mean_N(s_L) + s_L + eps), 1)) / temp): [B, N] -> [B, N]."""
+    s_ref = s_ref.to(torch.float32)
+    s_cur = s_cur.to(torch.float32)
+    change = (s_cur - s_ref).abs() / (s_ref.mean(dim=-1, keepdim=True) + s_ref + eps)
+    change = change.clamp(max=1.0)
+    centred = change - change.mean(dim=-1, keepdim=True)
+    # One token has no spread: its z-score is 0 (torch's unbiased std would be NaN).
+    std = change.std(dim=-1, keepdim=True) if change.shape[-1] > 1 else torch.zeros_like(centred)
+    return torch.sigmoid(centred / (std + eps) / temp)
+
+
+def last_query_attention(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """Head-averaged softmax attention of the last query over all keys: q [B,Hq,S,D], k [B,Hkv,S,D] -> [B,S].
+
+    Only the last query row is computed; GQA is handled by grouping query heads per key head, which equals
+    repeating the keys (transformers' repeat_kv) without materialising the copies.
+    """
+    b, hq, _, d = q.shape
+    hkv, s_k = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv})")
+    scale = d**-0.5 if scale is None else scale
+    q_last = q[:, :, -1, :].to(torch.float32).reshape(b, hkv, hq // hkv, d)
+    logits = torch.matmul(q_last, k.to(torch.float32).transpose(-1, -2)) * scale  # [B, Hkv, rep, S]
+    logits = logits.reshape(b, hq, s_k)
+    if mask is not None:
+        row = mask[..., -1, :]  # [B or 1, H or 1, S]
+        if row.dtype == torch.bool:
+            logits = logits.masked_fill(~row, float("-inf"))
+        else:
+            logits = logits + row.to(torch.float32)
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def l2_score(z: torch.Tensor) -> torch.Tensor:
+    """Hidden-state L2 norm per token: [B, N, C] -> [B, N]."""
+    return z.to(torch.float32).norm(dim=-1)
+
+
+def random_score(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random score per visual position, the same for every row: [B, N]."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=generator).expand(batch, n)
+
+
+def uniform_score(batch: int, n: int, keep: int) -> torch.Tensor:
+    """1 at ``keep`` evenly spaced positions (the centres of keep equal bins), 0 elsewhere: [B, N]."""
+    score = torch.zeros(n)
+    score[(torch.arange(keep) * n + n // 2) // keep] = 1.0
+    return score.expand(batch, n)
+
+
+def combine_scores(
+    score_type: str,
+    keep: int,
+    *,
+    attn: torch.Tensor | None = None,
+    evo: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The [B, N] score of ``score_type`` from whichever inputs it needs (attn/evo [B, N], hidden [B, N, C])."""
+    if score_type == "clse_attn":
+        return evo * attn
+    if score_type == "clse":
+        return evo
+    if score_type == "attn":
+        return attn
+    if score_type == "l2":
+        return l2_score(hidden)
+    batch, n = hidden.shape[:2]
+    if score_type == "random":
+        return random_score(batch, n, seed).to(hidden.device)
+    if score_type == "uniform":
+        return uniform_score(batch, n, keep).to(hidden.device)
+    raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
+
+
+def select_topk(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` best scores per row, in ascending (sequence) order: [B, N] -> [B, keep].
+
+    A stable descending sort breaks ties toward the lower index, as ONNX TopK does, so eager, exported and
+    engine runs agree even on tied scores.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+    return torch.sort(order, dim=-1).values
+
+
+def stage_score_type(score_type: str, stage_index: int) -> str:
+    """The score a stage uses: spectral types need the intact grid, so stages after the first use "attn"."""
+    if score_type not in SCORE_TYPES:
+        raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
+    return "attn" if stage_index > 0 and score_type in SPECTRAL_SCORE_TYPES else score_type
+
+
+def score_stage(
+    score_type: str,
+    stage_index: int,
+    keep: int,
+    *,
+    grid: Grid,
+    attn: torch.Tensor,
+    z_ref: torch.Tensor,
+    z_cur: torch.Tensor,
+    cutoff: float = 0.1,
+    temp: float = 0.1,
+    seed: int = 0,
+) -> torch.Tensor:
+    """One stage's [B, n] visual-token scores.
+
+    ``attn`` is the last-query attention over the current visual tokens, ``z_ref`` / ``z_cur`` their hidden
+    states at the reference layer and now ([B, n, C]); the spectral terms are only computed when used.
+    """
+    kind = stage_score_type(score_type, stage_index)
+    evo = None
+    if kind in SPECTRAL_SCORE_TYPES:
+        evo = evolution_factor(spectral_energy(z_ref, grid, cutoff), spectral_energy(z_cur, grid, cutoff), temp)
+    return combine_scores(kind, keep, attn=attn, evo=evo, hidden=z_cur, seed=seed + stage_index)

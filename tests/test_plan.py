@@ -1,0 +1,102 @@
+import pytest
+
+from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, parse_stages, plan_budget
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [(192, [330, 210, 62]), (128, [220, 140, 41]), (64, [110, 70, 20]), (100, [172, 109, 32]), (32, [55, 35, 10])],
+)
+def test_llava_table(keep, expected):
+    plan = plan_budget(keep, num_layers=32, num_visual=576)
+    assert plan.stages == tuple(zip([1, 11, 21], expected))
+
+
+def test_llava_ratio_budget_maps_to_count_table():
+    assert plan_budget(1 / 3, 32, 576).stages == plan_budget(192, 32, 576).stages
+
+
+@pytest.mark.parametrize(
+    ("ratio", "expected"),
+    [
+        (0.334, (0.57, 0.36, 0.098)),
+        (0.223, (0.38, 0.24, 0.066)),
+        (0.112, (0.19, 0.12, 0.034)),
+        (0.2, (0.342, 0.216, 0.0588)),
+    ],
+)
+def test_qwen2_vl_ratio_table(ratio, expected):
+    plan = plan_budget(ratio, num_layers=28, num_visual=1000, schedule=QWEN2_VL_SCHEDULE)
+    assert plan.stages == tuple(zip([1, 10, 19], [round(r * 1000) for r in expected]))
+
+
+def test_qwen2_vl_count_budget_is_converted_to_ratio():
+    assert plan_budget(334, 28, 1000, schedule=QWEN2_VL_SCHEDULE).stages == ((1, 570), (10, 360), (19, 98))
+
+
+def test_average_visual_tokens_per_layer():
+    plan = plan_budget(192, 32, 576)
+    # layer 0 sees all 576; 10 layers at 330, 10 at 210, 11 at 62
+    assert plan.avg_visual_tokens == pytest.approx((576 + 3300 + 2100 + 682) / 32)
+    assert plan.visual_tokens_per_layer()[:2] == [576, 330]
+    single = plan_budget(None, 4, 36, stages="2:9")
+    assert single.avg_visual_tokens == pytest.approx((36 * 2 + 9 * 2) / 4)
+    assert "layer 2: 9" in single.describe()
+
+
+@pytest.mark.parametrize(("depth", "layers"), [(32, [1, 11, 21]), (16, [1, 6, 10]), (4, [1, 2, 3]), (64, [2, 22, 42])])
+def test_stages_scale_to_other_depths(depth, layers):
+    assert [layer for layer, _ in plan_budget(64, depth, 576).stages] == layers
+
+
+def test_budget_equal_to_visual_count_is_noop():
+    plan = plan_budget(36, 4, 36)
+    assert plan.is_noop and plan.avg_visual_tokens == 36
+    assert not plan_budget(12, 4, 36).is_noop
+
+
+def test_explicit_stages():
+    assert parse_stages("1:330, 11:210,21:62") == [(1, 330), (11, 210), (21, 62)]
+    assert plan_budget(None, 32, 576, stages="1:330,11:210,21:62").stages == ((1, 330), (11, 210), (21, 62))
+    assert plan_budget(None, 32, 576, stages=[(5, 100)]).stages == ((5, 100),)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(keep=0), "at least 1"),
+        (dict(keep=0.0001), "at least 1"),
+        (dict(keep=577), "use a budget <= 576"),
+        (dict(keep=12.5), "neither a token count nor a ratio"),
+        (dict(keep=None), "give a budget"),
+        (dict(keep=None, stages="11:100,1:200"), "must increase"),
+        (dict(keep=None, stages="1:100,1:50"), "must increase"),
+        (dict(keep=None, stages="32:10"), "out of range: use 1..31"),
+        (dict(keep=None, stages="0:10"), "out of range: use 1..31"),
+        (dict(keep=None, stages="1:100,11:200"), "must not increase"),
+        (dict(keep=None, stages="1:0"), "out of range: use 1..576"),
+        (dict(keep=None, stages="1:600"), "out of range: use 1..576"),
+        (dict(keep=None, stages="1-100"), "LAYER:KEEP"),
+    ],
+)
+def test_invalid_input_says_what_to_change(kwargs, message):
+    keep = kwargs.pop("keep")
+    with pytest.raises(ValueError, match=message):
+        plan_budget(keep, 32, 576, **kwargs)
+
+
+def test_too_shallow_for_three_stages():
+    with pytest.raises(ValueError, match="pass explicit stages"):
+        plan_budget(8, 3, 36)
+    assert plan_budget(None, 3, 36, stages="1:8").stages == ((1, 8),)
+
+
+def test_prune_config_validation():
+    plan = plan_budget(8, 4, 36)
+    for bad, message in [
+        (dict(score="fastv"), "choose one of"),
+        (dict(kv_policy="x"), "KV policy"),
+        (dict(temp=0), "temp"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PruneConfig(plan=plan, **bad)
