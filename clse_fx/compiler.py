@@ -1,0 +1,54 @@
+"""Trace -> passes -> static re-export: the pruned prefill program for one input geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clse_fx.models import adapter_for
+from clse_fx.passes import PassSettings, run_passes
+from clse_fx.plan import PruneConfig
+from clse_fx.trace import example_args, export_static, trace_prefill
+
+
+@dataclass
+class PrunedPrefill:
+    """A statically shaped, pruned prefill program; outputs (logits, positions, *kept per stage)."""
+
+    program: torch.export.ExportedProgram
+    settings: PassSettings
+    example_args: tuple[torch.Tensor, ...]
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return self.program.module()(*args)
+
+
+def pass_settings(model: nn.Module, prune: PruneConfig, input_ids: torch.Tensor, dump_graph: str | None = None):
+    """The :class:`PassSettings` for ``model`` on prompts shaped like ``input_ids``."""
+    adapter = adapter_for(model)
+    counts = adapter.visual_mask(input_ids).sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"rows have different visual-token counts {counts.tolist()}; batch rows with equal images")
+    num_visual = int(counts[0])
+    if num_visual != prune.plan.num_visual:
+        raise ValueError(f"the plan is for {prune.plan.num_visual} visual tokens but the prompt has {num_visual}")
+    return PassSettings(
+        prune=prune,
+        layers_path=adapter.layers_path,
+        token_ids=adapter.visual_token_ids(),
+        grid=adapter.visual_grid(num_visual),
+        dump_graph=dump_graph,
+    )
+
+
+def prune_prefill(
+    model: nn.Module, prune: PruneConfig, inputs: dict[str, torch.Tensor], dump_graph: str | None = None
+) -> PrunedPrefill:
+    """Trace ``model``'s prefill, run the pruning passes and re-export at the shapes of ``inputs``."""
+    settings = pass_settings(model, prune, inputs["input_ids"], dump_graph)
+    gm = run_passes(trace_prefill(model, inputs), settings)
+    args = example_args(inputs)
+    return PrunedPrefill(program=export_static(gm, args), settings=settings, example_args=args)

@@ -1,0 +1,97 @@
+"""Insert a CLSE stage (score, top-K, sorted gather) before each planned decoder layer."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from clse_fx.passes.gather_crossing import SequenceInfo, gather_crossing_values
+from clse_fx.passes.layer_boundaries import attention_node, layer_input, layer_nodes
+from clse_fx.passes.ops import clse_stage, sequence_positions
+from clse_fx.plan import PruneConfig
+from clse_fx.scoring import Grid
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """What the passes need to know: the pruning config, the model family's layout, the visual geometry."""
+
+    prune: PruneConfig
+    layers_path: str
+    token_ids: tuple[int, ...]
+    grid: Grid
+    dump_graph: str | None = None
+
+
+def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+
+
+def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
+    """Cut the graph before each stage layer K: score the visual tokens from layer K-1's q/k and the spectral
+    evolution since the reference layer, keep the top K, and gather everything that flows past the cut.
+
+    The graph gains outputs after the logits: the final original positions [B, S'] and each stage's kept
+    visual ids [B, keep].
+    """
+    graph = gm.graph
+    input_ids = _placeholder(graph, "input_ids")
+    batch_symbol, seq_symbol = (size.node.expr for size in input_ids.meta["val"].shape)
+    info = SequenceInfo(graph, batch_symbol, seq_symbol)
+    layers = layer_nodes(graph, settings.layers_path)
+    hidden_ref = layer_input(layers[0])
+    prune = settings.prune
+
+    first = next(n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+    with graph.inserting_before(first):
+        positions = graph.call_function(sequence_positions, (input_ids,))
+    kept_outputs: list[fx.Node] = []
+    num_current = prune.plan.num_visual
+    for stage_index, (layer, keep) in enumerate(prune.plan.stages):
+        cut = layers[layer][0]
+        sdpa = attention_node(layers[layer - 1])
+        query, key, _value = sdpa.args[:3]
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        options = dict(
+            stage_index=stage_index,
+            keep=keep,
+            num_current=num_current,
+            grid=settings.grid,
+            token_ids=settings.token_ids,
+            score=prune.score,
+            cutoff=prune.cutoff,
+            temp=prune.temp,
+            seed=prune.seed,
+            scale=sdpa.kwargs.get("scale"),
+        )
+        with graph.inserting_before(cut):
+            stage = graph.call_function(
+                clse_stage,
+                (
+                    input_ids,
+                    positions,
+                    layer_input(layers[layer]),
+                    hidden_ref if stage_index == 0 else None,
+                    query,
+                    key,
+                    mask,
+                ),
+                {**options, "previous_kept": kept_outputs[-1] if kept_outputs else None},
+            )
+            index = graph.call_function(operator.getitem, (stage, 0))
+            positions = graph.call_function(operator.getitem, (stage, 1))
+            kept_outputs.append(graph.call_function(operator.getitem, (stage, 2)))
+            new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
+        gather_crossing_values(graph, cut, index, new_length, info)
+        num_current = keep
+
+    output = graph.output_node()
+    (results,) = output.args
+    results = results if isinstance(results, (tuple, list)) else (results,)
+    output.args = (tuple(results) + (positions, *kept_outputs),)
+    graph.lint()
+    gm.recompile()
+    return gm

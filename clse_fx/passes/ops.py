@@ -1,0 +1,110 @@
+"""Static-shape torch functions that the passes insert into graphs as call_function nodes.
+
+Re-exporting the rewritten graph traces through them into plain ATen ops, so they must avoid
+data-dependent shapes (no nonzero / masked_select) and FFTs: the engines need fixed shapes and constant K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clse_fx.scoring import Grid, last_query_attention, score_stage, select_topk
+
+
+def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Column indices of the True entries of each row of [B, S] ``mask``, which has ``count`` per row: [B, count].
+
+    A static-shape nonzero: each True column is scattered to its rank; the rest land in a spill column.
+    """
+    batch, seq = mask.shape
+    rank = mask.long().cumsum(dim=1) - 1
+    slot = torch.where(mask, rank, torch.full_like(rank, count))
+    columns = torch.arange(seq, device=mask.device).expand(batch, seq)
+    out = torch.zeros(batch, count + 1, dtype=torch.long, device=mask.device)
+    return out.scatter(1, slot, columns)[:, :count]
+
+
+def gather_sequence(
+    x: torch.Tensor, index: torch.Tensor, batch_dim: int | None, seq_dims: tuple[int, ...]
+) -> torch.Tensor:
+    """Gather [B, S'] sequence ``index`` along each of ``seq_dims`` of ``x``.
+
+    ``batch_dim`` is x's batch dimension (it may have size 1 and broadcast); None means x has no batch
+    dimension and is shared by all rows, which is only well-defined for a batch of one.
+    """
+    if batch_dim is None:
+        if index.shape[0] != 1:
+            raise ValueError("a sequence tensor without a batch dim cannot be gathered per row for batch > 1")
+        batch_dim, x = 0, x.unsqueeze(0)
+        seq_dims = tuple(d + 1 for d in seq_dims)
+        squeeze = True
+    else:
+        squeeze = False
+    sizes = list(x.shape)
+    sizes[batch_dim] = index.shape[0]
+    x = x.expand(sizes)
+    for dim in seq_dims:
+        view = [1] * x.dim()
+        view[batch_dim], view[dim] = index.shape
+        sizes = list(x.shape)
+        sizes[dim] = index.shape[1]
+        x = x.gather(dim, index.reshape(view).expand(sizes))
+    return x.squeeze(0) if squeeze else x
+
+
+def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] original positions 0..S-1 of every token."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
+def visual_mask(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    mask = input_ids == token_ids[0]
+    for token_id in token_ids[1:]:
+        mask = mask | (input_ids == token_id)
+    return mask
+
+
+def clse_stage(
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    hidden: torch.Tensor,
+    hidden_ref: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    stage_index: int,
+    keep: int,
+    num_current: int,
+    grid: Grid,
+    token_ids: tuple[int, ...],
+    score: str,
+    cutoff: float,
+    temp: float,
+    seed: int,
+    scale: float | None,
+    previous_kept: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CLSE stage on the current sequence.
+
+    ``positions`` [B, S] are the original positions of the current tokens; ``hidden_ref`` is the full
+    sequence at the reference layer (only read by spectral scores, on the first stage). Returns the
+    [B, S'] current-sequence index of the survivors, their original positions, and the kept visual ids
+    (0..N-1) [B, keep].
+    """
+    current_ids = input_ids.gather(1, positions)
+    is_visual = visual_mask(current_ids, token_ids)
+    vis_index = compact_true(is_visual, num_current)  # [B, n] in sequence order
+    width = hidden.shape[-1]
+    z_cur = hidden.gather(1, vis_index[..., None].expand(-1, -1, width))
+    z_ref = z_cur if hidden_ref is None else hidden_ref.gather(1, vis_index[..., None].expand(-1, -1, width))
+    attn = last_query_attention(query, key, mask, scale).gather(1, vis_index)
+    scores = score_stage(
+        score, stage_index, keep, grid=grid, attn=attn, z_ref=z_ref, z_cur=z_cur, cutoff=cutoff, temp=temp, seed=seed
+    )
+    local = select_topk(scores, keep)
+    vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
+    kept = (vis_ids if previous_kept is None else previous_kept).gather(1, local)
+    survivors = (~is_visual).scatter(1, vis_index.gather(1, local), True)
+    index = compact_true(survivors, positions.shape[1] - num_current + keep)
+    return index, positions.gather(1, index), kept
