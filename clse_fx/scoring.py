@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
@@ -26,34 +27,43 @@ def _check_grid(z: torch.Tensor, grid: Grid) -> tuple[int, int, int]:
     return t, h, w
 
 
-def _gaussian_response(n: int, cutoff: float, sigma_extent: int) -> torch.Tensor:
-    """1-D Gaussian low-pass response centred at n // 2, in float64 (fftshifted layout)."""
+def _gaussian_response(n: int, cutoff: float, sigma_extent: int) -> np.ndarray:
+    """1-D Gaussian low-pass response centred at n // 2 (fftshifted layout), float64.
+
+    Filter constants are built in numpy, outside torch, so tracing never turns them into fake tensors.
+    """
     if cutoff == 0:
-        return torch.zeros(n, dtype=torch.float64)
-    d = torch.arange(n, dtype=torch.float64) - n // 2
+        return np.zeros(n)
+    d = np.arange(n, dtype=np.float64) - n // 2
     sigma = sigma_extent * cutoff
     if sigma == 0:  # the sigma -> 0 limit of exp(-d^2 / 2 sigma^2): a delta at the centre
-        return (d == 0).to(torch.float64)
-    return torch.exp(-(d**2) / (2 * sigma**2))
+        return (d == 0).astype(np.float64)
+    return np.exp(-(d**2) / (2 * sigma**2))
 
 
 def highpass_mask(h: int, w: int, cutoff: float) -> torch.Tensor:
     """The 2-D Gaussian high-pass M(u, v) = 1 - exp(-d^2 / (2 sigma^2)) on the fftshifted spectrum."""
     extent = min(h // 2, w // 2)
-    return 1 - torch.outer(_gaussian_response(h, cutoff, extent), _gaussian_response(w, cutoff, extent))
+    return torch.from_numpy(1 - np.outer(_gaussian_response(h, cutoff, extent), _gaussian_response(w, cutoff, extent)))
 
 
 @functools.lru_cache(maxsize=64)
+def _circulant_lowpass_values(n: int, cutoff: float, sigma_extent: int) -> np.ndarray:
+    column = np.fft.ifft(np.fft.ifftshift(_gaussian_response(n, cutoff, sigma_extent))).real
+    rows = np.arange(n)
+    matrix = column[(rows[:, None] - rows[None, :]) % n].astype(np.float32)
+    matrix.flags.writeable = False  # shared by every caller of the cache
+    return matrix
+
+
 def circulant_lowpass(n: int, cutoff: float, sigma_extent: int) -> torch.Tensor:
     """Real n x n circulant C with C x == ifft(ifftshift(g) * fft(x)) for the 1-D Gaussian g.
 
     g is real and symmetric around the centre, so its inverse DFT is real and the filter is an exact
-    real matrix; the separable 2-D low-pass is then C_H X C_W^T (DESIGN.md section 3).
+    real matrix; the separable 2-D low-pass is then C_H X C_W^T (DESIGN.md section 3). Built once per
+    (n, cutoff, sigma extent).
     """
-    g = torch.fft.ifftshift(_gaussian_response(n, cutoff, sigma_extent))
-    column = torch.fft.ifft(g).real
-    rows = torch.arange(n)
-    return column[(rows[:, None] - rows[None, :]) % n].to(torch.float32)
+    return torch.tensor(_circulant_lowpass_values(n, cutoff, sigma_extent))
 
 
 def spectral_energy(z: torch.Tensor, grid: Grid, cutoff: float = 0.1, impl: str = "matmul") -> torch.Tensor:
@@ -164,14 +174,33 @@ def combine_scores(
     raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
 
 
+def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Column indices of the True entries of each row of [B, S] ``mask``, which has ``count`` per row: [B, count].
+
+    A static-shape nonzero (engines need fixed shapes): each True column is scattered to its rank among
+    the row's True entries; the rest land in a spill column that is cut off.
+    """
+    batch, seq = mask.shape
+    rank = mask.long().cumsum(dim=1) - 1
+    slot = torch.where(mask, rank, torch.full_like(rank, count))
+    columns = torch.arange(seq, device=mask.device).expand(batch, seq)
+    out = torch.zeros(batch, count + 1, dtype=torch.long, device=mask.device)
+    return out.scatter(1, slot, columns)[:, :count]
+
+
 def select_topk(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the ``keep`` best scores per row, in ascending (sequence) order: [B, N] -> [B, keep].
 
-    A stable descending sort breaks ties toward the lower index, as ONNX TopK does, so eager, exported and
-    engine runs agree even on tied scores.
+    Ties go to the lower index. Neither torch.topk (tie order unspecified) nor a stable sort (no ONNX
+    lowering) gives that portably, so each score is ranked against all others: rank_i = #{j: s_j > s_i}
+    + #{j < i: s_j == s_i}, a strict order that eager PyTorch, ONNX Runtime and TensorRT compute alike.
+    O(N^2) compares per row, negligible next to one decoder layer for N in the thousands.
     """
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
-    return torch.sort(order, dim=-1).values
+    n = scores.shape[-1]
+    s_i, s_j = scores[..., :, None], scores[..., None, :]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril(diagonal=-1)  # [i, j]: j < i
+    rank = ((s_j > s_i) | ((s_j == s_i) & earlier)).sum(dim=-1)
+    return compact_true(rank < keep, keep)
 
 
 def stage_score_type(score_type: str, stage_index: int) -> str:

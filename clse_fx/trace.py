@@ -37,7 +37,8 @@ def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.Graph
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=2, max=1 << 20)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}) + ((None,) if len(args) == 3 else ())
-    with torch.no_grad():
+    # Size-oblivious reasoning keeps a batch of 1 symbolic instead of specialising it (0/1 specialisation).
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
         program = torch.export.export(PrefillModule(model), args, dynamic_shapes=dynamic, strict=False)
     gm = program.module()
     gm.graph._codegen = fx.graph.CodeGen()

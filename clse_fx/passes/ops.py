@@ -8,20 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from clse_fx.scoring import Grid, last_query_attention, score_stage, select_topk
-
-
-def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Column indices of the True entries of each row of [B, S] ``mask``, which has ``count`` per row: [B, count].
-
-    A static-shape nonzero: each True column is scattered to its rank; the rest land in a spill column.
-    """
-    batch, seq = mask.shape
-    rank = mask.long().cumsum(dim=1) - 1
-    slot = torch.where(mask, rank, torch.full_like(rank, count))
-    columns = torch.arange(seq, device=mask.device).expand(batch, seq)
-    out = torch.zeros(batch, count + 1, dtype=torch.long, device=mask.device)
-    return out.scatter(1, slot, columns)[:, :count]
+from clse_fx.scoring import Grid, compact_true, last_query_attention, score_stage, select_topk
 
 
 def gather_sequence(
@@ -108,3 +95,12 @@ def clse_stage(
     survivors = (~is_visual).scatter(1, vis_index.gather(1, local), True)
     index = compact_true(survivors, positions.shape[1] - num_current + keep)
     return index, positions.gather(1, index), kept
+
+
+def masked_scatter_static(x: torch.Tensor, mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``x.masked_scatter(mask, source)`` without NonZero: the k-th True element (row-major) takes source's
+    k-th element, found by a cumulative count, so the exported graph has only static shapes."""
+    flat_mask = mask.expand_as(x).reshape(-1)
+    take = (flat_mask.long().cumsum(dim=0) - 1).clamp(min=0)
+    values = source.reshape(-1).to(x.dtype)[take.clamp(max=source.numel() - 1)]
+    return torch.where(flat_mask, values, x.reshape(-1)).reshape(x.shape)

@@ -1,0 +1,246 @@
+"""``clse_fx.compile``: checkpoint -> pruned prefill -> verified engine bundle, with a report of each phase."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clse_fx.compiler import PrunedPrefill, prune_prefill
+from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens
+from clse_fx.models import adapter_for, supported_architectures
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.reference import reference_prune
+from clse_fx.trace import PrefillModule
+
+TARGETS = ("onnxruntime",)
+
+
+@dataclass
+class CompileResult:
+    """What a compile produced and measured."""
+
+    pruned: PrunedPrefill
+    bundle: Path | None
+    manifest: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_checkpoint(model_dir: str | Path) -> tuple[nn.Module, object | None]:
+    """Load a local transformers checkpoint (never remote code) and its processor, with clear errors."""
+    import transformers
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; pass a local checkpoint dir or --demo")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json; pass a transformers checkpoint dir (save_pretrained)")
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    architectures = config.architectures or []
+    supported = [a for a in architectures if a in supported_architectures()]
+    if not supported:
+        raise ValueError(
+            f"unsupported architecture {', '.join(architectures) or type(config).__name__}; "
+            f"clse-fx supports: {', '.join(supported_architectures())}"
+        )
+    model_class = getattr(transformers, supported[0])
+    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        processor = None  # graphs compile without one; the bundle then cannot run from text and pixels
+    return model, processor
+
+
+def example_inputs(model: nn.Module, batch: int = 1, text_len: int = 32, images: int = 1, seed: int = 0):
+    """Inputs of the compiled shape: per row ``text_len`` text tokens with ``images`` image blocks after the
+    first token. Only the shapes are baked into engines; image positions are data and may differ at run time.
+    """
+    adapter = adapter_for(model)
+    generator = torch.Generator().manual_seed(seed)
+    special = set(adapter.visual_token_ids()) | {model.config.text_config.pad_token_id}
+    vocab = [i for i in range(model.config.text_config.vocab_size) if i not in special]
+    rows = []
+    for _ in range(batch):
+        text = [vocab[i] for i in torch.randint(len(vocab), (text_len,), generator=generator)]
+        block = [adapter.visual_token_ids()[0]] * adapter.tokens_per_image() * images
+        rows.append(text[:1] + block + text[1:])
+    vision = model.config.vision_config
+    pixels = torch.randn(batch * images, 3, vision.image_size, vision.image_size, generator=generator)
+    input_ids = torch.tensor(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if images:
+        inputs["pixel_values"] = pixels
+    return inputs
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "onnx", "onnxruntime", "onnxscript", "clse-fx"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return found | {"python": platform.python_version()}
+
+
+def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile)
+    model: nn.Module,
+    keep: float | None = None,
+    *,
+    stages: str | list[tuple[int, int]] | None = None,
+    score: str = "clse_attn",
+    target: str = "onnxruntime",
+    kv_policy: str = "uniform",
+    batch: int = 1,
+    text_len: int = 32,
+    images: int = 1,
+    output_dir: str | Path | None = None,
+    force: bool = False,
+    processor: object | None = None,
+    source: str | Path | None = None,
+    dump_graph: str | None = None,
+    verify: bool = True,
+    progress=None,
+) -> CompileResult:
+    """Compile ``model`` with CLSE pruning for a fixed input geometry, verify it, and write a bundle.
+
+    Without ``output_dir`` only the pruned torch program is built and checked (no engine file).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    if batch < 1 or text_len < 1 or images < 0:
+        raise ValueError("batch and text length must be >= 1 and images >= 0")
+    step = progress or (lambda name: _NullStep())
+    adapter = adapter_for(model)
+    if output_dir is not None and Path(output_dir).exists() and not force:
+        raise FileExistsError(f"output directory {output_dir} already exists; pass --force to replace it")
+    inputs = example_inputs(model, batch, text_len, images)
+    num_visual = adapter.tokens_per_image() * images
+    if num_visual == 0:
+        raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
+    plan = plan_budget(keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
+    prune = PruneConfig(plan=plan, score=score, kv_policy=kv_policy)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    with step("trace, passes and static re-export"):
+        pruned = prune_prefill(model, prune, inputs, dump_graph=dump_graph)
+    timings["trace+passes+export"] = time.perf_counter() - start
+
+    text_cfg = model.config.text_config
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    kv = {
+        policy: kv_cache_bytes(
+            kv_cache_tokens(plan, text_len, policy), batch, text_cfg.num_key_value_heads, head_dim, 4
+        )
+        for policy in ("uniform", "per-layer")
+    }
+    unpruned_tokens = [text_len + num_visual] * adapter.num_layers
+    kv_unpruned = kv_cache_bytes(unpruned_tokens, batch, text_cfg.num_key_value_heads, head_dim, 4)
+    manifest: dict = {
+        "architecture": type(model).__name__,
+        "source": {"path": str(source) if source else None},
+        "plan": {
+            "stages": [list(s) for s in plan.stages],
+            "avg_visual_tokens": plan.avg_visual_tokens,
+            "visual_tokens_per_layer": plan.visual_tokens_per_layer(),
+            "score": score,
+            "cutoff": prune.cutoff,
+            "temp": prune.temp,
+            "seed": prune.seed,
+            "kv_policy": kv_policy,
+        },
+        "geometry": {
+            "batch": batch,
+            "text_len": text_len,
+            "images": images,
+            "num_visual": num_visual,
+            "grid": list(pruned.settings.grid),
+            "image_size": model.config.vision_config.image_size,
+            "sequence_length": int(inputs["input_ids"].shape[1]),
+            "pruned_length": text_len + plan.stages[-1][1],
+        },
+        "image_token_id": adapter.visual_token_ids()[0],
+        "kv_cache_bytes": {"pruned": kv[kv_policy], "unpruned": kv_unpruned, "dtype": "float32"},
+    }
+    if source:
+        from clse_fx.export.bundle import checkpoint_hash
+
+        manifest["source"]["sha256"] = checkpoint_hash(source)
+
+    if verify:
+        start = time.perf_counter()
+        with step("parity with the eager reference pruner"):
+            logits, positions, *kept = pruned(*pruned.example_args)
+            ref = reference_prune(model, prune, **inputs)
+            manifest["parity"] = {
+                "reference_max_abs_logits": float((logits - ref.logits).abs().max()),
+                "reference_kept_identical": all(torch.equal(a, b) for a, b in zip(kept, ref.kept)),
+            }
+        with step("FLOPs before/after"):
+            manifest["flops"] = {
+                "pruned": count_flops(pruned.program.module(), *pruned.example_args),
+                "unpruned": count_flops(PrefillModule(model), *pruned.example_args),
+            }
+        timings["verify"] = time.perf_counter() - start
+
+    bundle = None
+    if output_dir is not None:
+        bundle = _write_bundle(pruned, manifest, Path(output_dir), force, processor, source, timings, step)
+    manifest["timings_s"] = timings
+    return CompileResult(pruned=pruned, bundle=bundle, manifest=manifest, timings=timings)
+
+
+def _write_bundle(pruned, manifest, output_dir, force, processor, source, timings, step) -> Path:
+    from clse_fx.export.bundle import staged_directory, write_manifest
+    from clse_fx.export.onnxruntime import OPSET, OnnxSession, export_onnx, graph_signature
+
+    with staged_directory(output_dir, force) as staging:
+        start = time.perf_counter()
+        with step("ONNX export and check"):
+            path = export_onnx(pruned, staging / "prefill.onnx")
+        timings["onnx_export"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with step("ONNX Runtime session and parity"):
+            session = OnnxSession(path)
+            names = ["input_ids", "attention_mask", "pixel_values"]
+            engine = session.run(**dict(zip(names, pruned.example_args)))
+            torch_out = pruned(*pruned.example_args)
+            manifest["parity"] = dict(
+                manifest.get("parity", {}),
+                onnxruntime_max_abs_logits=float(abs(engine[0] - torch_out[0].numpy()).max()),
+                onnxruntime_indices_identical=all((e == t.numpy()).all() for e, t in zip(engine[1:], torch_out[1:])),
+            )
+        timings["session_build+run"] = time.perf_counter() - start
+        if processor is not None:
+            processor.save_pretrained(staging)
+        manifest.update(
+            target="onnxruntime",
+            opset=OPSET,
+            versions=_versions(),
+            graphs={"prefill": {"file": path.name, **graph_signature(path)}},
+            timings_s=timings,
+        )
+        write_manifest(staging, manifest)
+    return output_dir
+
+
+class _NullStep:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def manifest_json(result: CompileResult) -> str:
+    return json.dumps(result.manifest, indent=2)

@@ -1,0 +1,149 @@
+"""``clse-compile``: compile a local transformers checkpoint into a pruned, static-shape engine bundle."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+from clse_fx.scoring import SCORE_TYPES
+
+
+def _budget(text: str) -> float:
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clse-compile",
+        description="Prune visual tokens inside an MLLM graph with CLSE and export a static-shape engine bundle.",
+    )
+    parser.add_argument("model", nargs="?", help="local transformers checkpoint dir, or 'demo' for the built-in model")
+    parser.add_argument("--demo", action="store_true", help="use the built-in tiny LLaVA (no download)")
+    parser.add_argument("--keep", type=_budget, help="average visual tokens per layer (e.g. 128) or a ratio (0.25)")
+    parser.add_argument("--stages", help="explicit stages LAYER:KEEP,... (e.g. 1:330,11:210,21:62)")
+    parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
+    parser.add_argument("--kv-policy", choices=["uniform", "per-layer"], default="uniform")
+    parser.add_argument("--target", choices=["onnxruntime"], default="onnxruntime")
+    parser.add_argument("--image-size", type=int, help="input image side; LLaVA-1.5 runs at its tower's fixed size")
+    parser.add_argument("--text-len", type=int, default=32, help="non-image tokens per prompt (static)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per call (static)")
+    parser.add_argument("--images", type=int, default=1, help="images per prompt (static)")
+    parser.add_argument("-o", "--output", help="bundle directory (default: clse-out/<model name>)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--dump-graph", metavar="FILE", help="write the graph before/after each pass to FILE")
+    return parser
+
+
+def _model_dir(args: argparse.Namespace, scratch: Path) -> Path:
+    if args.demo or args.model == "demo":
+        from clse_fx.demo import save_tiny_llava
+
+        return save_tiny_llava(scratch / "demo-llava")
+    if not args.model:
+        raise ValueError("name a model directory, or pass --demo for the built-in tiny model")
+    return Path(args.model)
+
+
+def _report(console, result, bundle: Path | None) -> None:
+    from rich.table import Table
+
+    m = result.manifest
+    plan, geometry = m["plan"], m["geometry"]
+    table = Table(title="clse-compile report", show_header=False)
+    table.add_row("architecture", m["architecture"])
+    table.add_row("plan", ", ".join(f"layer {layer}: keep {keep}" for layer, keep in plan["stages"]))
+    table.add_row(
+        "visual tokens / layer", f"{geometry['num_visual']} -> avg {plan['avg_visual_tokens']:.1f} ({plan['score']})"
+    )
+    table.add_row("sequence", f"{geometry['sequence_length']} -> {geometry['pruned_length']} tokens")
+    if "flops" in m:
+        flops = m["flops"]
+        table.add_row(
+            "prefill FLOPs",
+            f"{flops['unpruned'] / 1e6:.2f} M -> {flops['pruned'] / 1e6:.2f} M "
+            f"({flops['unpruned'] / max(flops['pruned'], 1):.2f}x lower)",
+        )
+    kv = m["kv_cache_bytes"]
+    table.add_row(
+        "KV cache",
+        f"{kv['unpruned'] / 1024:.1f} KiB -> {kv['pruned'] / 1024:.1f} KiB "
+        f"({kv['unpruned'] / kv['pruned']:.2f}x smaller, {plan['kv_policy']})",
+    )
+    parity = m.get("parity", {})
+    if "reference_max_abs_logits" in parity:
+        table.add_row(
+            "parity vs eager reference",
+            f"max |dlogits| {parity['reference_max_abs_logits']:.2e}, kept identical: "
+            f"{parity['reference_kept_identical']}",
+        )
+    if "onnxruntime_max_abs_logits" in parity:
+        table.add_row(
+            "parity ONNX Runtime vs torch",
+            f"max |dlogits| {parity['onnxruntime_max_abs_logits']:.2e}, indices identical: "
+            f"{parity['onnxruntime_indices_identical']}",
+        )
+    table.add_row("compile time", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    table.add_row("bundle", str(bundle) if bundle else "(none)")
+    console.print(table)
+
+
+def compile_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    errors = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def step(name: str):
+        with console.status(f"[bold]{name}..."):
+            yield
+
+    try:
+        if args.keep is None and args.stages is None:
+            raise ValueError("give a budget with --keep N (or a ratio) or explicit --stages LAYER:KEEP,...")
+        with tempfile.TemporaryDirectory() as scratch:
+            model_dir = _model_dir(args, Path(scratch))
+            output = Path(args.output or Path("clse-out") / ("demo" if args.demo else model_dir.name))
+            if output.exists() and not args.force:
+                raise FileExistsError(f"output directory {output} already exists; pass --force to replace it")
+            with step("loading the checkpoint"):
+                from clse_fx.api import compile as compile_model
+                from clse_fx.api import load_checkpoint
+
+                model, processor = load_checkpoint(model_dir)
+            if args.image_size is not None and args.image_size != model.config.vision_config.image_size:
+                raise ValueError(
+                    f"--image-size {args.image_size}: this model's vision tower runs at a fixed "
+                    f"{model.config.vision_config.image_size}px; drop --image-size or pass that value"
+                )
+            result = compile_model(
+                model,
+                args.keep,
+                stages=args.stages,
+                score=args.score,
+                target=args.target,
+                kv_policy=args.kv_policy,
+                batch=args.batch,
+                text_len=args.text_len,
+                images=args.images,
+                output_dir=output,
+                force=args.force,
+                processor=processor,
+                source=None if args.demo or args.model == "demo" else model_dir,
+                dump_graph=args.dump_graph,
+                progress=step,
+            )
+        _report(console, result, result.bundle)
+        return 0
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
+        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(compile_main())
