@@ -93,7 +93,12 @@ def _report(console, result, bundle: Path | None) -> None:
 
 def compile_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import transformers
     from rich.console import Console
+
+    # Our own status line reports progress; transformers' bars and notices would break the one-line errors.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
     console = Console(stderr=False)
     errors = Console(stderr=True)

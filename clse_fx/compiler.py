@@ -33,13 +33,14 @@ def pass_settings(model: nn.Module, prune: PruneConfig, input_ids: torch.Tensor,
     if not bool((counts == counts[0]).all()):
         raise ValueError(f"rows have different visual-token counts {counts.tolist()}; batch rows with equal images")
     num_visual = int(counts[0])
-    if num_visual != prune.plan.num_visual:
+    if num_visual and num_visual != prune.plan.num_visual:
         raise ValueError(f"the plan is for {prune.plan.num_visual} visual tokens but the prompt has {num_visual}")
     return PassSettings(
         prune=prune,
         layers_path=adapter.layers_path,
         token_ids=adapter.visual_token_ids(),
         grid=adapter.visual_grid(num_visual),
+        stages=prune.plan.stages if num_visual else (),
         dump_graph=dump_graph,
     )
 

@@ -16,7 +16,7 @@ FORBIDDEN_OPS = {"DFT", "STFT", "NonZero", "Unique", "Loop", "If"}
 
 
 def output_names(pruned: PrunedPrefill) -> list[str]:
-    stages = len(pruned.settings.prune.plan.stages)
+    stages = len(pruned.settings.stages)
     return ["logits", "positions"] + [f"kept_{i}" for i in range(stages)]
 
 

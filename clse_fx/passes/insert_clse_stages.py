@@ -23,6 +23,8 @@ class PassSettings:
     layers_path: str
     token_ids: tuple[int, ...]
     grid: Grid
+    # The stages to insert: the plan's, or none for prompts without visual tokens (left unpruned).
+    stages: tuple[tuple[int, int], ...]
     dump_graph: str | None = None
 
 
@@ -50,7 +52,7 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
         positions = graph.call_function(sequence_positions, (input_ids,))
     kept_outputs: list[fx.Node] = []
     num_current = prune.plan.num_visual
-    for stage_index, (layer, keep) in enumerate(prune.plan.stages):
+    for stage_index, (layer, keep) in enumerate(settings.stages):
         cut = layers[layer][0]
         sdpa = attention_node(layers[layer - 1])
         query, key, _value = sdpa.args[:3]

@@ -1,0 +1,115 @@
+"""clse-compile end to end, and its answers to bad input."""
+
+import json
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from clse_fx.cli import compile_main
+from clse_fx.export.bundle import read_manifest
+
+
+def _run(capsys, *argv):
+    code = compile_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_end_to_end(tiny_llava_dir, tmp_path, capsys):
+    out_dir = tmp_path / "bundle"
+    code, out, err = _run(
+        capsys, str(tiny_llava_dir), "--keep", "8", "--batch", "2", "--text-len", "12", "-o", str(out_dir)
+    )
+    assert code == 0, err
+    for line in ("clse-compile report", "layer 1: keep 14", "parity vs eager reference", "FLOPs", "KV cache"):
+        assert line in out
+    manifest = read_manifest(out_dir)  # verifies every file's hash
+    assert manifest["architecture"] == "LlavaForConditionalGeneration"
+    assert manifest["plan"]["stages"] == [[1, 14], [2, 9], [3, 3]]
+    assert manifest["geometry"] | {} == manifest["geometry"] and manifest["geometry"]["batch"] == 2
+    assert manifest["geometry"]["sequence_length"] == 12 + 36 and manifest["geometry"]["pruned_length"] == 15
+    assert manifest["parity"]["reference_max_abs_logits"] <= 1e-5 and manifest["parity"]["reference_kept_identical"]
+    assert (
+        manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4 and manifest["parity"]["onnxruntime_indices_identical"]
+    )
+    assert manifest["flops"]["pruned"] < manifest["flops"]["unpruned"]
+    assert manifest["kv_cache_bytes"]["pruned"] < manifest["kv_cache_bytes"]["unpruned"]
+    assert manifest["source"]["sha256"] and manifest["image_token_id"] == 4
+    prefill = manifest["graphs"]["prefill"]
+    assert prefill["file"] == "prefill.onnx" and prefill["inputs"][0] == {
+        "name": "input_ids",
+        "dtype": "int64",
+        "shape": [2, 48],
+    }
+    assert {"tokenizer.json", "processor_config.json", "prefill.onnx"} <= set(manifest["files"])
+    assert {"torch", "transformers", "onnxruntime"} <= set(manifest["versions"])
+    # A corrupted file is caught by the manifest hashes.
+    (out_dir / "prefill.onnx").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="does not match its manifest hash"):
+        read_manifest(out_dir)
+
+
+def test_demo_and_dump_graph(tmp_path, capsys):
+    dump = tmp_path / "graph.txt"
+    code, out, err = _run(capsys, "--demo", "--stages", "2:6", "-o", str(tmp_path / "demo"), "--dump-graph", str(dump))
+    assert code == 0, err
+    assert "insert_clse_stages" in dump.read_text()
+    assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["plan"]["stages"] == [[2, 6]]
+
+
+@pytest.fixture
+def unsupported_dir(tmp_path):
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d, u, t: [str(t / "missing"), "--keep", "8"], "does not exist"),
+        (lambda d, u, t: [str(t), "--keep", "8"], "has no config.json"),
+        (lambda d, u, t: [str(u), "--keep", "8"], "unsupported architecture LlamaForCausalLM; clse-fx supports: Llava"),
+        (lambda d, u, t: [str(d), "--keep", "37"], "exceeds the 36 visual tokens"),
+        (lambda d, u, t: [str(d), "--keep", "0"], "at least 1"),
+        (lambda d, u, t: [str(d), "--stages", "4:8"], "stage layer 4 is out of range: use 1..3"),
+        (lambda d, u, t: [str(d)], "give a budget"),
+        (lambda d, u, t: [str(d), "--keep", "8", "--image-size", "64"], "fixed 48px"),
+        (lambda d, u, t: [str(d), "--keep", "8", "--text-len", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_input_one_line_error_and_no_output(tiny_llava_dir, unsupported_dir, tmp_path, capsys, make_args, message):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out_dir = tmp_path / "out" / "bundle"
+    code, out, err = _run(capsys, *make_args(tiny_llava_dir, unsupported_dir, scratch), "-o", str(out_dir))
+    assert code == 2
+    assert message in err and err.startswith("error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_existing_output_needs_force(tiny_llava_dir, tmp_path, capsys):
+    out_dir = tmp_path / "bundle"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("user data")
+    code, _, err = _run(capsys, str(tiny_llava_dir), "--keep", "8", "-o", str(out_dir))
+    assert code == 2 and "already exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert (out_dir / "keep.txt").read_text() == "user data"
+
+
+def test_failure_mid_compile_leaves_nothing_behind(tiny_llava_dir, tmp_path, capsys, monkeypatch):
+    import clse_fx.export.onnxruntime as ort_export
+
+    def broken(pruned, path):
+        path.write_bytes(b"half")
+        raise ValueError("simulated exporter failure")
+
+    monkeypatch.setattr(ort_export, "export_onnx", broken)
+    out_dir = tmp_path / "bundle"
+    code, _, err = _run(capsys, str(tiny_llava_dir), "--keep", "8", "-o", str(out_dir))
+    assert code == 2 and "simulated exporter failure" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,90 @@
+"""The rewritten graph against the oracles: the eager reference pruner and the unmodified model."""
+
+import pytest
+import torch
+
+from clse_fx.compiler import prune_prefill
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.reference import reference_prune
+from clse_fx.scoring import SCORE_TYPES
+
+from .conftest import prompt_ids
+
+
+def _inputs(model, layout, images=1, seed=0):
+    """Prompts from ``layout``; pad tokens are masked out of attention_mask (left padding)."""
+    ids = prompt_ids(model, layout)
+    size = model.config.vision_config.image_size
+    inputs = {"input_ids": ids, "attention_mask": (ids != model.config.text_config.pad_token_id).long()}
+    if images:
+        generator = torch.Generator().manual_seed(seed)
+        inputs["pixel_values"] = torch.randn(ids.shape[0] * images, 3, size, size, generator=generator)
+    return inputs
+
+
+def _check_against_reference(model, prune, inputs):
+    pruned = prune_prefill(model, prune, inputs)
+    logits, positions, *kept = pruned(*pruned.example_args)
+    ref = reference_prune(model, prune, **inputs)
+    assert logits.shape == ref.logits.shape
+    assert (logits - ref.logits).abs().max() <= 1e-5
+    assert torch.equal(positions, ref.positions)
+    assert len(kept) == len(ref.kept) and all(torch.equal(a, b) for a, b in zip(kept, ref.kept))
+    return pruned, logits
+
+
+TWO_ROWS = [[5, "img", 7, 8, 9, 10, 11], [5, 7, 8, 9, 10, "img", 11]]
+
+
+@pytest.mark.parametrize("score", SCORE_TYPES)
+@pytest.mark.parametrize("stages", ["2:9", "1:20,2:10,3:4"])
+def test_pass_equals_reference_batch2_different_positions(tiny_llava, score, stages):
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages), score=score)
+    _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, TWO_ROWS))
+
+
+def test_pass_equals_reference_batch1_scheduled_budget(tiny_llava):
+    prune = PruneConfig(plan=plan_budget(8, 4, 36))
+    _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, [[5, 7, "img", 8, 9, 10]]))
+
+
+def test_pass_equals_reference_two_images(tiny_llava):
+    layout = [[5, "img", 7, "img", 8], [5, 7, "img", "img", 8]]
+    prune = PruneConfig(plan=plan_budget(None, 4, 72, stages="1:30,3:10"))
+    _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, layout, images=2))
+
+
+def test_pass_equals_reference_left_padding(tiny_llava):
+    pad = tiny_llava.config.text_config.pad_token_id
+    layout = [[pad, pad, 5, "img", 7, 8], [5, 7, "img", 8, 9, 10]]
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:12"))
+    inputs = _inputs(tiny_llava, layout)
+    assert inputs["attention_mask"][0, :2].sum() == 0
+    _check_against_reference(tiny_llava, prune, inputs)
+
+
+def test_pass_equals_reference_odd_grid_without_gqa(odd_llava):
+    prune = PruneConfig(plan=plan_budget(10, 5, 25), kv_policy="per-layer")
+    _check_against_reference(odd_llava, prune, _inputs(odd_llava, [[5, "img", 7, 8], [5, 7, 8, "img"]]))
+
+
+def test_prompt_without_image_is_unpruned(tiny_llava):
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:4"))
+    inputs = _inputs(tiny_llava, [[5, 7, 8, 9, 10, 11], [11, 10, 9, 8, 7, 5]], images=0)
+    pruned, logits = _check_against_reference(tiny_llava, prune, inputs)
+    with torch.no_grad():
+        plain = tiny_llava(**inputs).logits
+    assert (logits - plain).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("stages", ["1:36", "1:36,2:36,3:36"])
+def test_budget_of_all_visual_tokens_changes_no_output(tiny_llava, stages):
+    inputs = _inputs(tiny_llava, TWO_ROWS)
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages))
+    pruned = prune_prefill(tiny_llava, prune, inputs)
+    logits, positions, *kept = pruned(*pruned.example_args)
+    with torch.no_grad():
+        plain = tiny_llava(**inputs).logits
+    assert (logits - plain).abs().max() <= 1e-5
+    assert torch.equal(positions, torch.arange(inputs["input_ids"].shape[1]).expand(2, -1))
+    assert all(torch.equal(k, torch.arange(36).expand(2, -1)) for k in kept)

@@ -1,0 +1,77 @@
+"""ONNX Runtime against the PyTorch pruned graph, and the static-shape guarantees of the exported file."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from clse_fx.compiler import prune_prefill
+from clse_fx.export.onnxruntime import OnnxSession, export_onnx, graph_signature
+from clse_fx.plan import PruneConfig, plan_budget
+
+from .conftest import prompt_ids
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llava, tmp_path_factory):
+    ids = prompt_ids(tiny_llava, [[5, "img", 7, 8, 9], [5, 7, 8, "img", 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 48, 48)}
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,2:10,3:4"))
+    pruned = prune_prefill(tiny_llava, prune, inputs)
+    return pruned, export_onnx(pruned, tmp_path_factory.mktemp("onnx") / "prefill.onnx")
+
+
+def test_onnxruntime_equals_pytorch(exported):
+    pruned, path = exported
+    session = OnnxSession(path)
+    names = ["input_ids", "attention_mask", "pixel_values"]
+    engine = session.run(**dict(zip(names, pruned.example_args)))
+    torch_out = pruned(*pruned.example_args)
+    assert np.abs(engine[0] - torch_out[0].numpy()).max() <= 1e-4
+    for e, t in zip(engine[1:], torch_out[1:]):
+        assert np.array_equal(e, t.numpy())
+
+
+def test_onnxruntime_on_other_image_positions(exported):
+    """Image positions are data, not shapes: the same engine serves another layout."""
+    pruned, path = exported
+    ids = pruned.example_args[0].clone()
+    ids[0] = ids[0].roll(3)
+    args = (ids, pruned.example_args[1], torch.randn(2, 3, 48, 48))
+    engine = OnnxSession(path).run(input_ids=args[0], attention_mask=args[1], pixel_values=args[2])
+    torch_out = pruned.program.module()(*args)
+    assert np.abs(engine[0] - torch_out[0].detach().numpy()).max() <= 1e-4
+    assert np.array_equal(engine[1], torch_out[1].numpy())
+
+
+def test_exported_graph_is_static_and_engine_friendly(exported):
+    _, path = exported
+    model = onnx.load(str(path))
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"DFT", "STFT", "NonZero", "Unique", "Loop", "If"}
+    complex_types = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        assert value.type.tensor_type.elem_type not in complex_types
+    # Top-K selection lowers to comparisons + CumSum + ScatterElements; any TopK must take a constant K.
+    constants = {init.name for init in model.graph.initializer} | {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output
+    }
+    for node in model.graph.node:
+        if node.op_type == "TopK":
+            assert node.input[1] in constants
+    signature = graph_signature(path)
+    assert [i["name"] for i in signature["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
+    assert [o["name"] for o in signature["outputs"]] == ["logits", "positions", "kept_0", "kept_1", "kept_2"]
+    for value in signature["inputs"] + signature["outputs"]:
+        assert all(d > 0 for d in value["shape"]), value  # every dimension static
+    assert signature["outputs"][0]["shape"][:2] == [2, 4 + 4]
+
+
+def test_engine_rejects_shapes_it_was_not_compiled_for(exported):
+    pruned, path = exported
+    ids, mask, pixels = pruned.example_args
+    with pytest.raises(ValueError, match=r"input_ids has shape \[2, 41\] but prefill.onnx was compiled for \[2, 40\]"):
+        OnnxSession(path).run(input_ids=torch.cat([ids, ids[:, :1]], 1), attention_mask=mask, pixel_values=pixels)
+    with pytest.raises(ValueError, match="needs input 'pixel_values'"):
+        OnnxSession(path).run(input_ids=ids, attention_mask=mask)

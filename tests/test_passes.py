@@ -1,0 +1,93 @@
+"""One test per pass, on the traced tiny LLaVA graph."""
+
+import torch
+
+from clse_fx.compiler import pass_settings
+from clse_fx.passes import run_passes
+from clse_fx.passes.layer_boundaries import attention_node, layer_input, layer_nodes, module_path
+from clse_fx.passes.ops import gather_sequence, masked_scatter_static
+from clse_fx.passes.static_masked_scatter import static_masked_scatter
+from clse_fx.passes.strip_asserts import strip_asserts
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.trace import example_args, trace_prefill
+
+from .conftest import prompt_ids
+
+
+def _traced(model):
+    ids = prompt_ids(model, [[5, "img", 7, 8], [5, 7, "img", 8]])
+    size = model.config.vision_config.image_size
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, size, size)}
+    return trace_prefill(model, inputs), inputs
+
+
+def _targets(gm):
+    return {node.target for node in gm.graph.nodes if node.op == "call_function"}
+
+
+def test_strip_asserts_removes_checks_and_keeps_outputs(tiny_llava):
+    gm, inputs = _traced(tiny_llava)
+    args = example_args(inputs)
+    before = gm(*args)
+    assert torch.ops.aten._is_all_true.default in _targets(gm)
+    gm = strip_asserts(gm)
+    targets = _targets(gm)
+    assert not {torch.ops.aten._is_all_true.default, torch.ops.aten._assert_scalar.default} & targets
+    assert torch.ops.aten._assert_tensor_metadata.default not in targets
+    assert not any(node.op == "call_module" for node in gm.graph.nodes)
+    assert torch.equal(gm(*args)[0], before[0])
+
+
+def test_static_masked_scatter_matches_torch():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5)
+    mask = torch.rand(3, 7, 1) < 0.4
+    source = torch.randn(int(mask.sum()), 5)
+    assert torch.equal(masked_scatter_static(x, mask, source), x.masked_scatter(mask, source))
+    assert torch.equal(masked_scatter_static(x, torch.zeros_like(mask), source[:1]), x)
+
+
+def test_static_masked_scatter_pass(tiny_llava):
+    gm, inputs = _traced(tiny_llava)
+    args = example_args(inputs)
+    before = gm(*args)
+    gm = static_masked_scatter(strip_asserts(gm))
+    assert torch.ops.aten.masked_scatter.default not in _targets(gm)
+    assert torch.equal(gm(*args)[0], before[0])
+
+
+def test_layer_boundaries_from_module_stack(tiny_llava):
+    gm, _ = _traced(tiny_llava)
+    layers = layer_nodes(gm.graph, "model.language_model.layers")
+    assert sorted(layers) == [0, 1, 2, 3]
+    for index, nodes in layers.items():
+        assert all(f"language_model.layers.{index}" in module_path(n) for n in nodes)
+        assert "self_attn" in module_path(attention_node(nodes))
+        # The residual input of layer i > 0 is the last node of layer i - 1 (its output).
+        if index:
+            assert layer_input(nodes) is layers[index - 1][-1]
+    # The vision tower's encoder layers are not decoder layers.
+    assert not any("vision_tower" in module_path(n) for nodes in layers.values() for n in nodes)
+
+
+def test_gather_sequence_handles_broadcast_batch_and_two_seq_dims():
+    index = torch.tensor([[0, 2], [1, 3]])
+    table = torch.arange(4.0)[None, :, None].expand(1, 4, 3)  # [1, S, D], shared by the batch
+    assert gather_sequence(table, index, 0, (1,))[:, :, 0].tolist() == [[0, 2], [1, 3]]
+    mask = torch.arange(16).reshape(1, 1, 4, 4).expand(2, 1, 4, 4)
+    gathered = gather_sequence(mask, index, 0, (2, 3))
+    assert gathered[1, 0].tolist() == [[5, 7], [13, 15]]
+
+
+def test_run_passes_dumps_graph_before_and_after(tiny_llava, tmp_path):
+    gm, inputs = _traced(tiny_llava)
+    dump = tmp_path / "graph.txt"
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="2:9"))
+    settings = pass_settings(tiny_llava, prune, inputs["input_ids"], dump_graph=str(dump))
+    gm = run_passes(gm, settings)
+    text = dump.read_text()
+    for title in ("before strip_asserts", "before static_masked_scatter", "before insert_clse_stages", "after all"):
+        assert title in text
+    assert "clse_stage" in text.split("after all passes")[1]
+    logits, positions, kept = gm(*example_args(inputs))
+    assert logits.shape[1] == positions.shape[1] == inputs["input_ids"].shape[1] - 36 + 9 and kept.shape == (2, 9)
