@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clse_fx.compiler import PrunedPrefill, prune_prefill
+from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
 from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens
 from clse_fx.models import adapter_for, supported_architectures
 from clse_fx.plan import PruneConfig, plan_budget
@@ -180,11 +180,11 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     if verify:
         start = time.perf_counter()
         with step("parity with the eager reference pruner"):
-            logits, positions, *kept = pruned(*pruned.example_args)
+            out = pruned()
             ref = reference_prune(model, prune, **inputs)
             manifest["parity"] = {
-                "reference_max_abs_logits": float((logits - ref.logits).abs().max()),
-                "reference_kept_identical": all(torch.equal(a, b) for a, b in zip(kept, ref.kept)),
+                "reference_max_abs_logits": float((out.logits - ref.logits).abs().max()),
+                "reference_kept_identical": all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept)),
             }
         with step("FLOPs before/after"):
             manifest["flops"] = {
@@ -213,13 +213,11 @@ def _write_bundle(pruned, manifest, output_dir, force, processor, source, timing
         with step("ONNX Runtime session and parity"):
             session = OnnxSession(path)
             names = ["input_ids", "attention_mask", "pixel_values"]
-            engine = session.run(**dict(zip(names, pruned.example_args)))
-            torch_out = pruned(*pruned.example_args)
-            manifest["parity"] = dict(
-                manifest.get("parity", {}),
-                onnxruntime_max_abs_logits=float(abs(engine[0] - torch_out[0].numpy()).max()),
-                onnxruntime_indices_identical=all((e == t.numpy()).all() for e, t in zip(engine[1:], torch_out[1:])),
+            engine = PrefillOutputs.from_flat(
+                [torch.from_numpy(a) for a in session.run(**dict(zip(names, pruned.example_args)))],
+                len(pruned.settings.stages),
             )
+            manifest["parity"] = dict(manifest.get("parity", {}), **prefill_parity(engine, pruned()))
         timings["session_build+run"] = time.perf_counter() - start
         if processor is not None:
             processor.save_pretrained(staging)
@@ -232,6 +230,17 @@ def _write_bundle(pruned, manifest, output_dir, force, processor, source, timing
         )
         write_manifest(staging, manifest)
     return output_dir
+
+
+def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[str, float | bool]:
+    """How far an engine's prefill is from the PyTorch graph's: logits and KV, and whether indices agree."""
+    caches = [t for pair in engine.cache for t in pair], [t for pair in torch_out.cache for t in pair]
+    return {
+        "onnxruntime_max_abs_logits": float((engine.logits - torch_out.logits).abs().max()),
+        "onnxruntime_max_abs_cache": max(float((a - b).abs().max()) for a, b in zip(*caches)),
+        "onnxruntime_indices_identical": torch.equal(engine.positions, torch_out.positions)
+        and all(torch.equal(a, b) for a, b in zip(engine.kept, torch_out.kept)),
+    }
 
 
 class _NullStep:

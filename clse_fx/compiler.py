@@ -14,16 +14,36 @@ from clse_fx.trace import example_args, export_static, trace_prefill
 
 
 @dataclass
+class PrefillOutputs:
+    """The pruned prefill's results, named (the graph returns them flat, in this order)."""
+
+    logits: torch.Tensor  # [B, S', V]
+    positions: torch.Tensor  # [B, S'] original positions of the kept tokens
+    kept: list[torch.Tensor]  # per stage [B, keep] kept visual ids
+    cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key, value) [B, Hkv, S_i, D]
+
+    @classmethod
+    def from_flat(cls, flat, num_stages: int) -> PrefillOutputs:
+        logits, positions, *rest = flat
+        kept, kv = list(rest[:num_stages]), rest[num_stages:]
+        return cls(logits, positions, kept, [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)])
+
+
+@dataclass
 class PrunedPrefill:
-    """A statically shaped, pruned prefill program; outputs (logits, positions, *kept per stage)."""
+    """A statically shaped, pruned prefill program (flat outputs, see :class:`PrefillOutputs`)."""
 
     program: torch.export.ExportedProgram
     settings: PassSettings
     example_args: tuple[torch.Tensor, ...]
 
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def flat(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run on ``args`` (default: the example inputs) and return the graph's flat outputs."""
         with torch.no_grad():
-            return self.program.module()(*args)
+            return tuple(self.program.module()(*(args or self.example_args)))
+
+    def __call__(self, *args: torch.Tensor) -> PrefillOutputs:
+        return PrefillOutputs.from_flat(self.flat(*args), len(self.settings.stages))
 
 
 def pass_settings(model: nn.Module, prune: PruneConfig, input_ids: torch.Tensor, dump_graph: str | None = None):

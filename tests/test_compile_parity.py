@@ -24,13 +24,18 @@ def _inputs(model, layout, images=1, seed=0):
 
 def _check_against_reference(model, prune, inputs):
     pruned = prune_prefill(model, prune, inputs)
-    logits, positions, *kept = pruned(*pruned.example_args)
+    out = pruned()
     ref = reference_prune(model, prune, **inputs)
-    assert logits.shape == ref.logits.shape
-    assert (logits - ref.logits).abs().max() <= 1e-5
-    assert torch.equal(positions, ref.positions)
-    assert len(kept) == len(ref.kept) and all(torch.equal(a, b) for a, b in zip(kept, ref.kept))
-    return pruned, logits
+    assert out.logits.shape == ref.logits.shape
+    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert torch.equal(out.positions, ref.positions)
+    assert len(out.kept) == len(ref.kept) and all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
+    # The KV cache after prefill, under the configured policy, matches the reference's layer by layer.
+    assert len(out.cache) == len(ref.cache)
+    for (key, value), (ref_key, ref_value) in zip(out.cache, ref.cache):
+        assert key.shape == ref_key.shape and value.shape == ref_value.shape
+        assert (key - ref_key).abs().max() <= 1e-5 and (value - ref_value).abs().max() <= 1e-5
+    return pruned, out.logits
 
 
 TWO_ROWS = [[5, "img", 7, 8, 9, 10, 11], [5, 7, 8, 9, 10, "img", 11]]
@@ -39,7 +44,8 @@ TWO_ROWS = [[5, "img", 7, 8, 9, 10, 11], [5, 7, 8, 9, 10, "img", 11]]
 @pytest.mark.parametrize("score", SCORE_TYPES)
 @pytest.mark.parametrize("stages", ["2:9", "1:20,2:10,3:4"])
 def test_pass_equals_reference_batch2_different_positions(tiny_llava, score, stages):
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages), score=score)
+    kv_policy = "per-layer" if score in ("l2", "random") else "uniform"  # both policies across the matrix
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages), score=score, kv_policy=kv_policy)
     _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, TWO_ROWS))
 
 
@@ -82,9 +88,9 @@ def test_budget_of_all_visual_tokens_changes_no_output(tiny_llava, stages):
     inputs = _inputs(tiny_llava, TWO_ROWS)
     prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages))
     pruned = prune_prefill(tiny_llava, prune, inputs)
-    logits, positions, *kept = pruned(*pruned.example_args)
+    out = pruned()
     with torch.no_grad():
         plain = tiny_llava(**inputs).logits
-    assert (logits - plain).abs().max() <= 1e-5
-    assert torch.equal(positions, torch.arange(inputs["input_ids"].shape[1]).expand(2, -1))
-    assert all(torch.equal(k, torch.arange(36).expand(2, -1)) for k in kept)
+    assert (out.logits - plain).abs().max() <= 1e-5
+    assert torch.equal(out.positions, torch.arange(inputs["input_ids"].shape[1]).expand(2, -1))
+    assert all(torch.equal(k, torch.arange(36).expand(2, -1)) for k in out.kept)

@@ -26,10 +26,13 @@ def test_onnxruntime_equals_pytorch(exported):
     session = OnnxSession(path)
     names = ["input_ids", "attention_mask", "pixel_values"]
     engine = session.run(**dict(zip(names, pruned.example_args)))
-    torch_out = pruned(*pruned.example_args)
+    torch_out = pruned.flat()
+    assert len(engine) == len(torch_out) == 2 + 3 + 2 * 4
     assert np.abs(engine[0] - torch_out[0].numpy()).max() <= 1e-4
-    for e, t in zip(engine[1:], torch_out[1:]):
+    for e, t in zip(engine[1:5], torch_out[1:5]):  # positions and kept ids: exactly equal
         assert np.array_equal(e, t.numpy())
+    for e, t in zip(engine[5:], torch_out[5:]):  # the KV cache
+        assert e.shape == t.shape and np.abs(e - t.numpy()).max() <= 1e-4
 
 
 def test_onnxruntime_on_other_image_positions(exported):
@@ -39,8 +42,8 @@ def test_onnxruntime_on_other_image_positions(exported):
     ids[0] = ids[0].roll(3)
     args = (ids, pruned.example_args[1], torch.randn(2, 3, 48, 48))
     engine = OnnxSession(path).run(input_ids=args[0], attention_mask=args[1], pixel_values=args[2])
-    torch_out = pruned.program.module()(*args)
-    assert np.abs(engine[0] - torch_out[0].detach().numpy()).max() <= 1e-4
+    torch_out = pruned.flat(*args)
+    assert np.abs(engine[0] - torch_out[0].numpy()).max() <= 1e-4
     assert np.array_equal(engine[1], torch_out[1].numpy())
 
 
@@ -62,7 +65,9 @@ def test_exported_graph_is_static_and_engine_friendly(exported):
             assert node.input[1] in constants
     signature = graph_signature(path)
     assert [i["name"] for i in signature["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
-    assert [o["name"] for o in signature["outputs"]] == ["logits", "positions", "kept_0", "kept_1", "kept_2"]
+    names = [o["name"] for o in signature["outputs"]]
+    assert names[:5] == ["logits", "positions", "kept_0", "kept_1", "kept_2"]
+    assert names[5:7] == ["present.0.key", "present.0.value"] and len(names) == 5 + 8
     for value in signature["inputs"] + signature["outputs"]:
         assert all(d > 0 for d in value["shape"]), value  # every dimension static
     assert signature["outputs"][0]["shape"][:2] == [2, 4 + 4]

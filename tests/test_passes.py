@@ -17,7 +17,8 @@ from .conftest import prompt_ids
 def _traced(model):
     ids = prompt_ids(model, [[5, "img", 7, 8], [5, 7, "img", 8]])
     size = model.config.vision_config.image_size
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, size, size)}
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
     return trace_prefill(model, inputs), inputs
 
 
@@ -89,5 +90,27 @@ def test_run_passes_dumps_graph_before_and_after(tiny_llava, tmp_path):
     for title in ("before strip_asserts", "before static_masked_scatter", "before insert_clse_stages", "after all"):
         assert title in text
     assert "clse_stage" in text.split("after all passes")[1]
-    logits, positions, kept = gm(*example_args(inputs))
+    logits, positions, kept, *cache = gm(*example_args(inputs))
     assert logits.shape[1] == positions.shape[1] == inputs["input_ids"].shape[1] - 36 + 9 and kept.shape == (2, 9)
+    assert len(cache) == 2 * 4  # (key, value) per layer, from expose_kv_cache
+
+
+def test_expose_kv_cache_policies(tiny_llava):
+    """Per-layer caches keep each layer's length; uniform ones are re-indexed to the final kept set."""
+    from clse_fx.passes.expose_kv_cache import expose_kv_cache
+    from clse_fx.passes.insert_clse_stages import insert_clse_stages
+
+    caches = {}
+    for policy in ("per-layer", "uniform"):
+        gm, inputs = _traced(tiny_llava)
+        prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:5"), kv_policy=policy)
+        settings = pass_settings(tiny_llava, prune, inputs["input_ids"])
+        gm = expose_kv_cache(insert_clse_stages(static_masked_scatter(strip_asserts(gm)), settings), settings)
+        logits, positions, kept_0, kept_1, *cache = gm(*example_args(inputs))
+        caches[policy] = cache
+        s = inputs["input_ids"].shape[1]
+        lengths = [s, s - 16, s - 16, s - 31] if policy == "per-layer" else [s - 31] * 4
+        assert [t.shape[2] for t in cache] == [n for n in lengths for _ in range(2)]
+        assert all(t.shape[1] == tiny_llava.config.text_config.num_key_value_heads for t in cache)
+    # Both policies agree on the last layer, which ran on the final set.
+    assert torch.equal(caches["uniform"][-1], caches["per-layer"][-1])

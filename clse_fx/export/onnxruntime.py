@@ -17,7 +17,9 @@ FORBIDDEN_OPS = {"DFT", "STFT", "NonZero", "Unique", "Loop", "If"}
 
 def output_names(pruned: PrunedPrefill) -> list[str]:
     stages = len(pruned.settings.stages)
-    return ["logits", "positions"] + [f"kept_{i}" for i in range(stages)]
+    layers = pruned.settings.prune.plan.num_layers
+    cache = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["logits", "positions"] + [f"kept_{i}" for i in range(stages)] + cache
 
 
 def input_names(pruned: PrunedPrefill) -> list[str]:

@@ -51,6 +51,7 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
     with graph.inserting_before(first):
         positions = graph.call_function(sequence_positions, (input_ids,))
     kept_outputs: list[fx.Node] = []
+    gm.meta["clse_stage_index"] = {}  # stage layer -> its [B, S'] index node, for later passes
     num_current = prune.plan.num_visual
     for stage_index, (layer, keep) in enumerate(settings.stages):
         cut = layers[layer][0]
@@ -88,6 +89,7 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
             kept_outputs.append(graph.call_function(operator.getitem, (stage, 2)))
             new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
         gather_crossing_values(graph, cut, index, new_length, info)
+        gm.meta["clse_stage_index"][layer] = index
         num_current = keep
 
     output = graph.output_node()
