@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
+from clse_fx.compiler import PrunedPrefill, prune_prefill
 from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens
 from clse_fx.models import adapter_for, supported_architectures
 from clse_fx.plan import PruneConfig, plan_budget
@@ -170,7 +170,10 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             "pruned_length": text_len + plan.stages[-1][1],
         },
         "image_token_id": adapter.visual_token_ids()[0],
+        "pad_token_id": text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0,
+        "eos_token_id": model.generation_config.eos_token_id,
         "kv_cache_bytes": {"pruned": kv[kv_policy], "unpruned": kv_unpruned, "dtype": "float32"},
+        "versions": _versions(),
     }
     if source:
         from clse_fx.export.bundle import checkpoint_hash
@@ -195,52 +198,11 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
 
     bundle = None
     if output_dir is not None:
-        bundle = _write_bundle(pruned, manifest, Path(output_dir), force, processor, source, timings, step)
+        from clse_fx.export.onnxruntime import write_bundle
+
+        bundle = write_bundle(model, pruned, manifest, Path(output_dir), force, processor, timings, step)
     manifest["timings_s"] = timings
     return CompileResult(pruned=pruned, bundle=bundle, manifest=manifest, timings=timings)
-
-
-def _write_bundle(pruned, manifest, output_dir, force, processor, source, timings, step) -> Path:
-    from clse_fx.export.bundle import staged_directory, write_manifest
-    from clse_fx.export.onnxruntime import OPSET, OnnxSession, export_onnx, graph_signature
-
-    with staged_directory(output_dir, force) as staging:
-        start = time.perf_counter()
-        with step("ONNX export and check"):
-            path = export_onnx(pruned, staging / "prefill.onnx")
-        timings["onnx_export"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with step("ONNX Runtime session and parity"):
-            session = OnnxSession(path)
-            names = ["input_ids", "attention_mask", "pixel_values"]
-            engine = PrefillOutputs.from_flat(
-                [torch.from_numpy(a) for a in session.run(**dict(zip(names, pruned.example_args)))],
-                len(pruned.settings.stages),
-            )
-            manifest["parity"] = dict(manifest.get("parity", {}), **prefill_parity(engine, pruned()))
-        timings["session_build+run"] = time.perf_counter() - start
-        if processor is not None:
-            processor.save_pretrained(staging)
-        manifest.update(
-            target="onnxruntime",
-            opset=OPSET,
-            versions=_versions(),
-            graphs={"prefill": {"file": path.name, **graph_signature(path)}},
-            timings_s=timings,
-        )
-        write_manifest(staging, manifest)
-    return output_dir
-
-
-def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[str, float | bool]:
-    """How far an engine's prefill is from the PyTorch graph's: logits and KV, and whether indices agree."""
-    caches = [t for pair in engine.cache for t in pair], [t for pair in torch_out.cache for t in pair]
-    return {
-        "onnxruntime_max_abs_logits": float((engine.logits - torch_out.logits).abs().max()),
-        "onnxruntime_max_abs_cache": max(float((a - b).abs().max()) for a, b in zip(*caches)),
-        "onnxruntime_indices_identical": torch.equal(engine.positions, torch_out.positions)
-        and all(torch.equal(a, b) for a, b in zip(engine.kept, torch_out.kept)),
-    }
 
 
 class _NullStep:

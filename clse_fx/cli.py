@@ -150,5 +150,73 @@ def compile_main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clse-run", description="Answer a prompt about an image with a bundle.")
+    parser.add_argument("bundle", help="bundle directory written by clse-compile")
+    parser.add_argument("--image", action="append", required=True, help="image file (repeat for several prompts)")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--json", action="store_true", help="print token ids, text and timings as one JSON object")
+    return parser
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    args = _run_parser().parse_args(argv)
+    import json
+
+    import transformers
+    from PIL import Image, UnidentifiedImageError
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        if len(args.image) != len(args.prompt):
+            raise ValueError(
+                f"got {len(args.image)} --image and {len(args.prompt)} --prompt; pass one of each per question"
+            )
+        images = []
+        for path in args.image:
+            try:
+                images.append(Image.open(path).convert("RGB"))
+            except (FileNotFoundError, UnidentifiedImageError) as error:
+                raise ValueError(f"cannot read image {path}: {error}") from error
+        from clse_fx.runtime import Engine
+
+        engine = Engine.load(args.bundle)
+        results = engine.generate(
+            images,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            chat=args.chat,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {"results": [{"token_ids": r.token_ids, "text": r.text, "timings": vars(r.timings)} for r in results]}
+            )
+        )
+    else:
+        for r in results:
+            t = r.timings
+            print(r.text)
+            print(
+                f"[prefill {t.prefill_ms:.1f} ms, decode {t.decode_ms_per_token:.2f} ms/token, "
+                f"KV cache {t.kv_cache_bytes / 1024:.1f} KiB]"
+            )
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(compile_main())

@@ -197,3 +197,46 @@ def reference_prune(
         cache.append((key, value))
         cache_positions.append(layer_pos)
     return ReferenceOutput(logits=logits, kept=kept, positions=positions, cache=cache, cache_positions=cache_positions)
+
+
+@torch.no_grad()
+def reference_generate(
+    model: torch.nn.Module,
+    config: PruneConfig,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 16,
+) -> torch.Tensor:
+    """Greedy generation: :func:`reference_prune` prefill, then the unmodified model's own forward decodes
+    against a transformers ``DynamicCache`` holding the pruned KV. Returns [B, max_new_tokens] token ids.
+
+    Decode positions continue after the unpruned prompt length. With padding the model needs every layer's
+    cache to be equally long, so padded batches need the uniform policy here.
+    """
+    from transformers import DynamicCache
+
+    out = reference_prune(model, config, input_ids, pixel_values, attention_mask)
+    batch, seq = input_ids.shape
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded and config.kv_policy != "uniform":
+        raise ValueError("reference_generate supports padded batches with the uniform KV policy only")
+    cache = DynamicCache()
+    for layer_idx, (key, value) in enumerate(out.cache):
+        cache.update(key, value, layer_idx)
+    kept_mask = attention_mask.gather(1, out.positions) if padded else None
+    token = out.logits[:, -1].argmax(dim=-1)
+    generated = [token]
+    for step in range(max_new_tokens - 1):
+        if kept_mask is not None:
+            kept_mask = torch.cat([kept_mask, torch.ones(batch, 1, dtype=kept_mask.dtype)], dim=1)
+        logits = model(
+            input_ids=token[:, None],
+            attention_mask=kept_mask,
+            position_ids=torch.full((batch, 1), seq + step),
+            cache=cache,
+            use_cache=True,
+        ).logits
+        token = logits[:, -1].argmax(dim=-1)
+        generated.append(token)
+    return torch.stack(generated, dim=1)

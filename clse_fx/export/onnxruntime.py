@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clse_fx.compiler import PrunedPrefill
+from clse_fx.compiler import PrefillOutputs, PrunedPrefill
+from clse_fx.decode import decode_example, export_decode
+from clse_fx.export.bundle import staged_directory, write_manifest
 
 OPSET = 18
 # Ops TensorRT's ONNX parser rejects or that make shapes data-dependent; the compiled graph must have none.
@@ -27,23 +31,39 @@ def input_names(pruned: PrunedPrefill) -> list[str]:
 
 
 def export_onnx(pruned: PrunedPrefill, path: str | Path) -> Path:
-    """Write ``pruned`` as a checked ONNX file with named, static-shape inputs and outputs."""
+    """Write the pruned prefill as a checked ONNX file with named, static-shape inputs and outputs."""
+    return export_program(pruned.program, path, input_names(pruned), output_names(pruned))
+
+
+def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decode-step graph."""
+    per_layer = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+    inputs = ["input_ids", "position_ids", "pad_counts"] + [f"past.{i}.{kind}" for i, kind in per_layer]
+    return inputs, ["logits"] + [f"new.{i}.{kind}" for i, kind in per_layer]
+
+
+def export_program(
+    program: torch.export.ExportedProgram, path: str | Path, inputs: list[str], outputs: list[str]
+) -> Path:
+    """Export an ExportedProgram to a checked ONNX file free of ops that engines reject."""
     import onnx
 
     path = Path(path)
+    # The exporter logs a warning per torchvision op it cannot register; torchvision is not used here.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            pruned.program,
+        onnx_program = torch.onnx.export(
+            program,
             (),
-            input_names=input_names(pruned),
-            output_names=output_names(pruned),
+            input_names=inputs,
+            output_names=outputs,
             opset_version=OPSET,
             dynamo=True,
             optimize=True,
             verbose=False,
         )
-    program.save(str(path))
+    onnx_program.save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     bad = sorted({node.op_type for node in model.graph.node} & FORBIDDEN_OPS)
@@ -63,7 +83,10 @@ def graph_signature(path: str | Path) -> dict[str, list[dict]]:
             {
                 "name": v.name,
                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
+                # A dynamic dimension is recorded by its symbol's name.
+                "shape": [
+                    d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim
+                ],
             }
             for v in values
         ]
@@ -87,10 +110,63 @@ class OnnxSession:
             if name not in feeds:
                 raise ValueError(f"{self.path.name} needs input {name!r} of shape {shape}")
             array = feeds[name].numpy() if isinstance(feeds[name], torch.Tensor) else np.asarray(feeds[name])
-            if list(array.shape) != list(shape):
+            if any(isinstance(want, int) and have != want for have, want in zip(array.shape, shape)) or len(
+                array.shape
+            ) != len(shape):
                 raise ValueError(
                     f"{name} has shape {list(array.shape)} but {self.path.name} was compiled for {list(shape)}; "
                     "recompile with matching --batch/--text-len/--image-size"
                 )
             arrays[name] = array
         return self.session.run(None, arrays)
+
+
+def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[str, float | bool]:
+    """How far an engine's prefill is from the PyTorch graph's: logits and KV, and whether indices agree."""
+    caches = [t for pair in engine.cache for t in pair], [t for pair in torch_out.cache for t in pair]
+    return {
+        "onnxruntime_max_abs_logits": float((engine.logits - torch_out.logits).abs().max()),
+        "onnxruntime_max_abs_cache": max(float((a - b).abs().max()) for a, b in zip(*caches)),
+        "onnxruntime_indices_identical": torch.equal(engine.positions, torch_out.positions)
+        and all(torch.equal(a, b) for a, b in zip(engine.kept, torch_out.kept)),
+    }
+
+
+def write_bundle(model, pruned: PrunedPrefill, manifest: dict, output_dir: Path, force, processor, timings, step):
+    """Export prefill and decode graphs, check them against PyTorch, and write the bundle atomically."""
+    with staged_directory(output_dir, force) as staging:
+        start = time.perf_counter()
+        with step("ONNX export and check"):
+            prefill_path = export_onnx(pruned, staging / "prefill.onnx")
+            torch_out = pruned()
+            decode_program = export_decode(model, torch_out.cache)
+            decode_path = export_program(decode_program, staging / "decode.onnx", *decode_names(len(torch_out.cache)))
+        timings["onnx_export"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with step("ONNX Runtime sessions and parity"):
+            engine = OnnxSession(prefill_path).run(**dict(zip(input_names(pruned), pruned.example_args)))
+            engine_out = PrefillOutputs.from_flat([torch.from_numpy(a) for a in engine], len(pruned.settings.stages))
+            parity = prefill_parity(engine_out, torch_out)
+            step_args = decode_example(torch_out.cache)
+            decode_session = OnnxSession(decode_path)
+            decode_engine = decode_session.run(**dict(zip(decode_session.inputs, step_args)))
+            with torch.no_grad():
+                decode_torch = decode_program.module()(*step_args)
+            parity["onnxruntime_decode_max_abs"] = max(
+                float(np.abs(e - t.numpy()).max()) for e, t in zip(decode_engine, decode_torch)
+            )
+            manifest["parity"] = dict(manifest.get("parity", {}), **parity)
+        timings["session_build+run"] = time.perf_counter() - start
+        if processor is not None:
+            processor.save_pretrained(staging)
+        manifest.update(
+            target="onnxruntime",
+            opset=OPSET,
+            graphs={
+                "prefill": {"file": prefill_path.name, **graph_signature(prefill_path)},
+                "decode": {"file": decode_path.name, **graph_signature(decode_path)},
+            },
+            timings_s=timings,
+        )
+        write_manifest(staging, manifest)
+    return output_dir

@@ -1,0 +1,199 @@
+"""Run a compiled bundle end to end: processor -> pruned prefill engine -> decode engine -> text."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clse_fx.export.bundle import read_manifest
+
+
+@dataclass
+class Timings:
+    prefill_ms: float = 0.0
+    decode_ms_per_token: float = 0.0
+    kv_cache_bytes: int = 0
+
+
+@dataclass
+class Generation:
+    """One prompt's answer: generated token ids (up to and including a stop token) and their text."""
+
+    token_ids: list[int]
+    text: str
+    timings: Timings = field(default_factory=Timings)
+
+
+class Engine:
+    """A loaded bundle. Feeds must match the compiled geometry; the processor's output is fitted to it."""
+
+    def __init__(self, bundle: Path, manifest: dict, prefill, decode, processor) -> None:
+        self.bundle, self.manifest = bundle, manifest
+        self.prefill, self.decode, self.processor = prefill, decode, processor
+        geometry = manifest["geometry"]
+        self.batch, self.sequence_length = geometry["batch"], geometry["sequence_length"]
+        self.images_per_prompt, self.text_len = geometry["images"], geometry["text_len"]
+        self.num_stages = len(manifest["plan"]["stages"])
+        self.num_layers = len(manifest["plan"]["visual_tokens_per_layer"])
+        self.pad_id = manifest["pad_token_id"]
+
+    @classmethod
+    def load(cls, bundle: str | Path, providers: list[str] | None = None) -> Engine:
+        """Open a bundle, verifying every file against the manifest's hashes."""
+        from transformers import AutoProcessor
+
+        from clse_fx.export.onnxruntime import OnnxSession
+
+        bundle = Path(bundle)
+        if not bundle.is_dir():
+            raise FileNotFoundError(f"bundle {bundle} does not exist; compile one with clse-compile")
+        manifest = read_manifest(bundle, verify=True)
+        graphs = manifest["graphs"]
+        prefill = OnnxSession(bundle / graphs["prefill"]["file"], providers)
+        decode = OnnxSession(bundle / graphs["decode"]["file"], providers)
+        processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False)
+        return cls(bundle, manifest, prefill, decode, processor)
+
+    def encode(self, images: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
+        """Prompts and images -> the compiled [B, S] input_ids / attention_mask and pixel_values (left padded)."""
+        image_token = self.processor.image_token
+        rows, pixels = [], []
+        for prompt, image in zip(prompts, images):
+            if not prompt or not prompt.strip():
+                raise ValueError("empty prompt: give the question to ask about the image")
+            row_images = image if isinstance(image, (list, tuple)) else [image]
+            if len(row_images) != self.images_per_prompt:
+                raise ValueError(f"the bundle was compiled for {self.images_per_prompt} image(s) per prompt")
+            if image_token not in prompt:
+                prompt = f"{image_token * len(row_images)}\n{prompt}"
+            if chat:
+                prompt = self._chat(prompt)
+            encoded = self.processor(images=row_images, text=prompt, return_tensors="np")
+            ids = encoded["input_ids"][0]
+            if len(ids) > self.sequence_length:
+                text_tokens = len(ids) - (self.sequence_length - self.text_len)
+                raise ValueError(
+                    f"the prompt has {text_tokens} text tokens but the bundle was compiled for at most "
+                    f"{self.text_len}; shorten it or recompile with --text-len {text_tokens}"
+                )
+            rows.append(ids)
+            pixels.append(encoded["pixel_values"])
+        input_ids = np.full((len(rows), self.sequence_length), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros_like(input_ids)
+        for i, ids in enumerate(rows):
+            input_ids[i, -len(ids) :] = ids
+            attention_mask[i, -len(ids) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": np.concatenate(pixels).astype(np.float32),
+        }
+
+    def _chat(self, prompt: str) -> str:
+        tokenizer = self.processor.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this bundle's tokenizer has no chat template; drop --chat and write the prompt as is")
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(
+        self,
+        images: list,
+        prompts: list[str],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: list[int] | None = None,
+        chat: bool = False,
+    ) -> list[Generation]:
+        """Answer each (image, prompt) pair; batches of any size are run in chunks of the compiled batch."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one per prompt")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not prompts:
+            return []
+        stops = set(self._default_stops() if stop_token_ids is None else stop_token_ids)
+        rng = np.random.default_rng(seed)
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.batch):
+            chunk = list(range(start, min(start + self.batch, len(prompts))))
+            # Fill a short last chunk with copies of its last row; their outputs are dropped.
+            rows = chunk + [chunk[-1]] * (self.batch - len(chunk))
+            feeds = self.encode([images[i] for i in rows], [prompts[i] for i in rows], chat)
+            ids, timings = self.generate_ids(feeds, max_new_tokens, do_sample, temperature, top_k, rng, stops)
+            for row in range(len(chunk)):
+                tokens = ids[row]
+                text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+                results.append(Generation(token_ids=tokens, text=text, timings=timings))
+        return results
+
+    def _default_stops(self) -> list[int]:
+        eos = self.manifest.get("eos_token_id")
+        return [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+    def generate_ids(
+        self,
+        feeds: dict[str, np.ndarray],
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        rng: np.random.Generator | None = None,
+        stops: set[int] = frozenset(),
+    ) -> tuple[list[list[int]], Timings]:
+        """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token."""
+        rng = rng or np.random.default_rng()
+        start = time.perf_counter()
+        prefill = self.prefill.run(**feeds)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        past = prefill[2 + self.num_stages :]
+        timings = Timings(prefill_ms=prefill_ms, kv_cache_bytes=int(sum(t.nbytes for t in past)))
+        batch, seq = feeds["input_ids"].shape
+        pad_counts = (seq - feeds["attention_mask"].sum(axis=1)).astype(np.int64)
+        token = _next_token(prefill[0][:, -1], do_sample, temperature, top_k, rng)
+        generated, done = [token], np.isin(token, list(stops))
+        decode_names = list(self.decode.inputs)[3:]
+        start = time.perf_counter()
+        steps = 0
+        for step in range(max_new_tokens - 1):
+            if done.all():
+                break
+            logits, *new = self.decode.run(
+                input_ids=token[:, None],
+                position_ids=np.full((batch, 1), seq + step, dtype=np.int64),
+                pad_counts=pad_counts,
+                **dict(zip(decode_names, past)),
+            )
+            past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
+            token = _next_token(logits[:, -1], do_sample, temperature, top_k, rng)
+            generated.append(token)
+            done |= np.isin(token, list(stops))
+            steps += 1
+        timings.decode_ms_per_token = (time.perf_counter() - start) * 1e3 / max(steps, 1)
+        ids = np.stack(generated, axis=1)
+        rows = []
+        for row in ids.tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            rows.append(row[:cut])
+        return rows, timings
+
+
+def _next_token(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:
+    """Greedy argmax, or a sample from softmax(logits / temperature) over the top_k (0 = all) tokens."""
+    if not do_sample:
+        return logits.argmax(axis=-1).astype(np.int64)
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling")
+    scaled = logits.astype(np.float64) / temperature
+    if top_k:
+        threshold = np.sort(scaled, axis=-1)[:, -top_k][:, None]
+        scaled = np.where(scaled < threshold, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)

@@ -1,0 +1,185 @@
+"""Deployable generation: the ONNX bundle's prefill + decode against the oracles."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clse_fx
+from clse_fx.cli import run_main
+from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.reference import reference_generate
+from clse_fx.runtime import Engine
+
+from .conftest import prompt_ids
+
+TEXT_LEN = 8
+LAYOUTS = {
+    1: [[5, 7, "img", 8, 9, 10, 11, 12, 13]],
+    2: [[5, "img", 7, 8, 9, 10, 11, 12, 13], [5, 7, 8, 9, 10, 11, "img", 12, 13]],
+}
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_llava, tiny_llava_dir, tmp_path_factory):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    made = {}
+    for batch, policy, stages in [
+        (2, "uniform", "1:20,2:10,3:4"),
+        (2, "per-layer", "1:20,2:10,3:4"),
+        (1, "uniform", "2:9"),
+        (1, "uniform", "1:36,2:36,3:36"),
+    ]:
+        out = tmp_path_factory.mktemp("bundle") / "b"
+        clse_fx.compile(
+            tiny_llava,
+            stages=stages,
+            kv_policy=policy,
+            batch=batch,
+            text_len=TEXT_LEN,
+            output_dir=out,
+            processor=processor,
+        )
+        made[(batch, policy, stages)] = out
+    return made
+
+
+def _feeds(model, batch, seed=0):
+    ids = prompt_ids(model, LAYOUTS[batch])
+    pixels = torch.randn(batch, 3, 48, 48, generator=torch.Generator().manual_seed(seed))
+    return ids, pixels
+
+
+@pytest.mark.parametrize(
+    "key", [(2, "uniform", "1:20,2:10,3:4"), (2, "per-layer", "1:20,2:10,3:4"), (1, "uniform", "2:9")]
+)
+def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
+    batch, policy, stages = key
+    engine = Engine.load(bundles[key])
+    ids, pixels = _feeds(tiny_llava, batch)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
+    generated, timings = engine.generate_ids(feeds, max_new_tokens=16)
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages), kv_policy=policy)
+    expected = reference_generate(tiny_llava, prune, ids, pixels, max_new_tokens=16)
+    assert generated == expected.tolist()
+    # The KV cache the engine actually holds after prefill is the manifest's figure.
+    assert timings.kv_cache_bytes == engine.manifest["kv_cache_bytes"]["pruned"]
+    assert timings.prefill_ms > 0 and timings.decode_ms_per_token > 0
+
+
+def test_left_padded_prompts_from_the_processor_equal_reference(tiny_llava, bundles):
+    """Engine.encode left-pads short prompts; the padded rows still match the reference (uniform policy)."""
+    engine = Engine.load(bundles[(2, "uniform", "1:20,2:10,3:4")])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8))
+    feeds = engine.encode([image, image], ["describe ?", "how many red star ?"])
+    assert feeds["attention_mask"][0].sum() < feeds["attention_mask"][1].sum() <= feeds["input_ids"].shape[1]
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,2:10,3:4"))
+    expected = reference_generate(
+        tiny_llava, prune, *(torch.from_numpy(feeds[k]) for k in ("input_ids", "pixel_values", "attention_mask"))
+    )
+    assert generated == expected.tolist()
+
+
+def test_pruning_disabled_equals_transformers_generate(tiny_llava, bundles):
+    engine = Engine.load(bundles[(1, "uniform", "1:36,2:36,3:36")])
+    ids, pixels = _feeds(tiny_llava, 1)
+    eos = tiny_llava.generation_config.eos_token_id
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16, stops={eos})
+    with torch.no_grad():
+        hf = tiny_llava.generate(
+            input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    hf = hf[: hf.index(eos) + 1] if eos in hf else hf
+    assert generated == [hf]
+
+
+def test_generate_api_batches_any_number_of_prompts(bundles):
+    engine = Engine.load(bundles[(2, "uniform", "1:20,2:10,3:4")])
+    image = Image.new("RGB", (30, 40), "red")
+    prompts = ["what is the colour of shape ?", "describe", "how many circle ?"]
+    results = engine.generate([image] * 3, prompts, max_new_tokens=5)
+    assert len(results) == 3 and all(1 <= len(r.token_ids) <= 5 and isinstance(r.text, str) for r in results)
+    # The odd prompt out ran in a padded chunk; alone it answers the same.
+    assert engine.generate([image], prompts[2:], max_new_tokens=5)[0].token_ids == results[2].token_ids
+    sampled = engine.generate([image], prompts[:1], max_new_tokens=5, do_sample=True, top_k=5, seed=3)
+    assert (
+        sampled[0].token_ids
+        == engine.generate([image], prompts[:1], max_new_tokens=5, do_sample=True, top_k=5, seed=3)[0].token_ids
+    )
+    # A stop token ends the answer, and is kept as its last id.
+    first = results[0].token_ids[0]
+    stopped = engine.generate([image], prompts[:1], max_new_tokens=5, stop_token_ids=[first])
+    assert stopped[0].token_ids == [first]
+
+
+def test_llava15_uniform_kv_ratio():
+    """Uniform policy at LLaVA-1.5 geometry, plan 192: every layer keeps text + 62 visual tokens."""
+    plan = plan_budget(192, 32, 576)
+    text = 50
+    pruned = kv_cache_bytes(kv_cache_tokens(plan, text, "uniform"), 1, 32, 128, 2)
+    unpruned = kv_cache_bytes([text + 576] * 32, 1, 32, 128, 2)
+    assert pruned == 2 * 32 * 32 * (text + 62) * 128 * 2
+    assert unpruned / pruned == pytest.approx((text + 576) / (text + 62))  # 5.59x at 50 text tokens (paper: 5.59x)
+
+
+def test_bad_input(tiny_llava, bundles, tmp_path):
+    bundle = bundles[(1, "uniform", "2:9")]
+    engine = Engine.load(bundle)
+    image = Image.new("RGB", (30, 40))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([image], ["  "])
+    with pytest.raises(ValueError, match="compiled for at most 8; shorten it or recompile with --text-len"):
+        engine.generate([image], ["what is the colour of the red circle left of the blue square ?"])
+    with pytest.raises(ValueError, match="no chat template"):
+        engine.generate([image], ["what"], chat=True)
+    ids, pixels = _feeds(tiny_llava, 2)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
+    with pytest.raises(ValueError, match=r"input_ids has shape \[2, 44\] but prefill.onnx was compiled for \[1, 44\]"):
+        engine.generate_ids(feeds, 4)
+    with pytest.raises(ValueError, match=r"pixel_values has shape \[1, 3, 40, 40\] but prefill.onnx was compiled"):
+        engine.generate_ids(
+            {
+                "input_ids": ids[:1].numpy(),
+                "attention_mask": feeds["attention_mask"][:1],
+                "pixel_values": np.zeros((1, 3, 40, 40), np.float32),
+            },
+            4,
+        )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Engine.load(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in bundle.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "decode.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="decode.onnx is missing"):
+        Engine.load(broken)
+    (broken / "decode.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="decode.onnx does not match its manifest hash"):
+        Engine.load(broken)
+    (broken / "manifest.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match="manifest.json is corrupted"):
+        Engine.load(broken)
+
+
+def test_clse_run_cli(bundles, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), "blue").save(image)
+    bundle = str(bundles[(1, "uniform", "2:9")])
+    assert run_main([bundle, "--image", str(image), "--prompt", "what", "--max-new-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert 1 <= len(result["token_ids"]) <= 4 and {"prefill_ms", "decode_ms_per_token", "kv_cache_bytes"} <= set(
+        result["timings"]
+    )
+    assert run_main([bundle, "--image", str(image), "--prompt", "what", "--max-new-tokens", "4"]) == 0
+    assert "ms/token" in capsys.readouterr().out
+    assert run_main([bundle, "--image", str(tmp_path / "missing.png"), "--prompt", "what"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read image") and len(err.strip().splitlines()) == 1
