@@ -11,6 +11,14 @@ from pathlib import Path
 from clse_fx.scoring import SCORE_TYPES
 
 
+def _quiet_transformers() -> None:
+    """Our own output reports progress; transformers' bars and notices would break the one-line errors."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _budget(text: str) -> float:
     value = float(text)
     return int(value) if value.is_integer() and value >= 1 else value
@@ -93,12 +101,9 @@ def _report(console, result, bundle: Path | None) -> None:
 
 def compile_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import transformers
     from rich.console import Console
 
-    # Our own status line reports progress; transformers' bars and notices would break the one-line errors.
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    _quiet_transformers()
 
     console = Console(stderr=False)
     errors = Console(stderr=True)
@@ -169,11 +174,9 @@ def run_main(argv: list[str] | None = None) -> int:
     args = _run_parser().parse_args(argv)
     import json
 
-    import transformers
     from PIL import Image, UnidentifiedImageError
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    _quiet_transformers()
     try:
         if len(args.image) != len(args.prompt):
             raise ValueError(

@@ -174,6 +174,14 @@ def combine_scores(
     raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
 
 
+def running_count(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inclusive count of True entries along ``dim``, as int64.
+
+    Counted in float32 because TensorRT's CumSum takes floating types only; exact below 2**24 entries.
+    """
+    return mask.to(torch.float32).cumsum(dim=dim).to(torch.long)
+
+
 def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Column indices of the True entries of each row of [B, S] ``mask``, which has ``count`` per row: [B, count].
 
@@ -181,7 +189,7 @@ def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
     the row's True entries; the rest land in a spill column that is cut off.
     """
     batch, seq = mask.shape
-    rank = mask.long().cumsum(dim=1) - 1
+    rank = running_count(mask, dim=1) - 1
     slot = torch.where(mask, rank, torch.full_like(rank, count))
     columns = torch.arange(seq, device=mask.device).expand(batch, seq)
     out = torch.zeros(batch, count + 1, dtype=torch.long, device=mask.device)
@@ -198,7 +206,8 @@ def select_topk(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """
     n = scores.shape[-1]
     s_i, s_j = scores[..., :, None], scores[..., None, :]
-    earlier = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril(diagonal=-1)  # [i, j]: j < i
+    index = torch.arange(n, device=scores.device)
+    earlier = index[None, :] < index[:, None]  # [i, j]: j < i (no bool ConstantOfShape, which TensorRT rejects)
     rank = ((s_j > s_i) | ((s_j == s_i) & earlier)).sum(dim=-1)
     return compact_true(rank < keep, keep)
 

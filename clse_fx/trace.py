@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import fx, nn
 
 
@@ -46,7 +47,20 @@ def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.Graph
     return gm
 
 
+class _Replay(nn.Module):
+    """Runs a GraphModule node by node with its metadata current, so a re-export keeps each node's
+    ``nn_module_stack``: engine nodes stay traceable to the decoder layer they came from."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: torch.Tensor):
+        with fx_traceback.preserve_node_meta():
+            return fx.Interpreter(self.gm).run(*args)
+
+
 def export_static(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """Re-export a rewritten graph at fixed shapes (the compiled budget): every size becomes a constant."""
     with torch.no_grad():
-        return torch.export.export(gm, args, strict=False)
+        return torch.export.export(_Replay(gm), args, strict=False)

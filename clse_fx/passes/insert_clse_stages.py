@@ -88,8 +88,11 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
             positions = graph.call_function(operator.getitem, (stage, 1))
             kept_outputs.append(graph.call_function(operator.getitem, (stage, 2)))
             new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
-        gather_crossing_values(graph, cut, index, new_length, info)
+        gathered = gather_crossing_values(graph, cut, index, new_length, info)
         gm.meta["clse_stage_index"][layer] = index
+        scope = {f"clse_stage_{stage_index}": (f"clse.stage{stage_index}.before_layer{layer}", "clse_fx.clse_stage")}
+        for node in (stage, index, positions, kept_outputs[-1], new_length, *gathered):
+            node.meta["nn_module_stack"] = scope
         num_current = keep
 
     output = graph.output_node()

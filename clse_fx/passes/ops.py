@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from clse_fx.scoring import Grid, compact_true, last_query_attention, score_stage, select_topk
+from clse_fx.scoring import Grid, compact_true, last_query_attention, running_count, score_stage, select_topk
 
 
 def gather_sequence(
@@ -92,15 +92,24 @@ def clse_stage(
     local = select_topk(scores, keep)
     vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
     kept = (vis_ids if previous_kept is None else previous_kept).gather(1, local)
-    survivors = (~is_visual).scatter(1, vis_index.gather(1, local), True)
+    # Membership by comparison rather than a scatter of True: TensorRT takes neither a BOOL scatter nor a
+    # BOOL ConstantOfShape fill. O(S x keep) compares per row.
+    kept_positions = vis_index.gather(1, local)
+    sequence = torch.arange(positions.shape[1], device=positions.device)
+    survivors = ~is_visual | (sequence[None, :, None] == kept_positions[:, None, :]).any(dim=-1)
     index = compact_true(survivors, positions.shape[1] - num_current + keep)
     return index, positions.gather(1, index), kept
 
 
 def masked_scatter_static(x: torch.Tensor, mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``x.masked_scatter(mask, source)`` without NonZero: the k-th True element (row-major) takes source's
-    k-th element, found by a cumulative count, so the exported graph has only static shapes."""
-    flat_mask = mask.expand_as(x).reshape(-1)
-    take = (flat_mask.long().cumsum(dim=0) - 1).clamp(min=0)
-    values = source.reshape(-1).to(x.dtype)[take.clamp(max=source.numel() - 1)]
-    return torch.where(flat_mask, values, x.reshape(-1)).reshape(x.shape)
+    """``x.masked_scatter(mask, source)`` for token masks, without NonZero: the k-th masked token (row-major
+    over batch and sequence) takes source's k-th row, found by a running count, so shapes stay static.
+
+    MLLMs place whole feature vectors, so the mask is the same across the last (channel) dim; it is read
+    from channel 0.
+    """
+    tokens = mask.expand_as(x)[..., 0].reshape(-1)  # [B*S]
+    rows = source.reshape(-1, x.shape[-1]).to(x.dtype)
+    take = (running_count(tokens, dim=0) - 1).clamp(min=0, max=rows.shape[0] - 1)
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.where(tokens[:, None], rows[take], flat).reshape(x.shape)
