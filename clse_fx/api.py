@@ -18,7 +18,7 @@ from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_prune
 from clse_fx.trace import PrefillModule
 
-TARGETS = ("onnxruntime",)
+TARGETS = ("onnxruntime", "onnxruntime-gpu", "tensorrt", "torch-compile")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class CompileResult:
     bundle: Path | None
     manifest: dict
     timings: dict[str, float] = field(default_factory=dict)
+    module: object | None = None  # the torch-compile target's compiled prefill
 
 
 def load_checkpoint(model_dir: str | Path) -> tuple[nn.Module, object | None]:
@@ -50,11 +51,21 @@ def load_checkpoint(model_dir: str | Path) -> tuple[nn.Module, object | None]:
         )
     model_class = getattr(transformers, supported[0])
     model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return model, load_processor(model_dir)
+
+
+def load_processor(path: str | Path) -> object | None:
+    """The processor saved in a local checkpoint directory, or None: graphs compile without one, but a
+    bundle without it can only run from token ids and pixels."""
+    import transformers
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
     try:
-        processor = transformers.AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+        return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
-        processor = None  # graphs compile without one; the bundle then cannot run from text and pixels
-    return model, processor
+        return None
 
 
 def example_inputs(model: nn.Module, batch: int = 1, text_len: int = 32, images: int = 1, seed: int = 0):
@@ -109,21 +120,35 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     source: str | Path | None = None,
     dump_graph: str | None = None,
     verify: bool = True,
+    fp16: bool = False,
     progress=None,
 ) -> CompileResult:
     """Compile ``model`` with CLSE pruning for a fixed input geometry, verify it, and write a bundle.
 
-    Without ``output_dir`` only the pruned torch program is built and checked (no engine file).
+    Targets: ``onnxruntime`` / ``onnxruntime-gpu`` (a bundle; the GPU flavour prefers the TensorRT and CUDA
+    execution providers at load time), ``tensorrt`` (the bundle plus a torch-tensorrt engine; CUDA only),
+    ``torch-compile`` (``result.module``, an Inductor-compiled pruned prefill; no bundle). Without
+    ``output_dir`` only the pruned torch program is built and checked.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    if target == "tensorrt":
+        from clse_fx.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        model = model.to("cuda")
+    if target == "torch-compile" and output_dir is not None:
+        raise ValueError("the torch-compile target builds an in-process module (result.module); drop the output dir")
     if batch < 1 or text_len < 1 or images < 0:
         raise ValueError("batch and text length must be >= 1 and images >= 0")
     step = progress or (lambda name: _NullStep())
     adapter = adapter_for(model)
     if output_dir is not None and Path(output_dir).exists() and not force:
         raise FileExistsError(f"output directory {output_dir} already exists; pass --force to replace it")
-    inputs = example_inputs(model, batch, text_len, images)
+    if processor is None and output_dir is not None:
+        processor = load_processor(getattr(model, "name_or_path", "") or "")
+    device = next(model.parameters()).device
+    inputs = {name: tensor.to(device) for name, tensor in example_inputs(model, batch, text_len, images).items()}
     num_visual = adapter.tokens_per_image() * images
     if num_visual == 0:
         raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
@@ -196,13 +221,26 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             }
         timings["verify"] = time.perf_counter() - start
 
+    module = None
+    if target == "torch-compile":
+        from clse_fx.export.torch_compile import CompiledPrefill
+
+        start = time.perf_counter()
+        with step("torch.compile (Inductor)"):
+            module = CompiledPrefill(pruned)
+            out = module()
+            ref = reference_prune(model, prune, **inputs)
+            manifest["parity"]["torch_compile_max_abs_logits"] = float((out.logits - ref.logits).abs().max())
+        timings["torch_compile"] = time.perf_counter() - start
+
     bundle = None
     if output_dir is not None:
         from clse_fx.export.onnxruntime import write_bundle
 
-        bundle = write_bundle(model, pruned, manifest, Path(output_dir), force, processor, timings, step)
+        manifest["target"] = target
+        bundle = write_bundle(model, pruned, manifest, Path(output_dir), force, processor, timings, step, fp16=fp16)
     manifest["timings_s"] = timings
-    return CompileResult(pruned=pruned, bundle=bundle, manifest=manifest, timings=timings)
+    return CompileResult(pruned=pruned, bundle=bundle, manifest=manifest, timings=timings, module=module)
 
 
 class _NullStep:

@@ -8,6 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rich.markup import escape
+
+from clse_fx.api import TARGETS
 from clse_fx.scoring import SCORE_TYPES
 
 
@@ -35,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", help="explicit stages LAYER:KEEP,... (e.g. 1:330,11:210,21:62)")
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
     parser.add_argument("--kv-policy", choices=["uniform", "per-layer"], default="uniform")
-    parser.add_argument("--target", choices=["onnxruntime"], default="onnxruntime")
+    parser.add_argument("--target", choices=TARGETS, default="onnxruntime")
+    parser.add_argument("--fp16", action="store_true", help="tensorrt target: allow FP16 kernels")
+    parser.add_argument(
+        "--check",
+        choices=["tensorrt"],
+        help="also report every node TensorRT's ONNX parser would reject; exit 1 if any",
+    )
     parser.add_argument("--image-size", type=int, help="input image side; LLaVA-1.5 runs at its tower's fixed size")
     parser.add_argument("--text-len", type=int, default=32, help="non-image tokens per prompt (static)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (static)")
@@ -95,8 +104,30 @@ def _report(console, result, bundle: Path | None) -> None:
             f"{parity['onnxruntime_indices_identical']}",
         )
     table.add_row("compile time", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    if "torch_compile_max_abs_logits" in parity:
+        table.add_row(
+            "parity torch.compile vs reference", f"max |dlogits| {parity['torch_compile_max_abs_logits']:.2e}"
+        )
     table.add_row("bundle", str(bundle) if bundle else "(none)")
     console.print(table)
+
+
+def _report_tensorrt_readiness(console, result) -> int:
+    """Print the readiness findings of the compiled graphs; 1 if TensorRT would reject any node."""
+    readiness = result.manifest.get("tensorrt_readiness")
+    if readiness is None:
+        from clse_fx.export.onnxruntime import export_onnx
+        from clse_fx.export.tensorrt_check import check_tensorrt_ready
+
+        with tempfile.TemporaryDirectory() as scratch:
+            path = export_onnx(result.pruned, Path(scratch) / "prefill.onnx")
+            readiness = {"prefill": [str(f) for f in check_tensorrt_ready(path)]}
+    findings = [f"{graph}: {finding}" for graph, found in readiness.items() for finding in found]
+    for finding in findings:
+        console.print(f"[red]not TensorRT-ready[/red] {escape(finding)}", highlight=False, soft_wrap=True)
+    if not findings:
+        console.print(f"TensorRT readiness: every node accepted ({', '.join(readiness)})")
+    return 1 if findings else 0
 
 
 def compile_main(argv: list[str] | None = None) -> int:
@@ -119,7 +150,9 @@ def compile_main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = _model_dir(args, Path(scratch))
             output = Path(args.output or Path("clse-out") / ("demo" if args.demo else model_dir.name))
-            if output.exists() and not args.force:
+            if args.target == "torch-compile":
+                output = None  # an in-process module; the report shows its parity
+            elif output.exists() and not args.force:
                 raise FileExistsError(f"output directory {output} already exists; pass --force to replace it")
             with step("loading the checkpoint"):
                 from clse_fx.api import compile as compile_model
@@ -146,12 +179,15 @@ def compile_main(argv: list[str] | None = None) -> int:
                 processor=processor,
                 source=None if args.demo or args.model == "demo" else model_dir,
                 dump_graph=args.dump_graph,
+                fp16=args.fp16,
                 progress=step,
             )
         _report(console, result, result.bundle)
+        if args.check == "tensorrt":
+            return _report_tensorrt_readiness(console, result)
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
-        errors.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
 
 

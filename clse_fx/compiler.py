@@ -22,6 +22,14 @@ class PrefillOutputs:
     kept: list[torch.Tensor]  # per stage [B, keep] kept visual ids
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key, value) [B, Hkv, S_i, D]
 
+    def cpu(self) -> PrefillOutputs:
+        return PrefillOutputs(
+            self.logits.cpu(),
+            self.positions.cpu(),
+            [k.cpu() for k in self.kept],
+            [(k.cpu(), v.cpu()) for k, v in self.cache],
+        )
+
     @classmethod
     def from_flat(cls, flat, num_stages: int) -> PrefillOutputs:
         logits, positions, *rest = flat

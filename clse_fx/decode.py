@@ -62,10 +62,10 @@ class DecodeStep(nn.Module):
 
 def decode_example(prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """Example decode inputs shaped like the first step after a prefill that produced ``prefill_cache``."""
-    batch = prefill_cache[0][0].shape[0]
+    key = prefill_cache[0][0]
     past = tuple(t for pair in prefill_cache for t in pair)
-    zeros = torch.zeros(batch, 1, dtype=torch.long)
-    return (zeros, zeros.clone(), torch.zeros(batch, dtype=torch.long), *past)
+    zeros = torch.zeros(key.shape[0], 1, dtype=torch.long, device=key.device)
+    return (zeros, zeros.clone(), zeros[:, 0].clone(), *past)
 
 
 def export_decode(model: nn.Module, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]):

@@ -42,23 +42,31 @@ class Engine:
 
     @classmethod
     def load(cls, bundle: str | Path, providers: list[str] | None = None) -> Engine:
-        """Open a bundle, verifying every file against the manifest's hashes."""
+        """Open a bundle, verifying every file against the manifest's hashes. ``providers`` defaults to the
+        bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU)."""
         from transformers import AutoProcessor
 
-        from clse_fx.export.onnxruntime import OnnxSession
+        from clse_fx.export.onnxruntime import OnnxSession, select_providers
 
         bundle = Path(bundle)
         if not bundle.is_dir():
             raise FileNotFoundError(f"bundle {bundle} does not exist; compile one with clse-compile")
         manifest = read_manifest(bundle, verify=True)
         graphs = manifest["graphs"]
+        providers = providers or select_providers(manifest.get("target", "onnxruntime"))
         prefill = OnnxSession(bundle / graphs["prefill"]["file"], providers)
         decode = OnnxSession(bundle / graphs["decode"]["file"], providers)
-        processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False)
+        has_processor = any(name.endswith("processor_config.json") for name in manifest["files"])
+        processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False) if has_processor else None
         return cls(bundle, manifest, prefill, decode, processor)
 
     def encode(self, images: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
         """Prompts and images -> the compiled [B, S] input_ids / attention_mask and pixel_values (left padded)."""
+        if self.processor is None:
+            raise ValueError(
+                "this bundle has no processor files, so it cannot run from text and images; recompile from a "
+                "checkpoint dir with its processor, or feed token ids and pixels to Engine.generate_ids"
+            )
         image_token = self.processor.image_token
         rows, pixels = [], []
         for prompt, image in zip(prompts, images):

@@ -13,6 +13,7 @@ import torch
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.export.bundle import staged_directory, write_manifest
+from clse_fx.export.tensorrt_check import check_tensorrt_ready
 
 OPSET = 18
 # Ops TensorRT's ONNX parser rejects or that make shapes data-dependent; the compiled graph must have none.
@@ -94,6 +95,26 @@ def graph_signature(path: str | Path) -> dict[str, list[dict]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
+GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+
+
+def select_providers(target: str) -> list[str]:
+    """Execution providers for a bundle's target: GPU ones first for onnxruntime-gpu, with a clear fallback."""
+    import onnxruntime
+
+    if target != "onnxruntime-gpu":
+        return ["CPUExecutionProvider"]
+    available = onnxruntime.get_available_providers()
+    chosen = [p for p in GPU_PROVIDERS if p in available]
+    if not chosen:
+        warnings.warn(
+            f"onnxruntime-gpu bundle, but this onnxruntime {onnxruntime.__version__} offers only "
+            f"{', '.join(available)}; running on CPU. Install the gpu extra (onnxruntime-gpu) on a CUDA machine.",
+            stacklevel=2,
+        )
+    return chosen + ["CPUExecutionProvider"]
+
+
 class OnnxSession:
     """An ONNX Runtime session that checks feeds against the shapes the graph was compiled for."""
 
@@ -109,7 +130,8 @@ class OnnxSession:
         for name, shape in self.inputs.items():
             if name not in feeds:
                 raise ValueError(f"{self.path.name} needs input {name!r} of shape {shape}")
-            array = feeds[name].numpy() if isinstance(feeds[name], torch.Tensor) else np.asarray(feeds[name])
+            value = feeds[name]
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             if any(isinstance(want, int) and have != want for have, want in zip(array.shape, shape)) or len(
                 array.shape
             ) != len(shape):
@@ -132,14 +154,18 @@ def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[st
     }
 
 
-def write_bundle(model, pruned: PrunedPrefill, manifest: dict, output_dir: Path, force, processor, timings, step):
-    """Export prefill and decode graphs, check them against PyTorch, and write the bundle atomically."""
+def write_bundle(
+    model, pruned: PrunedPrefill, manifest: dict, output_dir: Path, force, processor, timings, step, fp16=False
+):
+    """Export prefill and decode graphs, check them against PyTorch and for TensorRT readiness, and write the
+    bundle atomically; for the tensorrt target also build the TensorRT engine of the prefill."""
     with staged_directory(output_dir, force) as staging:
         start = time.perf_counter()
         with step("ONNX export and check"):
             prefill_path = export_onnx(pruned, staging / "prefill.onnx")
-            torch_out = pruned()
-            decode_program = export_decode(model, torch_out.cache)
+            device_out = pruned()  # on the model's device; parity is measured on the CPU
+            torch_out = device_out.cpu()
+            decode_program = export_decode(model, device_out.cache)
             decode_path = export_program(decode_program, staging / "decode.onnx", *decode_names(len(torch_out.cache)))
         timings["onnx_export"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -147,25 +173,42 @@ def write_bundle(model, pruned: PrunedPrefill, manifest: dict, output_dir: Path,
             engine = OnnxSession(prefill_path).run(**dict(zip(input_names(pruned), pruned.example_args)))
             engine_out = PrefillOutputs.from_flat([torch.from_numpy(a) for a in engine], len(pruned.settings.stages))
             parity = prefill_parity(engine_out, torch_out)
-            step_args = decode_example(torch_out.cache)
+            step_args = decode_example(device_out.cache)
             decode_session = OnnxSession(decode_path)
             decode_engine = decode_session.run(**dict(zip(decode_session.inputs, step_args)))
             with torch.no_grad():
                 decode_torch = decode_program.module()(*step_args)
             parity["onnxruntime_decode_max_abs"] = max(
-                float(np.abs(e - t.numpy()).max()) for e, t in zip(decode_engine, decode_torch)
+                float(np.abs(e - t.cpu().numpy()).max()) for e, t in zip(decode_engine, decode_torch)
             )
             manifest["parity"] = dict(manifest.get("parity", {}), **parity)
         timings["session_build+run"] = time.perf_counter() - start
+        findings = {
+            name: check_tensorrt_ready(path) for name, path in (("prefill", prefill_path), ("decode", decode_path))
+        }
+        manifest["tensorrt_readiness"] = {name: [str(f) for f in found] for name, found in findings.items()}
+        graphs = {
+            "prefill": {"file": prefill_path.name, **graph_signature(prefill_path)},
+            "decode": {"file": decode_path.name, **graph_signature(decode_path)},
+        }
+        if manifest.get("target") == "tensorrt":
+            from clse_fx.export.tensorrt import build_engine
+
+            if any(findings.values()):
+                raise RuntimeError(
+                    f"the graph is not TensorRT-ready: {next(f for fs in findings.values() for f in fs)}"
+                )
+            start = time.perf_counter()
+            with step("TensorRT engine build"):
+                engine_path = build_engine(pruned, staging / "prefill.trt.ep", fp16=fp16)
+            graphs["prefill_tensorrt"] = {"file": engine_path.name, "precision": "fp16" if fp16 else "fp32"}
+            timings["tensorrt_build"] = time.perf_counter() - start
         if processor is not None:
             processor.save_pretrained(staging)
         manifest.update(
-            target="onnxruntime",
+            target=manifest.get("target", "onnxruntime"),
             opset=OPSET,
-            graphs={
-                "prefill": {"file": prefill_path.name, **graph_signature(prefill_path)},
-                "decode": {"file": decode_path.name, **graph_signature(decode_path)},
-            },
+            graphs=graphs,
             timings_s=timings,
         )
         write_manifest(staging, manifest)
