@@ -74,10 +74,18 @@ def pass_settings(model: nn.Module, prune: PruneConfig, input_ids: torch.Tensor,
 
 
 def prune_prefill(
-    model: nn.Module, prune: PruneConfig, inputs: dict[str, torch.Tensor], dump_graph: str | None = None
+    model: nn.Module,
+    prune: PruneConfig,
+    inputs: dict[str, torch.Tensor],
+    dump_graph: str | None = None,
+    settings: PassSettings | None = None,
 ) -> PrunedPrefill:
-    """Trace ``model``'s prefill, run the pruning passes and re-export at the shapes of ``inputs``."""
-    settings = pass_settings(model, prune, inputs["input_ids"], dump_graph)
+    """Trace ``model``'s prefill, run the pruning passes and re-export at the shapes of ``inputs``.
+
+    ``settings`` defaults to :func:`pass_settings` on ``inputs``; pass them for weightless (meta-device)
+    models, whose input ids cannot be read.
+    """
+    settings = settings or pass_settings(model, prune, inputs["input_ids"], dump_graph)
     gm = run_passes(trace_prefill(model, inputs), settings)
     args = example_args(inputs)
     return PrunedPrefill(program=export_static(gm, args), settings=settings, example_args=args)

@@ -77,7 +77,10 @@ def _rows(mask: torch.Tensor) -> torch.Tensor:
 
 def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Gather sequence positions ``index`` [B, S'] along ``dim`` of x, whose batch dim is the one before it
-    (it may be 1 and broadcast; position tables may carry a leading M-RoPE axis)."""
+    (it may be 1 and broadcast; position tables may carry a leading M-RoPE axis).
+
+    Deliberately not the graph path's ``passes.ops.gather_sequence``: the oracle shares no gather code with
+    what it checks."""
     dim = dim % x.dim()
     sizes = list(x.shape)
     sizes[dim - 1] = index.shape[0]

@@ -1,0 +1,1 @@
+"""clse-fx benchmarks: `python -m benchmarks.run [--quick]` (see README)."""

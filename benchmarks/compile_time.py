@@ -1,0 +1,70 @@
+"""Compile time per phase and peak memory of one compile, run in a child process so its RSS is its own.
+
+`python -m benchmarks.compile_time demo|latency OUT.json` compiles that model into a bundle and writes the
+phase timings; :func:`measure` runs it and adds the child's peak RSS (from wait4's rusage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(model: str) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "result.json"
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-m", "benchmarks.compile_time", model, str(out)])
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            raise RuntimeError(f"compile benchmark for {model} failed with exit code {child.returncode}")
+        result = json.loads(out.read_text())
+    result["wall_s"] = time.perf_counter() - start
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return result
+
+
+def _compile(model_name: str) -> dict:
+    import onnx
+    import torch
+
+    import clse_fx
+
+    if model_name == "demo":
+        from clse_fx.api import load_checkpoint
+        from clse_fx.demo import save_tiny_llava
+
+        with tempfile.TemporaryDirectory() as scratch:
+            model, processor = load_checkpoint(save_tiny_llava(Path(scratch) / "demo"))
+        keep, text_len = 8, 32
+    else:
+        from benchmarks import geometry
+
+        model, processor, keep, text_len = geometry.build(geometry.LLAVA_LATENCY), None, 192, 40
+    with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+        start = time.perf_counter()
+        bundle = Path(scratch) / "bundle"
+        result = clse_fx.compile(model, keep, text_len=text_len, output_dir=bundle, processor=processor)
+        total = time.perf_counter() - start
+        nodes = {name: len(onnx.load(str(bundle / f"{name}.onnx")).graph.node) for name in ("prefill", "decode")}
+    manifest = result.manifest
+    return {
+        "model": model_name,
+        "phases_s": result.timings,
+        "total_s": total,
+        # Machine-independent figures, checked against benchmarks/thresholds.json in CI.
+        "flops_ratio": manifest["flops"]["unpruned"] / manifest["flops"]["pruned"],
+        "kv_ratio": manifest["kv_cache_bytes"]["unpruned"] / manifest["kv_cache_bytes"]["pruned"],
+        "onnx_nodes": nodes,
+        "tensorrt_findings": sum(len(v) for v in manifest["tensorrt_readiness"].values()),
+    }
+
+
+if __name__ == "__main__":
+    Path(sys.argv[2]).write_text(json.dumps(_compile(sys.argv[1])))

@@ -1,0 +1,65 @@
+"""Model geometries the benchmarks use: LLaVA-1.5-7B on the meta device, a reduced-width latency model."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+
+def llava_config(
+    hidden: int, intermediate: int, heads: int, vocab: int, vision_hidden: int, vision_layers: int
+) -> LlavaConfig:
+    """LLaVA-1.5 geometry: CLIP ViT/14 at 336 px (24x24 = 576 visual tokens), a 32-layer Llama decoder."""
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 64),
+        image_size=336,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=32,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab - 64,  # LLaVA-1.5's <image> is id 32000 of 32064
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+# Published LLaVA-1.5-7B: CLIP ViT-L/14-336 (1024 wide, 24 layers) and Vicuna-7B (4096 wide, MHA, 11008 MLP).
+LLAVA_7B = dict(hidden=4096, intermediate=11008, heads=32, vocab=32064, vision_hidden=1024, vision_layers=24)
+# Same depth, tokens and shape ratios at 1/8 width, so prefill fits 2 cores; a small vocabulary keeps the
+# LM head from dominating at this width.
+LLAVA_LATENCY = dict(hidden=512, intermediate=1376, heads=8, vocab=4096, vision_hidden=256, vision_layers=4)
+
+
+def build(geometry: dict, device: str = "cpu", seed: int = 0) -> LlavaForConditionalGeneration:
+    """The model for ``geometry``: on "meta" it holds no weights (FLOP and KV counting only)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlavaForConditionalGeneration(llava_config(**geometry)).eval()
+
+
+def prompt(model, text_len: int, device: str = "cpu", batch: int = 1) -> dict[str, torch.Tensor]:
+    """A LLaVA-style prompt: one text token, the 576 image tokens, then the rest of the text."""
+    row = [1] + [model.config.image_token_id] * 576 + [2 + i % 1000 for i in range(text_len - 1)]
+    input_ids = torch.tensor([row] * batch)
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": torch.randn(batch, 3, 336, 336, generator=generator).to(device),
+    }

@@ -1,0 +1,107 @@
+"""Markdown tables, PNG plots and the README block from a benchmark results dict."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def markdown(results: dict) -> str:
+    llava = results["llava_7b"]
+    lines = [
+        f"### FLOPs and KV cache, {llava['model']}, {llava['text_tokens']} text + 576 visual tokens",
+        "",
+        "| budget | stages (layer: keep) | avg visual/layer | prefill FLOPs | FLOPs lower (paper) "
+        "| LLM-only FLOPs lower | KV smaller, uniform (paper) | KV smaller at 50 text tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    paper = llava["paper"]
+    for row in llava["rows"]:
+        flops_paper = f" ({paper['flops_ratio_192']}x)" if row["budget"] == 192 else ""
+        kv_paper = f" ({paper['kv_ratio_192']}x)" if row["budget"] == 192 else ""
+        stages = ", ".join(f"{layer}: {keep}" for layer, keep in row["stages"])
+        lines.append(
+            f"| {row['budget']} | {stages} | {row['avg_visual_tokens']:.1f} | {row['flops_unpruned'] / 1e12:.2f} -> "
+            f"{row['flops_pruned'] / 1e12:.2f} TFLOP | {row['flops_ratio']:.2f}x{flops_paper} | "
+            f"{row['llm_flops_ratio']:.2f}x | {row['kv_ratio_uniform']:.2f}x{kv_paper} | "
+            f"{row['kv_ratio_at_50_text_tokens']:.2f}x |"
+        )
+    lines += ["", f"Qwen2-VL-7B: {llava['qwen2_vl_7b']}.", ""]
+    if "latency" in results:
+        lat = results["latency"]
+        ms = lat["median_ms"]
+        spectral = lat["spectral_fft_free_vs_torch_fft"]
+        lines += [
+            f"### Latency, {lat['model']}; {lat['device']}; medians of {lat['repeats']} interleaved runs",
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| prefill, ONNX Runtime unpruned -> pruned (192) | {ms['prefill_unpruned']:.1f} -> "
+            f"{ms['prefill_pruned']:.1f} ms ({lat['prefill_speedup']:.2f}x) |",
+            f"| FLOPs reduction of the same graphs | {lat['flops_ratio']:.2f}x |",
+            f"| prefill speedup / FLOPs reduction (target >= 0.9) | {lat['speedup_over_flops_ratio']:.2f} |",
+            f"| decode per token, unpruned -> pruned KV | {ms['decode_per_token_unpruned']:.2f} -> "
+            f"{ms['decode_per_token_pruned']:.2f} ms ({lat['decode_speedup']:.2f}x) |",
+            f"| eager reference pruner (PyTorch) -> our engine, prefill | {ms['prefill_eager_reference']:.1f} -> "
+            f"{ms['prefill_pruned']:.1f} ms ({lat['engine_vs_eager_reference']:.2f}x) |",
+            f"| share of pruned prefill in CLSE scoring + gathers (target <= 3%) | "
+            f"{100 * lat['clse_share_of_pruned_prefill']:.1f}% |",
+            f"| spectral score 24x24x4096: torch.fft -> FFT-free | {spectral['fft_ms']:.1f} -> "
+            f"{spectral['matmul_ms']:.1f} ms ({spectral['speedup']:.1f}x) |",
+            "",
+        ]
+    lines += [
+        "### Compile time (CPU) and peak memory",
+        "",
+        "| model | phases | total | peak RSS |",
+        "|---|---|---|---|",
+    ]
+    for name, item in results["compile"].items():
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in item["phases_s"].items())
+        lines.append(f"| {name} | {phases} | {item['total_s']:.1f}s | {item['peak_rss_mib']:.0f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["llava_7b"]["rows"]
+    budgets = [str(r["budget"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    xs = range(len(rows))
+    ax.bar([x - width / 2 for x in xs], [r["flops_ratio"] for r in rows], width, label="prefill FLOPs lower")
+    ax.bar([x + width / 2 for x in xs], [r["kv_ratio_uniform"] for r in rows], width, label="KV cache smaller")
+    ax.set_xticks(list(xs), budgets)
+    ax.set_xlabel("budget (avg visual tokens per layer)")
+    ax.set_ylabel("x vs unpruned")
+    ax.set_title("LLaVA-1.5-7B geometry: CLSE savings")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "flops_kv.png", dpi=120)
+    plt.close(fig)
+    if "latency" in results:
+        ms = results["latency"]["median_ms"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = ["prefill_unpruned", "prefill_pruned", "prefill_eager_reference"]
+        ax.bar(["ORT unpruned", "ORT pruned", "eager reference"], [ms[n] for n in names])
+        ax.set_ylabel("prefill ms (median)")
+        ax.set_title("Prefill latency, 1/8-width LLaVA-1.5 geometry, CPU")
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=120)
+        plt.close(fig)
+
+
+def update_readme(readme: Path, summary: str) -> None:
+    """Replace the generated block between the README's benchmark markers."""
+    text = readme.read_text()
+    block = f"{README_START}\n<!-- generated by `python -m benchmarks.run`; do not edit -->\n\n{summary}\n{README_END}"
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    readme.write_text(
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )

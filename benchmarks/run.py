@@ -1,0 +1,86 @@
+"""One command for every benchmark figure: `python -m benchmarks.run [--quick]`.
+
+Writes benchmarks/results/{quick,full}.json and summary.md (plus PNG plots and the README table on a full
+run), prints the summary, and exits 1 when a machine-independent figure (FLOP/KV ratios, ONNX node
+counts, TensorRT findings) regresses past benchmarks/thresholds.json. Wall-clock times are reported,
+never checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import compile_time, flops_kv, report
+
+HERE = Path(__file__).parent
+THRESHOLDS = HERE / "thresholds.json"
+
+
+def collect(quick: bool) -> dict:
+    results: dict = {"mode": "quick" if quick else "full"}
+    with torch.no_grad():
+        results["llava_7b"] = flops_kv.llava_7b(budgets=(192,) if quick else (192, 128, 64))
+    results["compile"] = {"demo": compile_time.measure("demo")}
+    if not quick:
+        from benchmarks import latency
+
+        results["compile"]["latency_model"] = compile_time.measure("latency")
+        results["latency"] = latency.run()
+    return results
+
+
+def checked_figures(results: dict) -> dict[str, float]:
+    demo = results["compile"]["demo"]
+    row = next(r for r in results["llava_7b"]["rows"] if r["budget"] == 192)
+    return {
+        "demo_flops_ratio": demo["flops_ratio"],
+        "demo_kv_ratio": demo["kv_ratio"],
+        "demo_prefill_onnx_nodes": demo["onnx_nodes"]["prefill"],
+        "demo_decode_onnx_nodes": demo["onnx_nodes"]["decode"],
+        "demo_tensorrt_findings": demo["tensorrt_findings"],
+        "llava7b_flops_ratio_192": row["flops_ratio"],
+        "llava7b_kv_ratio_192": row["kv_ratio_uniform"],
+    }
+
+
+def regressions(figures: dict[str, float], thresholds: dict[str, dict[str, float]]) -> list[str]:
+    failures = []
+    for name, bound in thresholds.items():
+        value = figures[name]
+        if "min" in bound and value < bound["min"]:
+            failures.append(f"{name} = {value:.4g} fell below {bound['min']:.4g}")
+        if "max" in bound and value > bound["max"]:
+            failures.append(f"{name} = {value:.4g} rose above {bound['max']:.4g}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI mode: tiny model and FLOP/KV counts only")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+
+    results = collect(args.quick)
+    figures = checked_figures(results)
+    results["checked"] = figures
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{results['mode']}.json").write_text(json.dumps(results, indent=2) + "\n")
+    summary = report.markdown(results)
+    (args.out / "summary.md" if not args.quick else args.out / "quick.md").write_text(summary)
+    if not args.quick:
+        report.plots(results, args.out)
+        report.update_readme(HERE.parent / "README.md", summary)
+    print(summary)
+    failures = regressions(figures, json.loads(THRESHOLDS.read_text()))
+    for failure in failures:
+        print(f"REGRESSION: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
