@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -249,7 +248,3 @@ class _NullStep:
 
     def __exit__(self, *exc):
         return False
-
-
-def manifest_json(result: CompileResult) -> str:
-    return json.dumps(result.manifest, indent=2)

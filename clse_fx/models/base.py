@@ -37,6 +37,10 @@ class ModelAdapter:
         """Token ids that mark visual positions in ``input_ids``."""
         raise NotImplementedError
 
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image becomes at the compiled resolution."""
+        raise NotImplementedError
+
     def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
         """The (T, H, W) grid of one row's ``num_visual`` visual tokens (several images stack along T)."""
         raise NotImplementedError
