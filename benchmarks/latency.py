@@ -4,6 +4,7 @@ reference pruner, the share of pruned prefill spent in CLSE scoring + gathers, F
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -17,6 +18,7 @@ import torch
 
 from benchmarks import geometry
 from benchmarks.flops_kv import graph_flops, pruned_and_unpruned
+from clse_fx.compiler import prune_prefill
 from clse_fx.decode import export_decode
 from clse_fx.export.onnxruntime import OnnxSession, decode_names, export_onnx, export_program, input_names
 from clse_fx.reference import reference_prune
@@ -82,12 +84,14 @@ def spectral_speed(repeats: int) -> dict[str, float]:
 
 def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: Path | None = None) -> dict:
     model = geometry.build(geometry.LLAVA_LATENCY)
+    inputs = geometry.prompt(model, text_len)
     with torch.no_grad():
         pruned, unpruned = pruned_and_unpruned(model, 192, text_len)
+        merge = dataclasses.replace(pruned.settings.prune, merge="tome")  # CLSE-M on the same plan
+        merged = prune_prefill(model, merge, inputs, settings=dataclasses.replace(pruned.settings, prune=merge))
     workdir = Path(workdir or tempfile.mkdtemp())
-    paths = {
-        name: export_onnx(prog, workdir / f"{name}.onnx") for name, prog in (("pruned", pruned), ("unpruned", unpruned))
-    }
+    programs = {"pruned": pruned, "unpruned": unpruned, "merged": merged}
+    paths = {name: export_onnx(prog, workdir / f"{name}.onnx") for name, prog in programs.items()}
     sessions = {name: OnnxSession(path) for name, path in paths.items()}
     feeds = dict(zip(input_names(pruned), (a.numpy() for a in pruned.example_args)))
 
@@ -111,13 +115,13 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
             )
             past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
 
-    inputs = geometry.prompt(model, text_len)
     prune = pruned.settings.prune
     with torch.no_grad():
         times = interleaved(
             {
                 "prefill_pruned": lambda: sessions["pruned"].run(**feeds),
                 "prefill_unpruned": lambda: sessions["unpruned"].run(**feeds),
+                "prefill_merged": lambda: sessions["merged"].run(**feeds),
                 "prefill_eager_reference": lambda: reference_prune(model, prune, **inputs),
                 "decode_pruned": lambda: decode_loop(caches["pruned"]),
                 "decode_unpruned": lambda: decode_loop(caches["unpruned"]),
@@ -137,6 +141,7 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
             "prefill_pruned": times["prefill_pruned"],
             "prefill_unpruned": times["prefill_unpruned"],
             "prefill_eager_reference": times["prefill_eager_reference"],
+            "prefill_merged": times["prefill_merged"],
             "decode_per_token_pruned": times["decode_pruned"] / decode_steps,
             "decode_per_token_unpruned": times["decode_unpruned"] / decode_steps,
         },
@@ -146,6 +151,9 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
         "engine_vs_eager_reference": times["prefill_eager_reference"] / times["prefill_pruned"],
         "decode_speedup": times["decode_unpruned"] / times["decode_pruned"],
         "clse_share_of_pruned_prefill": clse_share(paths["pruned"], feeds),
+        # CLSE-M: the same plan with pruned tokens merged into kept ones; its stage nodes include the merge.
+        "clse_share_of_merged_prefill": clse_share(paths["merged"], feeds),
+        "merge_extra_time_share": (times["prefill_merged"] - times["prefill_pruned"]) / times["prefill_merged"],
         "spectral_fft_free_vs_torch_fft": spectral_speed(repeats),
     }
 

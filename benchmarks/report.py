@@ -48,6 +48,8 @@ def markdown(results: dict) -> str:
             f"{ms['prefill_pruned']:.1f} ms ({lat['engine_vs_eager_reference']:.2f}x) |",
             f"| share of pruned prefill in CLSE scoring + gathers (target <= 3%) | "
             f"{100 * lat['clse_share_of_pruned_prefill']:.1f}% |",
+            f"| CLSE-M (merge, same plan): prefill; stage share incl. merging | {ms['prefill_merged']:.1f} ms; "
+            f"{100 * lat['clse_share_of_merged_prefill']:.1f}% |",
             f"| spectral score 24x24x4096: torch.fft -> FFT-free | {spectral['fft_ms']:.1f} -> "
             f"{spectral['matmul_ms']:.1f} ms ({spectral['speedup']:.1f}x) |",
             "",

@@ -110,6 +110,8 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     score: str = "clse_attn",
     target: str = "onnxruntime",
     kv_policy: str = "uniform",
+    merge: str = "none",
+    merge_metric: str = "hidden",
     batch: int = 1,
     text_len: int = 32,
     images: int = 1,
@@ -152,7 +154,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     if num_visual == 0:
         raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
     plan = plan_budget(keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
-    prune = PruneConfig(plan=plan, score=score, kv_policy=kv_policy)
+    prune = PruneConfig(plan=plan, score=score, kv_policy=kv_policy, merge=merge, merge_metric=merge_metric)
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -182,6 +184,8 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             "temp": prune.temp,
             "seed": prune.seed,
             "kv_policy": kv_policy,
+            "merge": merge,
+            "merge_metric": merge_metric,
         },
         "geometry": {
             "batch": batch,

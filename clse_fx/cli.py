@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from clse_fx.api import TARGETS
-from clse_fx.scoring import SCORE_TYPES
+from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES
 
 
 def _quiet_transformers() -> None:
@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", help="explicit stages LAYER:KEEP,... (e.g. 1:330,11:210,21:62)")
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
     parser.add_argument("--kv-policy", choices=["uniform", "per-layer"], default="uniform")
+    parser.add_argument("--merge", choices=MERGE_MODES, default="none", help="tome: merge pruned tokens (CLSE-M)")
+    parser.add_argument("--merge-metric", choices=MERGE_METRICS, default="hidden", help="similarity for --merge")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime")
     parser.add_argument("--fp16", action="store_true", help="tensorrt target: allow FP16 kernels")
     parser.add_argument(
@@ -171,6 +173,8 @@ def compile_main(argv: list[str] | None = None) -> int:
                 score=args.score,
                 target=args.target,
                 kv_policy=args.kv_policy,
+                merge=args.merge,
+                merge_metric=args.merge_metric,
                 batch=args.batch,
                 text_len=args.text_len,
                 images=args.images,

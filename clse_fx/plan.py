@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from clse_fx.scoring import SCORE_TYPES
+from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,14 @@ class PruneConfig:
     temp: float = 0.1
     seed: int = 0
     kv_policy: str = "uniform"
+    merge: str = "none"  # "tome": merge pruned visual tokens into kept ones instead of dropping them
+    merge_metric: str = "hidden"  # similarity on hidden states or on layer K-1's (head-averaged) keys
 
     def __post_init__(self) -> None:
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"unknown merge mode {self.merge!r}; choose one of {', '.join(MERGE_MODES)}")
+        if self.merge_metric not in MERGE_METRICS:
+            raise ValueError(f"unknown merge metric {self.merge_metric!r}; choose one of {', '.join(MERGE_METRICS)}")
         if self.score not in SCORE_TYPES:
             raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORE_TYPES)}")
         if self.kv_policy not in KV_POLICIES:

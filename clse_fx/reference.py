@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -91,6 +92,27 @@ def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, index.reshape(view).expand(sizes))
 
 
+def _tome_merge(
+    z: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor, local: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row by row: each dropped token joins its most cosine-similar kept token (first on ties), and the kept
+    token becomes the size-weighted average of itself and what joined it. Returns (merged, sizes) of the
+    kept tokens, in ``local`` order."""
+    merged_rows, size_rows = [], []
+    for row in range(z.shape[0]):
+        kept = local[row].tolist()
+        dropped = [i for i in range(z.shape[1]) if i not in set(kept)]
+        similarity = F.cosine_similarity(metric[row, dropped][:, None], metric[row, kept][None], dim=-1)
+        target = similarity.argmax(dim=1)
+        total = z[row, kept].float() * sizes[row, kept, None]
+        size = sizes[row, kept].clone()
+        total.index_add_(0, target, z[row, dropped].float() * sizes[row, dropped, None])
+        size.index_add_(0, target, sizes[row, dropped])
+        merged_rows.append(total / size[:, None])
+        size_rows.append(size)
+    return torch.stack(merged_rows), torch.stack(size_rows)
+
+
 @torch.no_grad()
 def reference_prune(
     model: torch.nn.Module,
@@ -134,6 +156,7 @@ def reference_prune(
     z_ref = _gather_seq(hidden, vis_index, 1) if num_visual else None
 
     stage_keep = dict(stages)
+    sizes = torch.ones(batch, num_visual)  # tokens each visual token stands for (merge="tome")
     kept: list[torch.Tensor] = []
     layer_positions: list[torch.Tensor] = []
     decoder.config._attn_implementation, saved_impl = _CAPTURE_IMPL, decoder.config._attn_implementation
@@ -157,6 +180,9 @@ def reference_prune(
                     seed=config.seed,
                 )
                 local = select_topk(scores, stage_keep[layer_idx])
+                if config.merge == "tome":
+                    metric = z_cur if config.merge_metric == "hidden" else _gather_seq(key.mean(dim=1), vis_index, 1)
+                    merged, sizes = _tome_merge(z_cur, metric, sizes, local)
                 kept.append(vis_id.gather(1, local))
                 keep_mask = ~adapter.visual_mask(input_ids.gather(1, positions))
                 keep_mask.scatter_(1, vis_index.gather(1, local), True)
@@ -173,6 +199,8 @@ def reference_prune(
                 positions = positions.gather(1, index)
                 vis_index = _rows(adapter.visual_mask(input_ids.gather(1, positions)))
                 vis_id = kept[-1]
+                if config.merge == "tome":
+                    hidden = hidden.scatter(1, vis_index[..., None].expand_as(merged), merged.to(hidden.dtype))
             layer_positions.append(positions)
             hidden = layer(
                 hidden,

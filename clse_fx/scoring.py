@@ -10,6 +10,7 @@ import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
 # Score types that need the intact spectral grid; later stages fall back to "attn" (DESIGN.md §2).
@@ -204,12 +205,50 @@ def select_topk(scores: torch.Tensor, keep: int) -> torch.Tensor:
     + #{j < i: s_j == s_i}, a strict order that eager PyTorch, ONNX Runtime and TensorRT compute alike.
     O(N^2) compares per row, negligible next to one decoder layer for N in the thousands.
     """
+    return compact_true(topk_mask(scores, keep), keep)
+
+
+def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """[B, N] bool: True at the ``keep`` best scores of each row, ties to the lower index (see select_topk)."""
     n = scores.shape[-1]
     s_i, s_j = scores[..., :, None], scores[..., None, :]
     index = torch.arange(n, device=scores.device)
     earlier = index[None, :] < index[:, None]  # [i, j]: j < i (no bool ConstantOfShape, which TensorRT rejects)
     rank = ((s_j > s_i) | ((s_j == s_i) & earlier)).sum(dim=-1)
-    return compact_true(rank < keep, keep)
+    return rank < keep
+
+
+MERGE_MODES = ("none", "tome")
+MERGE_METRICS = ("hidden", "keys")
+
+
+def merge_into_kept(
+    z_kept: torch.Tensor,
+    z_pruned: torch.Tensor,
+    size_kept: torch.Tensor,
+    size_pruned: torch.Tensor,
+    metric_kept: torch.Tensor,
+    metric_pruned: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe-style merge: each pruned token joins its most cosine-similar kept token, which becomes the
+    size-weighted average of itself and the tokens that joined it. Returns (merged [B,k,C], sizes [B,k]).
+
+    Static shapes and no scatter-add: the assignment is a one-hot [B, m, k] matrix (argmax ties to the lower
+    index, as ONNX ArgMax) and the sums are matmuls with it.
+    """
+    similarity = torch.matmul(
+        F.normalize(metric_pruned.to(torch.float32), dim=-1),
+        F.normalize(metric_kept.to(torch.float32), dim=-1).transpose(1, 2),
+    )  # [B, m, k]
+    assign = similarity.argmax(dim=-1)  # [B, m]
+    slots = torch.arange(z_kept.shape[1], device=z_kept.device)
+    one_hot = (assign[..., None] == slots).to(torch.float32)  # [B, m, k]
+    joined = one_hot.transpose(1, 2)  # [B, k, m]
+    sizes = size_kept + torch.matmul(joined, size_pruned[..., None])[..., 0]
+    totals = z_kept.to(torch.float32) * size_kept[..., None] + torch.matmul(
+        joined, z_pruned.to(torch.float32) * size_pruned[..., None]
+    )
+    return (totals / sizes[..., None]).to(z_kept.dtype), sizes
 
 
 def stage_score_type(score_type: str, stage_index: int) -> str:

@@ -51,10 +51,16 @@ def test_compile_end_to_end(tiny_llava_dir, tmp_path, capsys):
 
 def test_demo_and_dump_graph(tmp_path, capsys):
     dump = tmp_path / "graph.txt"
-    code, out, err = _run(capsys, "--demo", "--stages", "2:6", "-o", str(tmp_path / "demo"), "--dump-graph", str(dump))
+    argv = ["--demo", "--stages", "2:6", "-o", str(tmp_path / "demo"), "--dump-graph", str(dump), "--merge", "tome"]
+    code, out, err = _run(capsys, *argv)
     assert code == 0, err
-    assert "insert_clse_stages" in dump.read_text()
-    assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["plan"]["stages"] == [[2, 6]]
+    assert "insert_clse_stages" in dump.read_text() and "place_merged" in dump.read_text()
+    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    assert manifest["plan"]["stages"] == [[2, 6]] and manifest["plan"]["merge"] == "tome"
+    assert (
+        manifest["parity"]["reference_max_abs_logits"] <= 1e-5
+        and manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4
+    )
 
 
 @pytest.fixture

@@ -39,12 +39,12 @@ class SequenceInfo:
 
 def gather_crossing_values(
     graph: fx.Graph, cut: fx.Node, index: fx.Node, new_length: fx.Node, info: SequenceInfo
-) -> list[fx.Node]:
+) -> dict[fx.Node, fx.Node]:
     """Before ``cut``, gather each value that is used at or after it along its sequence dims by ``index``
-    [B, S'], and point later uses of the sequence length at ``new_length``. Returns the gather nodes."""
+    [B, S'], and point later uses of the sequence length at ``new_length``. Returns {value: its gather}."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     after = order[cut]
-    gathered = []
+    gathered = {}
     for node in list(graph.nodes):
         if order[node] >= after or node in (index, new_length):
             continue
@@ -58,7 +58,7 @@ def gather_crossing_values(
             with graph.inserting_before(cut):
                 replacement = graph.call_function(gather_sequence, (node, index, batch_dim, seq_dims))
             info.dims[replacement] = info.dims[node]
-            gathered.append(replacement)
+            gathered[node] = replacement
         elif info.depends_on_length(node):
             raise NotImplementedError(
                 f"{node.name} is a shape expression of the sequence length used across a pruning cut; "

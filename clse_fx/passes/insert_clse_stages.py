@@ -10,7 +10,7 @@ from torch import fx
 
 from clse_fx.passes.gather_crossing import SequenceInfo, gather_crossing_values
 from clse_fx.passes.layer_boundaries import attention_node, layer_input, layer_nodes
-from clse_fx.passes.ops import clse_stage, sequence_positions
+from clse_fx.passes.ops import clse_stage, place_merged, sequence_positions
 from clse_fx.plan import PruneConfig
 from clse_fx.scoring import Grid
 
@@ -51,6 +51,7 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
     with graph.inserting_before(first):
         positions = graph.call_function(sequence_positions, (input_ids,))
     kept_outputs: list[fx.Node] = []
+    sizes: fx.Node | None = None  # merged-token sizes, carried from stage to stage (merge="tome")
     gm.meta["clse_stage_index"] = {}  # stage layer -> its [B, S'] index node, for later passes
     num_current = prune.plan.num_visual
     for stage_index, (layer, keep) in enumerate(settings.stages):
@@ -58,6 +59,7 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
         sdpa = attention_node(layers[layer - 1])
         query, key, _value = sdpa.args[:3]
         mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        hidden = layer_input(layers[layer])
         options = dict(
             stage_index=stage_index,
             keep=keep,
@@ -69,29 +71,33 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
             temp=prune.temp,
             seed=prune.seed,
             scale=sdpa.kwargs.get("scale"),
+            previous_kept=kept_outputs[-1] if kept_outputs else None,
+            merge=prune.merge,
+            merge_metric=prune.merge_metric,
+            previous_sizes=sizes,
         )
         with graph.inserting_before(cut):
-            stage = graph.call_function(
-                clse_stage,
-                (
-                    input_ids,
-                    positions,
-                    layer_input(layers[layer]),
-                    hidden_ref if stage_index == 0 else None,
-                    query,
-                    key,
-                    mask,
-                ),
-                {**options, "previous_kept": kept_outputs[-1] if kept_outputs else None},
+            args = (input_ids, positions, hidden, hidden_ref if stage_index == 0 else None, query, key, mask)
+            stage = graph.call_function(clse_stage, args, options)
+            index, positions, kept, sizes, merged = (
+                graph.call_function(operator.getitem, (stage, i)) for i in range(5)
             )
-            index = graph.call_function(operator.getitem, (stage, 0))
-            positions = graph.call_function(operator.getitem, (stage, 1))
-            kept_outputs.append(graph.call_function(operator.getitem, (stage, 2)))
+            kept_outputs.append(kept)
             new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
         gathered = gather_crossing_values(graph, cut, index, new_length, info)
+        stage_nodes = [stage, index, positions, kept, sizes, merged, new_length, *gathered.values()]
+        if prune.merge == "tome":
+            # The residual stream past the cut carries the merged visual tokens instead of the kept ones.
+            pruned_hidden = gathered[hidden]
+            with graph.inserting_after(pruned_hidden):
+                placed = graph.call_function(
+                    place_merged, (pruned_hidden, input_ids, positions, merged, settings.token_ids)
+                )
+            pruned_hidden.replace_all_uses_with(placed, delete_user_cb=lambda user, placed=placed: user is not placed)
+            stage_nodes.append(placed)
         gm.meta["clse_stage_index"][layer] = index
         scope = {f"clse_stage_{stage_index}": (f"clse.stage{stage_index}.before_layer{layer}", "clse_fx.clse_stage")}
-        for node in (stage, index, positions, kept_outputs[-1], new_length, *gathered):
+        for node in stage_nodes:
             node.meta["nn_module_stack"] = scope
         num_current = keep
 

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from clse_fx.scoring import Grid, compact_true, last_query_attention, running_count, score_stage, select_topk
+from clse_fx.scoring import (
+    Grid,
+    compact_true,
+    last_query_attention,
+    merge_into_kept,
+    running_count,
+    score_stage,
+    topk_mask,
+)
 
 
 def gather_sequence(
@@ -44,6 +52,11 @@ def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, i]] for [B, S] or [B, S, C] x and [B, n] index."""
+    return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def visual_mask(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
     mask = input_ids == token_ids[0]
     for token_id in token_ids[1:]:
@@ -71,25 +84,29 @@ def clse_stage(
     seed: int,
     scale: float | None,
     previous_kept: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    merge: str = "none",
+    merge_metric: str = "hidden",
+    previous_sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One CLSE stage on the current sequence.
 
     ``positions`` [B, S] are the original positions of the current tokens; ``hidden_ref`` is the full
     sequence at the reference layer (only read by spectral scores, on the first stage). Returns the
-    [B, S'] current-sequence index of the survivors, their original positions, and the kept visual ids
-    (0..N-1) [B, keep].
+    [B, S'] current-sequence index of the survivors, their original positions, the kept visual ids
+    (0..N-1) [B, keep], and with ``merge="tome"`` the kept tokens' sizes and merged hidden states
+    [B, keep, C] (else None twice).
     """
     current_ids = input_ids.gather(1, positions)
     is_visual = visual_mask(current_ids, token_ids)
     vis_index = compact_true(is_visual, num_current)  # [B, n] in sequence order
-    width = hidden.shape[-1]
-    z_cur = hidden.gather(1, vis_index[..., None].expand(-1, -1, width))
-    z_ref = z_cur if hidden_ref is None else hidden_ref.gather(1, vis_index[..., None].expand(-1, -1, width))
+    z_cur = take_rows(hidden, vis_index)
+    z_ref = z_cur if hidden_ref is None else take_rows(hidden_ref, vis_index)
     attn = last_query_attention(query, key, mask, scale).gather(1, vis_index)
     scores = score_stage(
         score, stage_index, keep, grid=grid, attn=attn, z_ref=z_ref, z_cur=z_cur, cutoff=cutoff, temp=temp, seed=seed
     )
-    local = select_topk(scores, keep)
+    chosen = topk_mask(scores, keep)
+    local = compact_true(chosen, keep)
     vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
     kept = (vis_ids if previous_kept is None else previous_kept).gather(1, local)
     # Membership by comparison rather than a scatter of True: TensorRT takes neither a BOOL scatter nor a
@@ -98,7 +115,28 @@ def clse_stage(
     sequence = torch.arange(positions.shape[1], device=positions.device)
     survivors = ~is_visual | (sequence[None, :, None] == kept_positions[:, None, :]).any(dim=-1)
     index = compact_true(survivors, positions.shape[1] - num_current + keep)
-    return index, positions.gather(1, index), kept
+    sizes = merged = None
+    if merge == "tome":
+        pruned = compact_true(~chosen, num_current - keep)
+        metric = z_cur if merge_metric == "hidden" else take_rows(key.mean(dim=1), vis_index)
+        current_sizes = torch.ones_like(attn) if previous_sizes is None else previous_sizes
+        z_kept, z_pruned, s_kept, s_pruned, m_kept, m_pruned = (
+            take_rows(x, i) for x in (z_cur, current_sizes, metric) for i in (local, pruned)
+        )
+        merged, sizes = merge_into_kept(z_kept, z_pruned, s_kept, s_pruned, m_kept, m_pruned)
+    return index, positions.gather(1, index), kept, sizes, merged
+
+
+def place_merged(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    merged: torch.Tensor,
+    token_ids: tuple[int, ...],
+) -> torch.Tensor:
+    """Write the merged visual tokens [B, keep, C] over the visual positions of the pruned sequence."""
+    slots = compact_true(visual_mask(input_ids.gather(1, positions), token_ids), merged.shape[1])
+    return hidden.scatter(1, slots[..., None].expand(-1, -1, hidden.shape[-1]), merged.to(hidden.dtype))
 
 
 def masked_scatter_static(x: torch.Tensor, mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
