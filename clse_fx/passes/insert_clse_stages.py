@@ -79,14 +79,15 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
         with graph.inserting_before(cut):
             args = (input_ids, positions, hidden, hidden_ref if stage_index == 0 else None, query, key, mask)
             stage = graph.call_function(clse_stage, args, options)
-            index, positions, kept, sizes, merged = (
-                graph.call_function(operator.getitem, (stage, i)) for i in range(5)
+            index, positions, kept, *merge_outputs = (
+                graph.call_function(operator.getitem, (stage, i)) for i in range(5 if prune.merge == "tome" else 3)
             )
             kept_outputs.append(kept)
             new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
         gathered = gather_crossing_values(graph, cut, index, new_length, info)
-        stage_nodes = [stage, index, positions, kept, sizes, merged, new_length, *gathered.values()]
-        if prune.merge == "tome":
+        stage_nodes = [stage, index, positions, kept, *merge_outputs, new_length, *gathered.values()]
+        if merge_outputs:
+            sizes, merged = merge_outputs
             # The residual stream past the cut carries the merged visual tokens instead of the kept ones.
             pruned_hidden = gathered[hidden]
             with graph.inserting_after(pruned_hidden):
