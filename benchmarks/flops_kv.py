@@ -18,7 +18,7 @@ def pruned_and_unpruned(model, keep: int, text_len: int) -> tuple[PrunedPrefill,
     """The pruned prefill at ``keep`` and the same graph with no stage inserted, both at fixed shapes."""
     prune = PruneConfig(plan=plan_budget(keep, 32, 576))
     inputs = geometry.prompt(model, text_len, device=next(model.parameters()).device.type)
-    settings = pass_settings(model, prune, geometry.prompt(model, text_len)["input_ids"])  # ids readable on the CPU
+    settings = pass_settings(model, prune, geometry.prompt(model, text_len))  # ids readable on the CPU
     pruned = prune_prefill(model, prune, inputs, settings=settings)
     unpruned = prune_prefill(model, prune, inputs, settings=dataclasses.replace(settings, stages=()))
     return pruned, unpruned

@@ -220,7 +220,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         with step("FLOPs before/after"):
             manifest["flops"] = {
                 "pruned": count_flops(pruned.program.module(), *pruned.example_args),
-                "unpruned": count_flops(PrefillModule(model), *pruned.example_args),
+                "unpruned": count_flops(PrefillModule(model, pruned.input_names[2:]), *pruned.example_args),
             }
         timings["verify"] = time.perf_counter() - start
 

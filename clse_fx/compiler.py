@@ -10,7 +10,7 @@ from torch import nn
 from clse_fx.models import adapter_for
 from clse_fx.passes import PassSettings, run_passes
 from clse_fx.plan import PruneConfig
-from clse_fx.trace import example_args, export_static, trace_prefill
+from clse_fx.trace import export_static, graph_inputs, trace_prefill
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PrunedPrefill:
     program: torch.export.ExportedProgram
     settings: PassSettings
     example_args: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask", "pixel_values")
 
     def flat(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run on ``args`` (default: the example inputs) and return the graph's flat outputs."""
@@ -54,10 +55,13 @@ class PrunedPrefill:
         return PrefillOutputs.from_flat(self.flat(*args), len(self.settings.stages))
 
 
-def pass_settings(model: nn.Module, prune: PruneConfig, input_ids: torch.Tensor, dump_graph: str | None = None):
-    """The :class:`PassSettings` for ``model`` on prompts shaped like ``input_ids``."""
+def pass_settings(
+    model: nn.Module, prune: PruneConfig, inputs: dict[str, torch.Tensor], dump_graph: str | None = None
+) -> PassSettings:
+    """The :class:`PassSettings` for ``model`` on prompts like ``inputs`` (processor outputs; the input ids
+    must be readable, and families with variable grids read theirs, e.g. ``image_grid_thw``)."""
     adapter = adapter_for(model)
-    counts = adapter.visual_mask(input_ids).sum(dim=1)
+    counts = adapter.visual_mask(inputs["input_ids"]).sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise ValueError(f"rows have different visual-token counts {counts.tolist()}; batch rows with equal images")
     num_visual = int(counts[0])
@@ -67,7 +71,7 @@ def pass_settings(model: nn.Module, prune: PruneConfig, input_ids: torch.Tensor,
         prune=prune,
         layers_path=adapter.layers_path,
         token_ids=adapter.visual_token_ids(),
-        grid=adapter.visual_grid(num_visual),
+        grid=adapter.visual_grid(num_visual, **{k: v for k, v in inputs.items() if k != "input_ids"}),
         stages=prune.plan.stages if num_visual else (),
         dump_graph=dump_graph,
     )
@@ -85,7 +89,10 @@ def prune_prefill(
     ``settings`` defaults to :func:`pass_settings` on ``inputs``; pass them for weightless (meta-device)
     models, whose input ids cannot be read.
     """
-    settings = settings or pass_settings(model, prune, inputs["input_ids"], dump_graph)
+    settings = settings or pass_settings(model, prune, inputs, dump_graph)
     gm = run_passes(trace_prefill(model, inputs), settings)
-    args = example_args(inputs)
-    return PrunedPrefill(program=export_static(gm, args), settings=settings, example_args=args)
+    named = graph_inputs(model, inputs)
+    args = tuple(named.values())
+    return PrunedPrefill(
+        program=export_static(gm, args), settings=settings, example_args=args, input_names=tuple(named)
+    )

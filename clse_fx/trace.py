@@ -6,25 +6,37 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx, nn
 
+from clse_fx.models import adapter_for
+
 
 class PrefillModule(nn.Module):
-    """The prefill call as positional tensors -> logits, the signature every exported graph shares."""
+    """The prefill call as positional tensors -> logits: (input_ids, attention_mask, *the adapter's extra
+    graph inputs present in this compile), the signature every exported graph shares."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, extra_names: tuple[str, ...] = ("pixel_values",)) -> None:
         super().__init__()
         self.model = model
+        self.extra_names = extra_names
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        inputs = {"pixel_values": pixel_values} if pixel_values is not None else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return adapter_for(self.model).prefill_logits(input_ids, attention_mask, **dict(zip(self.extra_names, extra)))
 
 
-def example_args(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def graph_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Processor-style ``inputs`` -> the named graph inputs, in graph order."""
+    adapter = adapter_for(model)
+    prepared = adapter.prepare_graph_inputs(inputs)
+    named = {"input_ids": inputs["input_ids"]}
+    named["attention_mask"] = inputs.get("attention_mask")
+    if named["attention_mask"] is None:
+        named["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    named.update({name: prepared[name] for name in adapter.graph_inputs if prepared.get(name) is not None})
+    return named
+
+
+def example_args(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The positional arguments of :class:`PrefillModule` for a processor-style input dict."""
-    args = (inputs["input_ids"], inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])))
-    return args + ((inputs["pixel_values"],) if inputs.get("pixel_values") is not None else ())
+    return tuple(graph_inputs(model, inputs).values())
 
 
 def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
@@ -34,13 +46,18 @@ def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.Graph
     to find what to gather and which shape arguments to re-bind. Plain codegen drops the pytree output
     spec so passes may add outputs.
     """
-    args = example_args(inputs)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=2, max=1 << 20)
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}) + ((None,) if len(args) == 3 else ())
+    named = graph_inputs(model, inputs)
+    adapter = adapter_for(model)
+    dims = {"batch": torch.export.Dim("batch", min=1, max=4096), "seq": torch.export.Dim("seq", min=2, max=1 << 20)}
+    extra = tuple(named)[2:]
+    layouts = [adapter.graph_input_dims(name) for name in extra]
+    # *extra is one varargs tuple for torch.export's dynamic_shapes.
+    extra_dims = tuple({dim: dims[kind] for dim, kind in layout.items()} if layout else None for layout in layouts)
+    dynamic = ({0: dims["batch"], 1: dims["seq"]},) * 2 + ((extra_dims,) if extra else ())
     # Size-oblivious reasoning keeps a batch of 1 symbolic instead of specialising it (0/1 specialisation).
     with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        program = torch.export.export(PrefillModule(model), args, dynamic_shapes=dynamic, strict=False)
+        module = PrefillModule(model, extra)
+        program = torch.export.export(module, tuple(named.values()), dynamic_shapes=dynamic, strict=False)
     gm = program.module()
     gm.graph._codegen = fx.graph.CodeGen()
     gm.recompile()

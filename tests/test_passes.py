@@ -28,7 +28,7 @@ def _targets(gm):
 
 def test_strip_asserts_removes_checks_and_keeps_outputs(tiny_llava):
     gm, inputs = _traced(tiny_llava)
-    args = example_args(inputs)
+    args = example_args(tiny_llava, inputs)
     before = gm(*args)
     assert torch.ops.aten._is_all_true.default in _targets(gm)
     gm = strip_asserts(gm)
@@ -50,7 +50,7 @@ def test_static_masked_scatter_matches_torch():
 
 def test_static_masked_scatter_pass(tiny_llava):
     gm, inputs = _traced(tiny_llava)
-    args = example_args(inputs)
+    args = example_args(tiny_llava, inputs)
     before = gm(*args)
     gm = static_masked_scatter(strip_asserts(gm))
     assert torch.ops.aten.masked_scatter.default not in _targets(gm)
@@ -84,13 +84,13 @@ def test_run_passes_dumps_graph_before_and_after(tiny_llava, tmp_path):
     gm, inputs = _traced(tiny_llava)
     dump = tmp_path / "graph.txt"
     prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="2:9"))
-    settings = pass_settings(tiny_llava, prune, inputs["input_ids"], dump_graph=str(dump))
+    settings = pass_settings(tiny_llava, prune, inputs, dump_graph=str(dump))
     gm = run_passes(gm, settings)
     text = dump.read_text()
     for title in ("before strip_asserts", "before static_masked_scatter", "before insert_clse_stages", "after all"):
         assert title in text
     assert "clse_stage" in text.split("after all passes")[1]
-    logits, positions, kept, *cache = gm(*example_args(inputs))
+    logits, positions, kept, *cache = gm(*example_args(tiny_llava, inputs))
     assert logits.shape[1] == positions.shape[1] == inputs["input_ids"].shape[1] - 36 + 9 and kept.shape == (2, 9)
     assert len(cache) == 2 * 4  # (key, value) per layer, from expose_kv_cache
 
@@ -104,9 +104,9 @@ def test_expose_kv_cache_policies(tiny_llava):
     for policy in ("per-layer", "uniform"):
         gm, inputs = _traced(tiny_llava)
         prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:5"), kv_policy=policy)
-        settings = pass_settings(tiny_llava, prune, inputs["input_ids"])
+        settings = pass_settings(tiny_llava, prune, inputs)
         gm = expose_kv_cache(insert_clse_stages(static_masked_scatter(strip_asserts(gm)), settings), settings)
-        logits, positions, kept_0, kept_1, *cache = gm(*example_args(inputs))
+        logits, positions, kept_0, kept_1, *cache = gm(*example_args(tiny_llava, inputs))
         caches[policy] = cache
         s = inputs["input_ids"].shape[1]
         lengths = [s, s - 16, s - 16, s - 31] if policy == "per-layer" else [s - 31] * 4

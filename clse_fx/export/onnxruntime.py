@@ -28,7 +28,7 @@ def output_names(pruned: PrunedPrefill) -> list[str]:
 
 
 def input_names(pruned: PrunedPrefill) -> list[str]:
-    return ["input_ids", "attention_mask", "pixel_values"][: len(pruned.example_args)]
+    return list(pruned.input_names)
 
 
 def export_onnx(pruned: PrunedPrefill, path: str | Path) -> Path:

@@ -22,6 +22,8 @@ class ModelAdapter:
     schedule: ClassVar[ReferenceSchedule] = LLAVA_SCHEDULE
     # Module path of the decoder-layer list inside the top-level model, as named in nn_module_stack.
     layers_path: ClassVar[str] = ""
+    # Graph inputs after (input_ids, attention_mask), in order; absent ones (no image) are left out.
+    graph_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -44,6 +46,18 @@ class ModelAdapter:
     def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
         """The (T, H, W) grid of one row's ``num_visual`` visual tokens (several images stack along T)."""
         raise NotImplementedError
+
+    def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Processor outputs -> the tensors the traced prefill takes (e.g. precomputed position ids)."""
+        return inputs
+
+    def graph_input_dims(self, name: str) -> dict[int, str] | None:
+        """Which dims of an extra graph input are the "batch" and "seq" dims (None: fully static)."""
+        return None
+
+    def prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor):
+        """The unmodified model's prefill logits for the graph inputs."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
 
     @property
     def num_layers(self) -> int:
