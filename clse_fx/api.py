@@ -144,6 +144,11 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         raise ValueError("batch and text length must be >= 1 and images >= 0")
     step = progress or (lambda name: _NullStep())
     adapter = adapter_for(model)
+    if not adapter.bundles:
+        raise ValueError(
+            f"clse_fx.compile does not build {type(model).__name__} bundles yet; prune its graph with "
+            "clse_fx.compiler.prune_prefill(model, PruneConfig(...), processor_inputs)"
+        )
     if output_dir is not None and Path(output_dir).exists() and not force:
         raise FileExistsError(f"output directory {output_dir} already exists; pass --force to replace it")
     if processor is None and output_dir is not None:

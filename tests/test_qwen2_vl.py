@@ -110,3 +110,10 @@ def test_pass_equals_reference(qwen, score, stages):
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
     for (key, value), (ref_key, ref_value) in zip(out.cache, ref.cache):
         assert (key - ref_key).abs().max() <= 1e-5 and (value - ref_value).abs().max() <= 1e-5
+
+
+def test_compile_api_says_bundles_are_not_supported_yet(qwen):
+    import clse_fx
+
+    with pytest.raises(ValueError, match="does not build .* bundles yet; prune its graph with"):
+        clse_fx.compile(qwen, 0.334)

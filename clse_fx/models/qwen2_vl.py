@@ -23,6 +23,7 @@ class Qwen2VLAdapter(ModelAdapter):
     schedule = QWEN2_VL_SCHEDULE
     layers_path = "model.language_model.layers"
     graph_inputs = ("position_ids", "image_embeds")
+    bundles = False  # the vision tower is not an exported graph yet, so bundles could not run from pixels
 
     def decoder(self) -> nn.Module:
         return self.model.model.language_model
