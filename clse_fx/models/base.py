@@ -31,11 +31,11 @@ class ModelAdapter:
         self.model = model
 
     def decoder(self) -> nn.Module:
-        """The text decoder (has ``.layers`` and ``.norm``)."""
-        raise NotImplementedError
+        """The text decoder (has ``.layers``, ``.norm`` and ``.rotary_emb``); transformers' MLLMs keep it here."""
+        return self.model.model.language_model
 
     def lm_head(self) -> nn.Module:
-        raise NotImplementedError
+        return self.model.lm_head
 
     def visual_token_ids(self) -> tuple[int, ...]:
         """Token ids that mark visual positions in ``input_ids``."""

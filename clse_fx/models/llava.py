@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from clse_fx.models.base import ModelAdapter, register_adapter
 from clse_fx.plan import LLAVA_SCHEDULE
@@ -15,12 +14,6 @@ class LlavaAdapter(ModelAdapter):
     architectures = ("LlavaForConditionalGeneration",)
     schedule = LLAVA_SCHEDULE
     layers_path = "model.language_model.layers"
-
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)

@@ -9,7 +9,6 @@ the [3, B, S] ids on their sequence axis like any other sequence-indexed value.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from clse_fx.models.base import ModelAdapter, register_adapter
@@ -24,12 +23,6 @@ class Qwen2VLAdapter(ModelAdapter):
     layers_path = "model.language_model.layers"
     graph_inputs = ("position_ids", "image_embeds")
     bundles = False  # the vision tower is not an exported graph yet, so bundles could not run from pixels
-
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
