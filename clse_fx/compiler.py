@@ -61,12 +61,7 @@ def pass_settings(
     """The :class:`PassSettings` for ``model`` on prompts like ``inputs`` (processor outputs; the input ids
     must be readable, and families with variable grids read theirs, e.g. ``image_grid_thw``)."""
     adapter = adapter_for(model)
-    counts = adapter.visual_mask(inputs["input_ids"]).sum(dim=1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"rows have different visual-token counts {counts.tolist()}; batch rows with equal images")
-    num_visual = int(counts[0])
-    if num_visual and num_visual != prune.plan.num_visual:
-        raise ValueError(f"the plan is for {prune.plan.num_visual} visual tokens but the prompt has {num_visual}")
+    num_visual = adapter.visual_count(inputs["input_ids"], prune.plan.num_visual)
     return PassSettings(
         prune=prune,
         layers_path=adapter.layers_path,

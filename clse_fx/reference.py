@@ -136,15 +136,8 @@ def reference_prune(
     batch, seq = input_ids.shape
 
     visual = adapter.visual_mask(input_ids)
-    counts = visual.sum(dim=1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(
-            f"rows have different visual-token counts {counts.tolist()}; batch rows with the same number of images"
-        )
-    num_visual = int(counts[0])
+    num_visual = adapter.visual_count(input_ids, plan.num_visual)
     stages = plan.stages if num_visual else ()  # a prompt without an image is left unpruned
-    if num_visual and num_visual != plan.num_visual:
-        raise ValueError(f"the plan is for {plan.num_visual} visual tokens but the input has {num_visual}")
     grid = adapter.visual_grid(num_visual, **model_inputs) if num_visual else None
 
     mask = layer_kwargs.get("attention_mask")

@@ -175,6 +175,14 @@ def combine_scores(
     raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
 
 
+def visual_mask(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """[B, S] bool: positions holding any of the visual placeholder ``token_ids``."""
+    mask = input_ids == token_ids[0]
+    for token_id in token_ids[1:]:
+        mask = mask | (input_ids == token_id)
+    return mask
+
+
 def running_count(mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Inclusive count of True entries along ``dim``, as int64.
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clse_fx.plan import LLAVA_SCHEDULE, ReferenceSchedule
-from clse_fx.scoring import Grid
+from clse_fx.scoring import Grid, visual_mask
 
 
 class ModelAdapter:
@@ -67,10 +67,18 @@ class ModelAdapter:
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: which positions hold visual tokens."""
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token_id in self.visual_token_ids():
-            mask |= input_ids == token_id
-        return mask
+        return visual_mask(input_ids, self.visual_token_ids())
+
+    def visual_count(self, input_ids: torch.Tensor, planned: int) -> int:
+        """Visual tokens per row (0 for text-only prompts): every row must hold the same number, and a
+        prompt with images must hold the ``planned`` number, since engines have fixed shapes."""
+        counts = self.visual_mask(input_ids).sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(f"rows have different visual-token counts {counts.tolist()}; batch rows with equal images")
+        count = int(counts[0])
+        if count and count != planned:
+            raise ValueError(f"the plan is for {planned} visual tokens but the prompt has {count}")
+        return count
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}

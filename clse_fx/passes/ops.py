@@ -16,6 +16,7 @@ from clse_fx.scoring import (
     running_count,
     score_stage,
     topk_mask,
+    visual_mask,
 )
 
 
@@ -55,13 +56,6 @@ def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, i]] for [B, S] or [B, S, C] x and [B, n] index."""
     return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def visual_mask(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
-    mask = input_ids == token_ids[0]
-    for token_id in token_ids[1:]:
-        mask = mask | (input_ids == token_id)
-    return mask
 
 
 def clse_stage(
