@@ -2,74 +2,28 @@
 
 import pytest
 import torch
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
 
 from clse_fx.compiler import prune_prefill
 from clse_fx.models import adapter_for
 from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, plan_budget
 from clse_fx.reference import reference_prune
 
-IMAGE, START, END = 150, 152, 153
+from .tiny_models import QWEN_END as END
+from .tiny_models import QWEN_FAMILIES, qwen_inputs, save_tiny_qwen
+from .tiny_models import QWEN_IMAGE as IMAGE
+from .tiny_models import QWEN_START as START
+
 GRID = (1, 14, 18)  # 4 px patches; after the 2x2 merge a 7x9 grid of 63 tokens
 TOKENS = 63
 
-FAMILIES = {
-    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, {}),
-    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, {"out_hidden_size": 64, "window_size": 16}),
-}
 
-
-def _save_tiny(path, family):
-    config_class, model_class, vision_extra = FAMILIES[family]
-    text = dict(
-        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    vision = dict(
-        depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
-        temporal_patch_size=2, in_channels=3, **vision_extra,
-    )  # fmt: skip
-    if family == "qwen2_5_vl":
-        vision.update(hidden_size=32, intermediate_size=64, fullatt_block_indexes=[1])
-        vision.pop("embed_dim"), vision.pop("mlp_ratio")
-    config = config_class(
-        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=151,
-        vision_start_token_id=START, vision_end_token_id=END,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    return model_class.from_pretrained(path, attn_implementation="sdpa").eval()
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted(QWEN_FAMILIES))
 def qwen(request, tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+    return save_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _inputs(model, rows):
-    patch = model.config.vision_config.patch_size
-    channels = 3 * model.config.vision_config.temporal_patch_size * patch * patch
-    ids = torch.tensor(rows)
-    grid = torch.tensor([GRID] * len(rows))
-    pixels = torch.randn(len(rows) * GRID[1] * GRID[2], channels, generator=torch.Generator().manual_seed(0))
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": pixels,
-        "image_grid_thw": grid,
-        "mm_token_type_ids": (ids == IMAGE).int(),
-    }
+    return qwen_inputs(model, rows, GRID)
 
 
 TWO_ROWS = [

@@ -1,0 +1,43 @@
+"""LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``): per-frame CLIP grids pooled by the
+resampler, frames stacked along T (the spectral filter runs per frame). Video inputs only: its still
+images are any-resolution tiles with row-newline tokens, which are not one grid."""
+
+from __future__ import annotations
+
+import torch
+
+from clse_fx.models.base import ModelAdapter, register_adapter
+from clse_fx.plan import LLAVA_SCHEDULE
+from clse_fx.scoring import Grid
+
+
+@register_adapter
+class LlavaNextVideoAdapter(ModelAdapter):
+    architectures = ("LlavaNextVideoForConditionalGeneration",)
+    schedule = LLAVA_SCHEDULE
+    layers_path = "model.language_model.layers"
+    graph_inputs = ("pixel_values_videos",)
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.model.config.video_token_id,)
+
+    def frame_side(self) -> int:
+        """Tokens per side of one frame after the resampler's spatial pooling."""
+        config = self.model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("only vision_feature_select_strategy='default' (CLS dropped) has a patch grid")
+        return config.vision_config.image_size // config.vision_config.patch_size // config.spatial_pool_stride
+
+    def tokens_per_image(self) -> int:
+        return self.frame_side() ** 2
+
+    def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
+        per_frame = self.tokens_per_image()
+        if num_visual % per_frame:
+            raise ValueError(f"{num_visual} video tokens is not a whole number of {per_frame}-token frames")
+        return (num_visual // per_frame, self.frame_side(), self.frame_side())
+
+    def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if inputs.get("pixel_values") is not None:
+            raise ValueError("LLaVA-NeXT-Video still images (tiles with newline tokens) are not supported; pass videos")
+        return inputs

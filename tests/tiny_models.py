@@ -1,0 +1,93 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL / LLaVA-NeXT-Video checkpoints from config classes, reloaded via from_pretrained."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 150, 151, 152, 153
+QWEN_FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+}
+VIDEO_TOKEN = 91
+
+
+def _widen_and_reload(model, model_class, path):
+    """Random init leaves tiny logits; widen the weights so top-k choices are well separated, then reload."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model_class.from_pretrained(path, attn_implementation="sdpa").eval()
+
+
+def save_tiny_qwen(path, family: str):
+    config_class, model_class = QWEN_FAMILIES[family]
+    text = dict(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    vision = dict(
+        depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3,
+    )  # fmt: skip
+    if family == "qwen2_5_vl":
+        vision.update(hidden_size=32, intermediate_size=64, fullatt_block_indexes=[1], out_hidden_size=64)
+        vision.update(window_size=16, tokens_per_second=2)
+        vision.pop("embed_dim"), vision.pop("mlp_ratio")
+    config = config_class(
+        text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return _widen_and_reload(model_class(config).eval(), model_class, path)
+
+
+def save_tiny_llava_next_video(path):
+    """48 px frames, 8 px patches, pooled by 2: a 3x3 grid per frame; 4 GQA decoder layers."""
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    config = LlavaNextVideoConfig(
+        vision_config=vision, text_config=text, image_token_id=90, video_token_id=VIDEO_TOKEN,
+        spatial_pool_stride=2, spatial_pool_mode="average", vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    return _widen_and_reload(model, LlavaNextVideoForConditionalGeneration, path)
+
+
+def qwen_inputs(model, rows: list[list[int]], grid: tuple[int, int, int], modality: str = "image") -> dict:
+    """Processor-style inputs for rows that each hold one image (or video) of ``grid`` (patches, pre-merge)."""
+    vision = model.config.vision_config
+    channels = 3 * vision.temporal_patch_size * vision.patch_size**2
+    ids = torch.tensor(rows)
+    token = QWEN_IMAGE if modality == "image" else QWEN_VIDEO
+    patches = len(rows) * grid[0] * grid[1] * grid[2]
+    pixels = torch.randn(patches, channels, generator=torch.Generator().manual_seed(0))
+    prefix = "" if modality == "image" else "_videos"
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        f"pixel_values{prefix}": pixels,
+        f"{modality}_grid_thw": torch.tensor([grid] * len(rows)),
+        "mm_token_type_ids": (ids == token).int() * (1 if modality == "image" else 2),
+    }
