@@ -9,6 +9,7 @@ import torch
 from benchmarks import geometry
 from clse_fx.compiler import PrunedPrefill, pass_settings, prune_prefill
 from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens
+from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
 
 PAPER = {"flops_ratio_192": 2.28, "kv_ratio_192": 5.59}
@@ -74,7 +75,82 @@ def llava_7b(budgets: tuple[int, ...] = (192, 128, 64), text_len: int = 40) -> d
         "vision_tower_flops": vision_flops,
         "paper": PAPER,
         "rows": rows,
-        "qwen2_vl_7b": "not measured: clse-fx has no Qwen2-VL adapter yet (issue 5)",
+    }
+
+
+def _family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dict]:
+    """Decoder FLOPs (vision excluded) and uniform-policy KV ratios of ``model`` per budget, on meta graphs."""
+    adapter = adapter_for(model)
+    num_visual = int(adapter.visual_mask(cpu_inputs["input_ids"]).sum())
+    other = cpu_inputs["input_ids"].shape[1] - num_visual
+    text_cfg = model.config.get_text_config()
+    rows, unpruned_flops = [], None
+    for keep in budgets:
+        prune = PruneConfig(plan=plan_budget(keep, adapter.num_layers, num_visual, schedule=adapter.schedule))
+        settings = pass_settings(model, prune, cpu_inputs)
+        pruned = prune_prefill(model, prune, meta_inputs, settings=settings)
+        if unpruned_flops is None:
+            unpruned = prune_prefill(model, prune, meta_inputs, settings=dataclasses.replace(settings, stages=()))
+            unpruned_flops = graph_flops(unpruned)
+        plan = prune.plan
+        kv = [
+            kv_cache_bytes(
+                tokens, 1, text_cfg.num_key_value_heads, text_cfg.hidden_size // text_cfg.num_attention_heads, 2
+            )
+            for tokens in (kv_cache_tokens(plan, other, "uniform"), [other + num_visual] * plan.num_layers)
+        ]
+        flops = graph_flops(pruned)
+        rows.append(
+            {
+                "budget": keep,
+                "stages": [list(s) for s in plan.stages],
+                "avg_visual_tokens": plan.avg_visual_tokens,
+                "flops_unpruned": unpruned_flops,
+                "flops_pruned": flops,
+                "flops_ratio": unpruned_flops / flops,
+                "kv_ratio_uniform": kv[1] / kv[0],
+            }
+        )
+    return rows
+
+
+def qwen2_vl_7b(budgets=(0.334, 0.223, 0.112), text_len: int = 40, side: int = 24) -> dict:
+    """Qwen2-VL-7B decoder FLOPs and KV at a side x side merged grid (672 px for 24). The vision tower is its
+    own graph (it is not pruned), so these are decoder figures; M-RoPE ids come from the static index graph."""
+    from clse_fx.models.qwen2_vl import MRopeIndex
+
+    model = geometry.qwen2_vl_7b()
+    adapter = adapter_for(model)
+    step = 28  # patch 14 x merge 2
+    cpu = adapter.example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), image_size=(side * step,) * 2)
+    position_ids, _ = MRopeIndex(adapter.visual_token_ids(), (1, side, side))(cpu["input_ids"], cpu["attention_mask"])
+    meta = {
+        "input_ids": cpu["input_ids"].to("meta"),
+        "attention_mask": cpu["attention_mask"].to("meta"),
+        "image_grid_thw": cpu["image_grid_thw"],
+        "position_ids": position_ids.to("meta"),
+        "image_embeds": torch.empty(side * side, model.config.text_config.hidden_size, device="meta"),
+    }
+    return {
+        "model": f"Qwen2-VL-7B geometry (meta device), {side}x{side} merged grid, decoder only",
+        "text_tokens": text_len,
+        "visual_tokens": side * side,
+        "rows": _family_rows(model, budgets, cpu, meta),
+    }
+
+
+def llava_next_video_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> dict:
+    """LLaVA-NeXT-Video-7B, ``frames`` frames of 12x12 pooled tokens, budget as average visual tokens per layer
+    (the paper's Video-LLaVA row is at 194; Video-LLaVA itself keeps a CLS token per frame, so has no grid)."""
+    model = geometry.llava_next_video_7b()
+    cpu = adapter_for(model).example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), frames=frames)
+    meta = {name: tensor.to("meta") for name, tensor in cpu.items()}
+    return {
+        "model": f"LLaVA-NeXT-Video-7B geometry (meta device), {frames} frames x 12x12, vision tower included",
+        "text_tokens": text_len,
+        "visual_tokens": frames * 144,
+        "paper_video_llava_194": {"flops_ratio": 9.35, "kv_ratio": 8.70, "visual_tokens": 2048},
+        "rows": _family_rows(model, budgets, cpu, meta),
     }
 
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 
 def llava_config(
@@ -63,3 +72,38 @@ def prompt(model, text_len: int, device: str = "cpu", batch: int = 1) -> dict[st
         "attention_mask": torch.ones_like(input_ids).to(device),
         "pixel_values": torch.randn(batch, 3, 336, 336, generator=generator).to(device),
     }
+
+
+def _on_meta(model_class, config):
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        return model_class(config).eval()
+
+
+def qwen2_vl_7b() -> Qwen2VLForConditionalGeneration:
+    """Published Qwen2-VL-7B, weightless: 28-layer GQA decoder (3584 wide, 4 KV heads), 675M-param ViT/14."""
+    text = dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        max_position_embeddings=32768, pad_token_id=0,
+    )  # fmt: skip
+    vision = dict(
+        depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2,
+    )  # fmt: skip
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+        vision_start_token_id=151652, vision_end_token_id=151653,
+    )  # fmt: skip
+    return _on_meta(Qwen2VLForConditionalGeneration, config)
+
+
+def llava_next_video_7b() -> LlavaNextVideoForConditionalGeneration:
+    """Published LLaVA-NeXT-Video-7B, weightless: CLIP ViT-L/14-336 frames pooled 2x2 (12x12 per frame), Vicuna-7B."""
+    base = llava_config(**LLAVA_7B)
+    config = LlavaNextVideoConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_id=32001, video_token_id=32000,
+        spatial_pool_stride=2, spatial_pool_mode="average", vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )  # fmt: skip
+    return _on_meta(LlavaNextVideoForConditionalGeneration, config)

@@ -8,6 +8,29 @@ from pathlib import Path
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
+def _family_table(family: dict) -> list[str]:
+    lines = [
+        f"### FLOPs and KV cache, {family['model']}, {family['text_tokens']} text + {family['visual_tokens']} visual",
+        "",
+        "| budget | stages (layer: keep) | avg visual/layer | prefill FLOPs | FLOPs lower | KV smaller, uniform |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in family["rows"]:
+        stages = ", ".join(f"{layer}: {keep}" for layer, keep in row["stages"])
+        lines.append(
+            f"| {row['budget']} | {stages} | {row['avg_visual_tokens']:.1f} | {row['flops_unpruned'] / 1e12:.2f} -> "
+            f"{row['flops_pruned'] / 1e12:.2f} TFLOP | {row['flops_ratio']:.2f}x | {row['kv_ratio_uniform']:.2f}x |"
+        )
+    paper = family.get("paper_video_llava_194")
+    if paper:
+        lines += [
+            "",
+            f"Paper, Video-LLaVA at 194 of {paper['visual_tokens']} visual tokens: FLOPs {paper['flops_ratio']}x, "
+            f"KV {paper['kv_ratio']}x (a larger visual share, so larger ratios).",
+        ]
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     llava = results["llava_7b"]
     lines = [
@@ -28,7 +51,10 @@ def markdown(results: dict) -> str:
             f"{row['llm_flops_ratio']:.2f}x | {row['kv_ratio_uniform']:.2f}x{kv_paper} | "
             f"{row['kv_ratio_at_50_text_tokens']:.2f}x |"
         )
-    lines += ["", f"Qwen2-VL-7B: {llava['qwen2_vl_7b']}.", ""]
+    lines.append("")
+    for key in ("qwen2_vl_7b", "llava_next_video_7b"):
+        if key in results:
+            lines += _family_table(results[key])
     if "latency" in results:
         lat = results["latency"]
         ms = lat["median_ms"]

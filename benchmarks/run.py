@@ -29,6 +29,9 @@ def collect(quick: bool) -> dict:
     if not quick:
         from benchmarks import latency
 
+        with torch.no_grad():
+            results["qwen2_vl_7b"] = flops_kv.qwen2_vl_7b()
+            results["llava_next_video_7b"] = flops_kv.llava_next_video_7b()
         results["compile"]["latency_model"] = compile_time.measure("latency")
         results["latency"] = latency.run()
     return results

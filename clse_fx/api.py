@@ -68,26 +68,18 @@ def load_processor(path: str | Path) -> object | None:
         return None
 
 
-def example_inputs(model: nn.Module, batch: int = 1, text_len: int = 32, images: int = 1, seed: int = 0):
-    """Inputs of the compiled shape: per row ``text_len`` text tokens with ``images`` image blocks after the
-    first token. Only the shapes are baked into engines; image positions are data and may differ at run time.
-    """
-    adapter = adapter_for(model)
+def example_inputs(
+    model: nn.Module,
+    batch: int = 1,
+    text_len: int = 32,
+    images: int = 1,
+    seed: int = 0,
+    frames: int = 1,
+    image_size: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Processor-style inputs of the compiled shape (see :meth:`ModelAdapter.example_inputs`), seeded."""
     generator = torch.Generator().manual_seed(seed)
-    special = set(adapter.visual_token_ids()) | {model.config.text_config.pad_token_id}
-    vocab = [i for i in range(model.config.text_config.vocab_size) if i not in special]
-    rows = []
-    for _ in range(batch):
-        text = [vocab[i] for i in torch.randint(len(vocab), (text_len,), generator=generator)]
-        block = [adapter.visual_token_ids()[0]] * adapter.tokens_per_image() * images
-        rows.append(text[:1] + block + text[1:])
-    vision = model.config.vision_config
-    pixels = torch.randn(batch * images, 3, vision.image_size, vision.image_size, generator=generator)
-    input_ids = torch.tensor(rows)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if images:
-        inputs["pixel_values"] = pixels
-    return inputs
+    return adapter_for(model).example_inputs(batch, text_len, images, generator, frames, image_size)
 
 
 def _versions() -> dict[str, str]:
@@ -116,6 +108,8 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     batch: int = 1,
     text_len: int = 32,
     images: int = 1,
+    frames: int = 1,
+    image_size: tuple[int, int] | None = None,
     output_dir: str | Path | None = None,
     force: bool = False,
     processor: object | None = None,
@@ -141,22 +135,18 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         model = model.to("cuda")
     if target == "torch-compile" and output_dir is not None:
         raise ValueError("the torch-compile target builds an in-process module (result.module); drop the output dir")
-    if batch < 1 or text_len < 1 or images < 0:
-        raise ValueError("batch and text length must be >= 1 and images >= 0")
+    if batch < 1 or text_len < 1 or images < 0 or frames < 1:
+        raise ValueError("batch, text length and frames must be >= 1 and images >= 0")
     step = progress or (lambda name: contextlib.nullcontext())
     adapter = adapter_for(model)
-    if not adapter.bundles:
-        raise ValueError(
-            f"clse_fx.compile does not build {type(model).__name__} bundles yet; prune its graph with "
-            "clse_fx.compiler.prune_prefill(model, PruneConfig(...), processor_inputs)"
-        )
     if output_dir is not None and Path(output_dir).exists() and not force:
         raise FileExistsError(f"output directory {output_dir} already exists; pass --force to replace it")
     if processor is None and output_dir is not None:
         processor = load_processor(getattr(model, "name_or_path", "") or "")
     device = next(model.parameters()).device
-    inputs = {name: tensor.to(device) for name, tensor in example_inputs(model, batch, text_len, images).items()}
-    num_visual = adapter.tokens_per_image() * images
+    inputs = example_inputs(model, batch, text_len, images, frames=frames, image_size=image_size)
+    inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+    num_visual = int(adapter.visual_mask(inputs["input_ids"][:1]).sum())
     if num_visual == 0:
         raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
     plan = plan_budget(keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
@@ -169,14 +159,15 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     timings["trace+passes+export"] = time.perf_counter() - start
 
     text_cfg = model.config.text_config
+    non_visual = int(inputs["input_ids"].shape[1]) - num_visual  # text plus any vision start/end markers
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     kv = {
         policy: kv_cache_bytes(
-            kv_cache_tokens(plan, text_len, policy), batch, text_cfg.num_key_value_heads, head_dim, 4
+            kv_cache_tokens(plan, non_visual, policy), batch, text_cfg.num_key_value_heads, head_dim, 4
         )
         for policy in ("uniform", "per-layer")
     }
-    unpruned_tokens = [text_len + num_visual] * adapter.num_layers
+    unpruned_tokens = [non_visual + num_visual] * adapter.num_layers
     kv_unpruned = kv_cache_bytes(unpruned_tokens, batch, text_cfg.num_key_value_heads, head_dim, 4)
     manifest: dict = {
         "architecture": type(model).__name__,
@@ -199,9 +190,9 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             "images": images,
             "num_visual": num_visual,
             "grid": list(pruned.settings.grid),
-            "image_size": model.config.vision_config.image_size,
             "sequence_length": int(inputs["input_ids"].shape[1]),
-            "pruned_length": text_len + plan.stages[-1][1],
+            "pruned_length": int(inputs["input_ids"].shape[1]) - num_visual + plan.stages[-1][1],
+            **adapter.compiled_geometry(inputs),
         },
         "image_token_id": adapter.visual_token_ids()[0],
         "pad_token_id": text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0,
@@ -249,6 +240,10 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         from clse_fx.export.onnxruntime import write_bundle
 
         manifest["target"] = target
-        bundle = write_bundle(model, pruned, manifest, Path(output_dir), force, processor, timings, step, fp16=fp16)
+        input_graphs = adapter.input_graphs(inputs)
+        bundle = write_bundle(
+            model, pruned, manifest, Path(output_dir), force, processor, timings, step, fp16=fp16, inputs=inputs,
+            input_graphs=input_graphs,
+        )  # fmt: skip
     manifest["timings_s"] = timings
     return CompileResult(pruned=pruned, bundle=bundle, manifest=manifest, timings=timings, module=module)

@@ -27,6 +27,13 @@ def _budget(text: str) -> float:
     return int(value) if value.is_integer() and value >= 1 else value
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    if not height.isdigit() or not (width or height).isdigit():
+        raise argparse.ArgumentTypeError(f"bad image size {text!r}: write HEIGHTxWIDTH or one side, e.g. 448x448")
+    return int(height), int(width or height)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clse-compile",
@@ -47,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         choices=["tensorrt"],
         help="also report every node TensorRT's ONNX parser would reject; exit 1 if any",
     )
-    parser.add_argument("--image-size", type=int, help="input image side; LLaVA-1.5 runs at its tower's fixed size")
+    parser.add_argument(
+        "--image-size", type=_image_size, help="HxW (or one side) pixels, for models of variable resolution (Qwen2-VL)"
+    )
+    parser.add_argument("--frames", type=int, default=1, help="frames per video (video models; static)")
     parser.add_argument("--text-len", type=int, default=32, help="non-image tokens per prompt (static)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (static)")
     parser.add_argument("--images", type=int, default=1, help="images per prompt (static)")
@@ -161,11 +171,6 @@ def compile_main(argv: list[str] | None = None) -> int:
                 from clse_fx.api import load_checkpoint
 
                 model, processor = load_checkpoint(model_dir)
-            if args.image_size is not None and args.image_size != model.config.vision_config.image_size:
-                raise ValueError(
-                    f"--image-size {args.image_size}: this model's vision tower runs at a fixed "
-                    f"{model.config.vision_config.image_size}px; drop --image-size or pass that value"
-                )
             result = compile_model(
                 model,
                 args.keep,
@@ -178,6 +183,8 @@ def compile_main(argv: list[str] | None = None) -> int:
                 batch=args.batch,
                 text_len=args.text_len,
                 images=args.images,
+                frames=args.frames,
+                image_size=args.image_size,
                 output_dir=output,
                 force=args.force,
                 processor=processor,

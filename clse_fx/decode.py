@@ -3,7 +3,8 @@
 KV buffers grow: the step takes each layer's past keys/values (any length, a dynamic dimension of the
 graph) and returns only the new token's keys/values, which the runtime appends. Lengths differ per layer
 under the per-layer policy, so every layer's past length is its own dimension. Positions continue after
-the *unpruned* prompt length (pruning removes tokens, it never renumbers them).
+the *unpruned* prompt length (pruning removes tokens, it never renumbers them), shifted per row by the prompt's
+rope delta under M-RoPE (the runtime adds it; the adapter spreads the ids over the rotary axes).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class DecodeStep(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         decoder = self.adapter.decoder()
         hidden = self.model.get_input_embeddings()(input_ids)
+        position_ids = self.adapter.decode_position_ids(position_ids)
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
         cache = _StepCache(past)
         for layer_idx, layer in enumerate(decoder.layers):

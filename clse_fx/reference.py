@@ -231,16 +231,21 @@ def reference_generate(
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 16,
+    **model_inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Greedy generation: :func:`reference_prune` prefill, then the unmodified model's own forward decodes
     against a transformers ``DynamicCache`` holding the pruned KV. Returns [B, max_new_tokens] token ids.
 
-    Decode positions continue after the unpruned prompt length. With padding the model needs every layer's
-    cache to be equally long, so padded batches need the uniform policy here.
+    Decode positions continue after the unpruned prompt length, shifted by the model's own rope deltas
+    (M-RoPE). With padding the model needs every layer's cache to be equally long, so padded batches need
+    the uniform policy here.
     """
     from transformers import DynamicCache
 
-    out = reference_prune(model, config, input_ids, pixel_values, attention_mask)
+    out = reference_prune(model, config, input_ids, pixel_values, attention_mask, **model_inputs)
+    adapter = adapter_for(model)
+    inputs = dict(model_inputs, input_ids=input_ids, attention_mask=attention_mask)
+    deltas = adapter.rope_deltas(inputs)[:, None]
     batch, seq = input_ids.shape
     padded = attention_mask is not None and not bool(attention_mask.all())
     if padded and config.kv_policy != "uniform":
@@ -257,7 +262,7 @@ def reference_generate(
         logits = model(
             input_ids=token[:, None],
             attention_mask=kept_mask,
-            position_ids=torch.full((batch, 1), seq + step),
+            position_ids=adapter.decode_position_ids(seq + step + deltas),
             cache=cache,
             use_cache=True,
         ).logits

@@ -1,14 +1,17 @@
-"""Run a compiled bundle end to end: processor -> pruned prefill engine -> decode engine -> text."""
+"""Run a compiled bundle end to end: processor -> pruned prefill engine -> decode engine -> text.
+
+At import this module needs only numpy: the Triton model repository ships a copy of it as the generation loop
+of its Python-backend model (``clse_fx.export.triton``).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from clse_fx.export.bundle import read_manifest
 
 
 @dataclass
@@ -30,9 +33,10 @@ class Generation:
 class Engine:
     """A loaded bundle. Feeds must match the compiled geometry; the processor's output is fitted to it."""
 
-    def __init__(self, bundle: Path, manifest: dict, prefill, decode, processor) -> None:
+    def __init__(self, bundle: Path, manifest: dict, prefill, decode, processor, input_graphs=None) -> None:
         self.bundle, self.manifest = bundle, manifest
         self.prefill, self.decode, self.processor = prefill, decode, processor
+        self.input_graphs = input_graphs or {}  # name -> session, run in order before the prefill
         geometry = manifest["geometry"]
         self.batch, self.sequence_length = geometry["batch"], geometry["sequence_length"]
         self.images_per_prompt, self.text_len = geometry["images"], geometry["text_len"]
@@ -41,11 +45,13 @@ class Engine:
         self.pad_id = manifest["pad_token_id"]
 
     @classmethod
-    def load(cls, bundle: str | Path, providers: list[str] | None = None) -> Engine:
+    def load(cls, bundle: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Engine:
         """Open a bundle, verifying every file against the manifest's hashes. ``providers`` defaults to the
-        bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU)."""
+        bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU); ``threads``
+        caps each session's intra-op threads (default: ONNX Runtime's, one per physical core)."""
         from transformers import AutoProcessor
 
+        from clse_fx.export.bundle import read_manifest
         from clse_fx.export.onnxruntime import OnnxSession, select_providers
 
         bundle = Path(bundle)
@@ -54,11 +60,13 @@ class Engine:
         manifest = read_manifest(bundle, verify=True)
         graphs = manifest["graphs"]
         providers = providers or select_providers(manifest.get("target", "onnxruntime"))
-        prefill = OnnxSession(bundle / graphs["prefill"]["file"], providers)
-        decode = OnnxSession(bundle / graphs["decode"]["file"], providers)
+        prefill = OnnxSession(bundle / graphs["prefill"]["file"], providers, threads)
+        decode = OnnxSession(bundle / graphs["decode"]["file"], providers, threads)
         has_processor = any(name.endswith("processor_config.json") for name in manifest["files"])
         processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False) if has_processor else None
-        return cls(bundle, manifest, prefill, decode, processor)
+        pipeline = manifest.get("pipeline", [])
+        input_graphs = {name: OnnxSession(bundle / graphs[name]["file"], providers, threads) for name in pipeline}
+        return cls(bundle, manifest, prefill, decode, processor, input_graphs)
 
     def encode(self, images: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
         """Prompts and images -> the compiled [B, S] input_ids / attention_mask and pixel_values (left padded)."""
@@ -156,40 +164,85 @@ class Engine:
         stops: set[int] = frozenset(),
     ) -> tuple[list[list[int]], Timings]:
         """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token."""
-        rng = rng or np.random.default_rng()
-        start = time.perf_counter()
-        prefill = self.prefill.run(**feeds)
-        prefill_ms = (time.perf_counter() - start) * 1e3
-        past = prefill[2 + self.num_stages :]
-        timings = Timings(prefill_ms=prefill_ms, kv_cache_bytes=int(sum(t.nbytes for t in past)))
-        batch, seq = feeds["input_ids"].shape
-        pad_counts = (seq - feeds["attention_mask"].sum(axis=1)).astype(np.int64)
-        token = _next_token(prefill[0][:, -1], do_sample, temperature, top_k, rng)
-        generated, done = [token], np.isin(token, list(stops))
         decode_names = list(self.decode.inputs)[3:]
-        start = time.perf_counter()
-        steps = 0
-        for step in range(max_new_tokens - 1):
-            if done.all():
-                break
-            logits, *new = self.decode.run(
-                input_ids=token[:, None],
-                position_ids=np.full((batch, 1), seq + step, dtype=np.int64),
-                pad_counts=pad_counts,
-                **dict(zip(decode_names, past)),
+
+        def decode(input_ids, position_ids, pad_counts, past):
+            return self.decode.run(
+                input_ids=input_ids, position_ids=position_ids, pad_counts=pad_counts, **dict(zip(decode_names, past))
             )
-            past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
-            token = _next_token(logits[:, -1], do_sample, temperature, top_k, rng)
-            generated.append(token)
-            done |= np.isin(token, list(stops))
-            steps += 1
-        timings.decode_ms_per_token = (time.perf_counter() - start) * 1e3 / max(steps, 1)
-        ids = np.stack(generated, axis=1)
-        rows = []
-        for row in ids.tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            rows.append(row[:cut])
+
+        start = time.perf_counter()
+        feeds = self.run_input_graphs(feeds)
+        pipeline_ms = (time.perf_counter() - start) * 1e3
+        rows, timings = generation_loop(
+            lambda feeds: self.prefill.run(**feeds),
+            decode,
+            feeds,
+            self.num_stages,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            rng,
+            stops,
+        )
+        timings.prefill_ms += pipeline_ms
         return rows, timings
+
+    def run_input_graphs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the bundle's pre-prefill graphs (e.g. vision tower, M-RoPE index) in order, adding their outputs."""
+        feeds = dict(feeds)
+        for name, session in self.input_graphs.items():
+            outputs = session.run(**{key: feeds[key] for key in session.inputs if key in feeds})
+            feeds.update(zip((o["name"] for o in self.manifest["graphs"][name]["outputs"]), outputs))
+        return feeds
+
+
+def generation_loop(
+    prefill: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    decode: Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], list[np.ndarray]],
+    feeds: dict[str, np.ndarray],
+    num_stages: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    rng: np.random.Generator | None = None,
+    stops: set[int] = frozenset(),
+) -> tuple[list[list[int]], Timings]:
+    """The prefill + decode loop over any engine: ``prefill(feeds)`` returns the prefill graph's outputs and
+    ``decode(input_ids, position_ids, pad_counts, past)`` the decode graph's; per row the new ids, cut after the
+    first stop token."""
+    rng = rng or np.random.default_rng()
+    start = time.perf_counter()
+    prefilled = prefill(feeds)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    past = list(prefilled[2 + num_stages :])
+    timings = Timings(prefill_ms=prefill_ms, kv_cache_bytes=int(sum(t.nbytes for t in past)))
+    batch, seq = feeds["input_ids"].shape
+    pad_counts = (seq - feeds["attention_mask"].sum(axis=1)).astype(np.int64)
+    # Decode positions continue after the unpruned prompt, shifted by the rope deltas where M-RoPE made them.
+    positions = (seq + feeds.get("rope_deltas", np.zeros(batch, np.int64)))[:, None].astype(np.int64)
+    token = _next_token(prefilled[0][:, -1], do_sample, temperature, top_k, rng)
+    generated, done = [token], np.isin(token, list(stops))
+    start = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens - 1):
+        if done.all():
+            break
+        logits, *new = decode(token[:, None], positions + step, pad_counts, past)
+        past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
+        token = _next_token(logits[:, -1], do_sample, temperature, top_k, rng)
+        generated.append(token)
+        done |= np.isin(token, list(stops))
+        steps += 1
+    timings.decode_ms_per_token = (time.perf_counter() - start) * 1e3 / max(steps, 1)
+    ids = np.stack(generated, axis=1)
+    rows = []
+    for row in ids.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:cut])
+    return rows, timings
 
 
 def _next_token(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:

@@ -1,12 +1,16 @@
 """Qwen2-VL / Qwen2.5-VL through the same passes: M-RoPE ids and the vision tower are graph inputs."""
 
+import json
+
 import pytest
 import torch
 
+import clse_fx
 from clse_fx.compiler import prune_prefill
 from clse_fx.models import adapter_for
 from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, plan_budget
-from clse_fx.reference import reference_prune
+from clse_fx.reference import reference_generate, reference_prune
+from clse_fx.runtime import Engine
 
 from .tiny_models import QWEN_END as END
 from .tiny_models import QWEN_FAMILIES, qwen_inputs, save_tiny_qwen
@@ -66,8 +70,63 @@ def test_pass_equals_reference(qwen, score, stages):
         assert (key - ref_key).abs().max() <= 1e-5 and (value - ref_value).abs().max() <= 1e-5
 
 
-def test_compile_api_says_bundles_are_not_supported_yet(qwen):
-    import clse_fx
+@pytest.fixture(scope="module")
+def qwen_bundle(qwen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    result = clse_fx.compile(qwen, stages=STAGES, batch=2, text_len=8, image_size=(56, 72), output_dir=out)
+    return out, result.manifest
 
-    with pytest.raises(ValueError, match="does not build .* bundles yet; prune its graph with"):
-        clse_fx.compile(qwen, 0.334)
+
+STAGES = "1:40,2:20,3:8"
+
+
+def test_bundle_runs_vision_and_mrope_graphs_and_matches_pytorch(qwen_bundle):
+    """The vision tower and the M-RoPE index are their own engine graphs, run before the prefill; each equals
+    the unmodified model's computation (``get_image_features``, ``get_rope_index``), and the prefill fed by
+    them equals PyTorch."""
+    _, manifest = qwen_bundle
+    parity = manifest["parity"]
+    assert manifest["pipeline"] == ["vision", "rope"]
+    assert parity["onnxruntime_vision_image_embeds_max_abs"] <= 1e-4
+    assert parity["onnxruntime_rope_position_ids_max_abs"] == 0 and parity["onnxruntime_rope_rope_deltas_max_abs"] == 0
+    assert parity["onnxruntime_max_abs_logits"] <= 1e-4 and parity["onnxruntime_indices_identical"]
+    assert parity["reference_max_abs_logits"] <= 1e-5 and parity["reference_kept_identical"]
+    assert manifest["geometry"]["grid"] == [1, 7, 9] and manifest["geometry"]["grid_thw"] == [1, 14, 18]
+    assert not any(manifest["tensorrt_readiness"].values())
+
+
+def _padded(inputs):
+    """Left-pad row 0 by three tokens (its last three text tokens drop out)."""
+    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    ids[0] = torch.cat([torch.zeros(3, dtype=ids.dtype), ids[0, :-3]])
+    mask[0, :3] = 0
+    return dict(inputs, input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).int())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_bundle_greedy_generation_equals_reference(qwen, qwen_bundle, padded):
+    """16 greedy tokens from the engines (vision, M-RoPE, prefill, decode with the rope deltas) equal the
+    reference pruner followed by the unmodified model's decode."""
+    rows = [[5] + [START] + [IMAGE] * TOKENS + [END] + [6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, START]]
+    rows[1] += [IMAGE] * TOKENS + [END, 9, 10, 11, 12]
+    inputs = _inputs(qwen, rows)
+    inputs = _padded(inputs) if padded else inputs
+    engine = Engine.load(qwen_bundle[0])
+    feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values")}
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
+    prune = PruneConfig(plan=_plan(STAGES))
+    expected = reference_generate(qwen, prune, max_new_tokens=16, **inputs)
+    assert generated == expected.tolist()
+
+
+def test_clse_compile_cli_for_qwen(qwen, tmp_path, capsys):
+    from clse_fx.cli import compile_main
+
+    model_dir = qwen.name_or_path
+    bad = compile_main([model_dir, "--keep", "0.334", "--image-size", "50x72", "-o", str(tmp_path / "bad")])
+    assert bad == 2 and "multiple of 8 pixels" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "b"
+    assert compile_main([model_dir, "--keep", "0.334", "--image-size", "56x72", "--text-len", "8", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"] == ["vision", "rope"] and manifest["geometry"]["image_size"] == [56, 72]
+    assert manifest["plan"]["stages"] == [[1, 36], [2, 23], [3, 6]]

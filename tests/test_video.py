@@ -4,10 +4,12 @@
 import pytest
 import torch
 
+import clse_fx
 from clse_fx.compiler import prune_prefill
 from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
-from clse_fx.reference import reference_prune
+from clse_fx.reference import reference_generate, reference_prune
+from clse_fx.runtime import Engine
 
 from .tiny_models import QWEN_FAMILIES, QWEN_VIDEO, VIDEO_TOKEN, qwen_inputs, save_tiny_llava_next_video, save_tiny_qwen
 
@@ -73,3 +75,45 @@ def test_llava_next_video_rejects_still_images(tmp_path):
     model = save_tiny_llava_next_video(tmp_path)
     with pytest.raises(ValueError, match="still images .* not supported; pass videos"):
         adapter_for(model).prepare_graph_inputs({"pixel_values": torch.zeros(1, 3, 48, 48)})
+
+
+@pytest.fixture(scope="module")
+def video_bundle(video_model, tmp_path_factory):
+    """A batch-2, 4-frame bundle (text_len 8 leaves room for the Qwen vision start/end markers)."""
+    out = tmp_path_factory.mktemp("video-bundle") / "b"
+    qwen = "Qwen" in type(video_model).__name__
+    tokens = 4 * (63 if qwen else adapter_for(video_model).tokens_per_image())
+    stages = [(1, tokens // 2), (2, tokens // 4), (3, tokens // 12)]
+    size = {"image_size": (56, 72)} if qwen else {}
+    text_len = (
+        9 - qwen
+    )  # the rows of video_inputs (9 text tokens), Qwen's with vision start/end markers around the video
+    result = clse_fx.compile(video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, **size)
+    return out, result.manifest, stages
+
+
+def test_video_bundle_generation_equals_reference(video_model, video_bundle):
+    """ONNX Runtime == PyTorch, and 16 greedy tokens from the engines equal the reference, for 4-frame videos."""
+    bundle, manifest, stages = video_bundle
+    parity = manifest["parity"]
+    assert parity["onnxruntime_max_abs_logits"] <= 1e-4 and parity["onnxruntime_indices_identical"]
+    assert parity["reference_max_abs_logits"] <= 1e-5 and parity["reference_kept_identical"]
+    assert manifest["geometry"]["grid"][0] == 4
+    inputs, tokens = video_inputs(video_model, 4)
+    if "Qwen" in type(video_model).__name__:  # wrap the video in the vision start/end markers the bundle expects
+        ids = inputs["input_ids"]
+        start, end = video_model.config.vision_start_token_id, video_model.config.vision_end_token_id
+        first = (ids == QWEN_VIDEO).int().argmax(dim=1)
+        rows = [r[:f].tolist() + [start] + r[f : f + tokens].tolist() + [end] + r[f + tokens :].tolist()[:-1]
+                for r, f in zip(ids, first.tolist())]  # fmt: skip
+        ids = torch.tensor(rows)
+        inputs = dict(
+            inputs, input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == QWEN_VIDEO).int() * 2
+        )
+    engine = Engine.load(bundle)
+    pixels = "pixel_values_videos"
+    feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", pixels)}
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
+    prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
+    expected = reference_generate(video_model, prune, max_new_tokens=16, **inputs)
+    assert generated == expected.tolist()

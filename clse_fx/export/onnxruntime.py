@@ -14,6 +14,9 @@ from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.export.bundle import staged_directory, write_manifest
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
+from clse_fx.models import adapter_for
+from clse_fx.models.base import InputGraph
+from clse_fx.trace import graph_inputs
 
 OPSET = 18
 # Ops TensorRT's ONNX parser rejects or that make shapes data-dependent; the compiled graph must have none.
@@ -47,7 +50,6 @@ def export_program(
     program: torch.export.ExportedProgram, path: str | Path, inputs: list[str], outputs: list[str]
 ) -> Path:
     """Export an ExportedProgram to a checked ONNX file free of ops that engines reject."""
-    import onnx
 
     path = Path(path)
     # The exporter logs a warning per torchvision op it cannot register; torchvision is not used here.
@@ -65,12 +67,40 @@ def export_program(
             verbose=False,
         )
     onnx_program.save(str(path))
+    return checked_onnx(path)
+
+
+def checked_onnx(path: Path) -> Path:
+    """Run the ONNX checker on ``path`` and reject ops that engines cannot run with static shapes."""
+    import onnx
+
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     bad = sorted({node.op_type for node in model.graph.node} & FORBIDDEN_OPS)
     if bad:
         raise RuntimeError(f"the exported graph has ops engines cannot run with static shapes: {', '.join(bad)}")
     return path
+
+
+def export_input_graph(graph: InputGraph, inputs: dict[str, torch.Tensor], path: Path) -> Path:
+    """Export an adapter's pre-prefill graph at the shapes of ``inputs`` (see :class:`InputGraph`)."""
+    args = tuple(inputs[name] for name in graph.inputs)
+    if not graph.traced:
+        with torch.no_grad():
+            program = torch.export.export(graph.module, args, strict=False)
+        return export_program(program, path, list(graph.inputs), list(graph.outputs))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings: the grid-derived values are meant to be constants
+        torch.onnx.export(
+            graph.module,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=list(graph.inputs),
+            output_names=list(graph.outputs),
+            opset_version=OPSET,
+        )
+    return checked_onnx(path)
 
 
 def graph_signature(path: str | Path) -> dict[str, list[dict]]:
@@ -118,11 +148,14 @@ def select_providers(target: str) -> list[str]:
 class OnnxSession:
     """An ONNX Runtime session that checks feeds against the shapes the graph was compiled for."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime
 
         self.path = Path(path)
-        self.session = onnxruntime.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
 
     def run(self, **feeds: torch.Tensor | np.ndarray) -> list[np.ndarray]:
@@ -154,14 +187,43 @@ def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[st
     }
 
 
+def run_input_graphs(
+    model, graphs: list[InputGraph], paths: dict[str, Path], inputs: dict[str, torch.Tensor]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Run the exported pre-prefill graphs on ``inputs`` in ONNX Runtime; returns their outputs and each
+    output's max abs difference from the unmodified model's own computation of it (the oracle)."""
+    expected = dict(graph_inputs(model, inputs), rope_deltas=adapter_for(model).rope_deltas(inputs))
+    feeds: dict = {name: tensor.cpu() for name, tensor in inputs.items()}
+    produced, parity = {}, {}
+    for graph in graphs:
+        outputs = OnnxSession(paths[graph.name]).run(**{name: feeds[name] for name in graph.inputs})
+        for name, value in zip(graph.outputs, outputs):
+            feeds[name] = produced[name] = value
+            reference = expected[name].cpu().numpy()
+            parity[f"onnxruntime_{graph.name}_{name}_max_abs"] = float(np.abs(value - reference).max())
+    return produced, parity
+
+
 def write_bundle(
-    model, pruned: PrunedPrefill, manifest: dict, output_dir: Path, force, processor, timings, step, fp16=False
+    model,
+    pruned: PrunedPrefill,
+    manifest: dict,
+    output_dir: Path,
+    force,
+    processor,
+    timings,
+    step,
+    fp16=False,
+    inputs: dict[str, torch.Tensor] | None = None,
+    input_graphs: list[InputGraph] = (),
 ):
-    """Export prefill and decode graphs, check them against PyTorch and for TensorRT readiness, and write the
-    bundle atomically; for the tensorrt target also build the TensorRT engine of the prefill."""
+    """Export the adapter's input graphs, prefill and decode, check them against PyTorch (the prefill fed by
+    the exported input graphs) and for TensorRT readiness, and write the bundle atomically; for the tensorrt
+    target also build the TensorRT engine of the prefill."""
     with staged_directory(output_dir, force) as staging:
         start = time.perf_counter()
         with step("ONNX export and check"):
+            pre_paths = {g.name: export_input_graph(g, inputs, staging / f"{g.name}.onnx") for g in input_graphs}
             prefill_path = export_onnx(pruned, staging / "prefill.onnx")
             device_out = pruned()  # on the model's device; parity is measured on the CPU
             torch_out = device_out.cpu()
@@ -170,9 +232,11 @@ def write_bundle(
         timings["onnx_export"] = time.perf_counter() - start
         start = time.perf_counter()
         with step("ONNX Runtime sessions and parity"):
-            engine = OnnxSession(prefill_path).run(**dict(zip(input_names(pruned), pruned.example_args)))
+            produced, parity = run_input_graphs(model, list(input_graphs), pre_paths, inputs) if pre_paths else ({}, {})
+            feeds = dict(zip(input_names(pruned), pruned.example_args)) | produced
+            engine = OnnxSession(prefill_path).run(**feeds)
             engine_out = PrefillOutputs.from_flat([torch.from_numpy(a) for a in engine], len(pruned.settings.stages))
-            parity = prefill_parity(engine_out, torch_out)
+            parity.update(prefill_parity(engine_out, torch_out))
             step_args = decode_example(device_out.cache)
             decode_session = OnnxSession(decode_path)
             decode_engine = decode_session.run(**dict(zip(decode_session.inputs, step_args)))
@@ -183,14 +247,10 @@ def write_bundle(
             )
             manifest["parity"] = dict(manifest.get("parity", {}), **parity)
         timings["session_build+run"] = time.perf_counter() - start
-        findings = {
-            name: check_tensorrt_ready(path) for name, path in (("prefill", prefill_path), ("decode", decode_path))
-        }
+        paths = {**pre_paths, "prefill": prefill_path, "decode": decode_path}
+        findings = {name: check_tensorrt_ready(path) for name, path in paths.items()}
         manifest["tensorrt_readiness"] = {name: [str(f) for f in found] for name, found in findings.items()}
-        graphs = {
-            "prefill": {"file": prefill_path.name, **graph_signature(prefill_path)},
-            "decode": {"file": decode_path.name, **graph_signature(decode_path)},
-        }
+        graphs = {name: {"file": path.name, **graph_signature(path)} for name, path in paths.items()}
         if manifest.get("target") == "tensorrt":
             from clse_fx.export.tensorrt import build_engine
 
@@ -209,6 +269,7 @@ def write_bundle(
             target=manifest.get("target", "onnxruntime"),
             opset=OPSET,
             graphs=graphs,
+            pipeline=list(pre_paths),  # graphs the runtime runs, in order, before the prefill
             timings_s=timings,
         )
         write_manifest(staging, manifest)

@@ -6,6 +6,7 @@ model-specific lives in the adapter, so passes, the reference pruner and exporte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -13,6 +14,19 @@ from torch import nn
 
 from clse_fx.plan import LLAVA_SCHEDULE, ReferenceSchedule
 from clse_fx.scoring import Grid, visual_mask
+
+
+@dataclass
+class InputGraph:
+    """A graph the runtime runs before the prefill: it turns processor outputs into prefill inputs (e.g. the
+    vision tower's features). ``traced``: export by TorchScript tracing, which records data-dependent Python
+    (``.tolist()`` over a fixed grid) as constants, where torch.export would need them symbolic."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    traced: bool = False
 
 
 class ModelAdapter:
@@ -52,6 +66,48 @@ class ModelAdapter:
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Processor outputs -> the tensors the traced prefill takes (e.g. precomputed position ids)."""
         return inputs
+
+    def input_graphs(self, inputs: dict[str, torch.Tensor]) -> list[InputGraph]:
+        """Graphs a bundle runs before the prefill, in order, for prompts like ``inputs`` (none by default:
+        the prefill takes the processor's tensors)."""
+        return []
+
+    def example_inputs(
+        self,
+        batch: int,
+        text_len: int,
+        images: int,
+        generator: torch.Generator,
+        frames: int = 1,
+        image_size: tuple[int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Processor-style inputs of the compiled shape: per row ``text_len`` text tokens with ``images`` image
+        (or video) blocks after the first token. Only shapes are baked into engines; image positions are data.
+        ``frames``: frames per video (video models); ``image_size``: (H, W) pixels where the resolution varies."""
+        raise NotImplementedError
+
+    def example_rows(self, batch: int, text_len: int, block: list[int], generator: torch.Generator) -> torch.Tensor:
+        """[batch, text_len + len(block)] ids: random text with ``block`` (visual placeholders) after token 0."""
+        text_config = self.model.config.get_text_config()
+        special = set(self.visual_token_ids()) | {text_config.pad_token_id}
+        vocab = torch.tensor([i for i in range(text_config.vocab_size) if i not in special])
+        rows = []
+        for _ in range(batch):
+            text = vocab[torch.randint(len(vocab), (text_len,), generator=generator)].tolist()
+            rows.append(text[:1] + block + text[1:])
+        return torch.tensor(rows)
+
+    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
+        """Manifest entries that pin the visual input's shape (the runtime checks processor outputs against them)."""
+        return {}
+
+    def decode_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 1] decode positions -> what the decoder's rotary embedding takes (e.g. one id per M-RoPE axis)."""
+        return position_ids
+
+    def rope_deltas(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] offset of each row's decode positions from the prompt length (non-zero under M-RoPE)."""
+        return torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)
 
     def graph_input_dims(self, name: str) -> dict[int, str] | None:
         """Which dims of an extra graph input are the "batch" and "seq" dims (None: fully static)."""

@@ -9,6 +9,14 @@ from clse_fx.plan import LLAVA_SCHEDULE
 from clse_fx.scoring import Grid
 
 
+def fixed_resolution(model, image_size: tuple[int, int] | None) -> int:
+    """The square input resolution of a CLIP-tower model; any other requested size is an error."""
+    size = model.config.vision_config.image_size
+    if image_size is not None and tuple(image_size) != (size, size):
+        raise ValueError(f"{type(model).__name__}'s vision tower runs at a fixed {size}px; drop --image-size")
+    return size
+
+
 @register_adapter
 class LlavaAdapter(ModelAdapter):
     architectures = ("LlavaForConditionalGeneration",)
@@ -32,3 +40,17 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError(f"{num_visual} image tokens is not a whole number of {per_image}-token images")
         side = int(round(per_image**0.5))
         return (num_visual // per_image, side, side)
+
+    def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
+        if frames != 1:
+            raise ValueError("LLaVA takes still images; drop --frames")
+        size = fixed_resolution(self.model, image_size)
+        block = [self.visual_token_ids()[0]] * self.tokens_per_image() * images
+        input_ids = self.example_rows(batch, text_len, block, generator)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if images:
+            inputs["pixel_values"] = torch.randn(batch * images, 3, size, size, generator=generator)
+        return inputs
+
+    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
+        return {"image_size": self.model.config.vision_config.image_size}

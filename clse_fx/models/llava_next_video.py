@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from clse_fx.models.base import ModelAdapter, register_adapter
+from clse_fx.models.llava import fixed_resolution
 from clse_fx.plan import LLAVA_SCHEDULE
 from clse_fx.scoring import Grid
 
@@ -41,3 +42,16 @@ class LlavaNextVideoAdapter(ModelAdapter):
         if inputs.get("pixel_values") is not None:
             raise ValueError("LLaVA-NeXT-Video still images (tiles with newline tokens) are not supported; pass videos")
         return inputs
+
+    def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
+        if images != 1:
+            raise ValueError("LLaVA-NeXT-Video bundles take one video per prompt; use --images 1 and --frames N")
+        size = fixed_resolution(self.model, image_size)
+        block = [self.visual_token_ids()[0]] * self.tokens_per_image() * frames
+        input_ids = self.example_rows(batch, text_len, block, generator)
+        pixels = torch.randn(batch, frames, 3, size, size, generator=generator)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": pixels}
+
+    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
+        frames = inputs["pixel_values_videos"].shape[1]
+        return {"image_size": self.model.config.vision_config.image_size, "frames": frames}

@@ -10,11 +10,12 @@ modality (images or a video), since one spectral grid describes all visual token
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from clse_fx.models.base import ModelAdapter, register_adapter
+from clse_fx.models.base import InputGraph, ModelAdapter, register_adapter
 from clse_fx.plan import QWEN2_VL_SCHEDULE
-from clse_fx.scoring import Grid
+from clse_fx.scoring import Grid, running_count, visual_mask
 
 # Processor outputs per modality: (pixels, grid, graph input holding the vision tower's output).
 MODALITIES = {
@@ -23,13 +24,57 @@ MODALITIES = {
 }
 
 
+class MRopeIndex(nn.Module):
+    """(input_ids, attention_mask) -> (position_ids [3, B, S], rope_deltas [B]): ``get_rope_index`` in static
+    tensor ops, for prompts whose visual items all share one merged grid (the compiled resolution).
+
+    ``get_rope_index`` walks token groups in Python, which no exporter can stage. Here each token's position
+    follows from two running counts: text tokens before it, and visual items before it (each advances the text
+    position by ``max(H, W)``); a visual token adds its (t * interval, h, w) offset inside its item. Padding
+    gets 0, as upstream.
+    """
+
+    def __init__(self, token_ids: tuple[int, ...], grid: Grid, time_interval: float = 1.0) -> None:
+        super().__init__()
+        self.token_ids, self.grid, self.time_interval = token_ids, grid, time_interval
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, h, w = self.grid
+        valid = attention_mask.bool()
+        visual = visual_mask(input_ids, self.token_ids) & valid
+        text = valid & ~visual
+        text_before = running_count(text, 1) - text.long()
+        visual_before = running_count(visual, 1) - visual.long()
+        offset = visual_before % (t * h * w)  # a visual token's index inside its item
+        start = text_before + visual_before // (t * h * w) * max(h, w)
+        frame = (torch.div(offset, h * w, rounding_mode="floor") * self.time_interval).long()
+        axes = (frame, torch.div(offset, w, rounding_mode="floor") % h, offset % w)
+        position_ids = torch.stack([torch.where(visual, start + axis, start) for axis in axes])
+        position_ids = torch.where(valid, position_ids, 0)
+        deltas = position_ids.amax(dim=(0, 2)) + 1 - valid.sum(dim=1)
+        return position_ids, deltas
+
+
+class VisionEncoder(nn.Module):
+    """Pixels -> visual features for a fixed batch of items of one grid (the compiled resolution)."""
+
+    def __init__(self, model: nn.Module, modality: str, grid_thw: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.modality = model, modality
+        self.register_buffer("grid_thw", grid_thw.clone(), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        inner = self.model.model
+        encode = inner.get_image_features if self.modality == "image" else inner.get_video_features
+        return torch.cat(encode(pixels, self.grid_thw, return_dict=True).pooler_output, dim=0)
+
+
 @register_adapter
 class Qwen2VLAdapter(ModelAdapter):
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     schedule = QWEN2_VL_SCHEDULE
     layers_path = "model.language_model.layers"
     graph_inputs = ("position_ids", "image_embeds", "video_embeds")
-    bundles = False  # the vision tower is not an exported graph yet, so bundles could not run from pixels
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id, self.model.config.video_token_id)
@@ -60,6 +105,8 @@ class Qwen2VLAdapter(ModelAdapter):
         if modality is None:
             return {}
         pixels, grid, embeds = MODALITIES[modality]
+        if inputs.get("position_ids") is not None and inputs.get(embeds) is not None:
+            return {"position_ids": inputs["position_ids"], embeds: inputs[embeds]}  # precomputed (e.g. on meta)
         model = self.model.model
         position_ids, _ = model.get_rope_index(
             inputs["input_ids"],
@@ -71,6 +118,78 @@ class Qwen2VLAdapter(ModelAdapter):
         with torch.no_grad():
             features = encode(inputs[pixels], inputs[grid], return_dict=True)
         return {"position_ids": position_ids, embeds: torch.cat(features.pooler_output, dim=0)}
+
+    def _time_interval(self, modality: str, inputs: dict) -> float:
+        """Temporal M-RoPE step of a video's grid steps (Qwen2.5-VL scales it by the frame timing)."""
+        tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", None)
+        if modality != "video" or tokens_per_second is None:
+            return 1.0
+        seconds = inputs.get("second_per_grid_ts")
+        values = {1.0} if seconds is None else {float(x) for x in torch.as_tensor(seconds).flatten().tolist()}
+        if len(values) != 1:
+            raise ValueError(f"videos of different frame timings {sorted(values)}; compile one timing at a time")
+        return tokens_per_second * values.pop()
+
+    def input_graphs(self, inputs: dict[str, torch.Tensor]) -> list[InputGraph]:
+        modality = self._modality(inputs)
+        if modality is None:
+            return []
+        pixels, grid_name, embeds = MODALITIES[modality]
+        t, h, w = self.visual_grid(self.merged_tokens(inputs[grid_name][:1]), **{grid_name: inputs[grid_name]})
+        rope = MRopeIndex(self.visual_token_ids(), (t, h, w), self._time_interval(modality, inputs))
+        return [
+            InputGraph("vision", VisionEncoder(self.model, modality, inputs[grid_name]), (pixels,), (embeds,), True),
+            InputGraph("rope", rope, ("input_ids", "attention_mask"), ("position_ids", "rope_deltas")),
+        ]
+
+    def merged_tokens(self, grid_thw: torch.Tensor) -> int:
+        """Visual tokens the items of ``grid_thw`` [N, 3] become after the spatial merge."""
+        return int(grid_thw.prod(dim=-1).sum()) // self.model.config.vision_config.spatial_merge_size**2
+
+    def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
+        vision = self.model.config.vision_config
+        step = vision.patch_size * vision.spatial_merge_size
+        height, width = image_size or (16 * step, 16 * step)
+        if height % step or width % step:
+            raise ValueError(f"--image-size must be a multiple of {step} pixels (patch x merge) on each side")
+        modality = "video" if frames > 1 else "image"
+        pixels, grid_name, _ = MODALITIES[modality]
+        grid = torch.tensor([[frames, height // vision.patch_size, width // vision.patch_size]] * batch * images)
+        token = self.visual_token_ids()[modality == "video"]
+        config = self.model.config
+        item = [config.vision_start_token_id] + [token] * self.merged_tokens(grid[:1]) + [config.vision_end_token_id]
+        block = item * images
+        input_ids = self.example_rows(batch, text_len, block, generator)
+        channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            pixels: torch.randn(int(grid.prod(dim=-1).sum()), channels, generator=generator),
+            grid_name: grid,
+            "mm_token_type_ids": (input_ids == token).int() * (2 if modality == "video" else 1),
+        }
+
+    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
+        modality = self._modality(inputs)
+        grid = inputs[MODALITIES[modality][1]][0].tolist()
+        patch = self.model.config.vision_config.patch_size
+        return {"modality": modality, "grid_thw": grid, "image_size": [grid[1] * patch, grid[2] * patch]}
+
+    def decode_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return position_ids[None].expand(3, -1, -1)  # text tokens: one id on every M-RoPE axis
+
+    def rope_deltas(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        modality = self._modality(inputs)
+        if modality is None:
+            return super().rope_deltas(inputs)
+        grid = MODALITIES[modality][1]
+        _, deltas = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            **{key: inputs[key] for key in (grid, "second_per_grid_ts") if inputs.get(key) is not None},
+        )
+        return deltas.reshape(-1)
 
     def graph_input_dims(self, name: str) -> dict[int, str] | None:
         return {1: "batch", 2: "seq"} if name == "position_ids" else None
