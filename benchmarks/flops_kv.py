@@ -32,42 +32,13 @@ def graph_flops(program: PrunedPrefill) -> int:
 def llava_7b(budgets: tuple[int, ...] = (192, 128, 64), text_len: int = 40) -> dict:
     """FLOP and KV ratios for LLaVA-1.5-7B, with the vision tower's share stated separately."""
     model = geometry.build(geometry.LLAVA_7B, device="meta")
-    pixels = geometry.prompt(model, text_len, device="meta")["pixel_values"]
-    vision_flops = count_flops(lambda px: model.model.get_image_features(pixel_values=px), pixels)
-    text_cfg = model.config.text_config
-    head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
-    rows = []
-    unpruned_flops = None
-    for keep in budgets:
-        pruned, unpruned = pruned_and_unpruned(model, keep, text_len)
-        if unpruned_flops is None:
-            unpruned_flops = graph_flops(unpruned)
-        flops = graph_flops(pruned)
-        plan = pruned.settings.prune.plan
-        kv = {
-            policy: kv_cache_bytes(
-                kv_cache_tokens(plan, text_len, policy), 1, text_cfg.num_key_value_heads, head_dim, 2
-            )
-            for policy in ("uniform", "per-layer")
-        }
-        kv_full = kv_cache_bytes([text_len + 576] * 32, 1, text_cfg.num_key_value_heads, head_dim, 2)
-        rows.append(
-            {
-                "budget": keep,
-                "stages": [list(s) for s in plan.stages],
-                "avg_visual_tokens": plan.avg_visual_tokens,
-                "flops_unpruned": unpruned_flops,
-                "flops_pruned": flops,
-                "flops_ratio": unpruned_flops / flops,
-                "llm_flops_ratio": (unpruned_flops - vision_flops) / (flops - vision_flops),
-                "kv_bytes_unpruned_fp16": kv_full,
-                "kv_bytes_pruned_fp16": kv["uniform"],
-                "kv_ratio_uniform": kv_full / kv["uniform"],
-                "kv_ratio_per_layer": kv_full / kv["per-layer"],
-                # The paper's 5.59x is reproduced at this many text tokens (uniform policy).
-                "kv_ratio_at_50_text_tokens": (50 + 576) / (50 + plan.stages[-1][1]),
-            }
-        )
+    meta = geometry.prompt(model, text_len, device="meta")
+    vision_flops = count_flops(lambda px: model.model.get_image_features(pixel_values=px), meta["pixel_values"])
+    rows = family_rows(model, budgets, geometry.prompt(model, text_len), meta)
+    for row in rows:
+        row["llm_flops_ratio"] = (row["flops_unpruned"] - vision_flops) / (row["flops_pruned"] - vision_flops)
+        # The paper's 5.59x is reproduced at this many text tokens (uniform policy).
+        row["kv_ratio_at_50_text_tokens"] = (50 + 576) / (50 + row["stages"][-1][1])
     return {
         "model": "LLaVA-1.5-7B geometry (meta device, no weights)",
         "text_tokens": text_len,
@@ -78,28 +49,29 @@ def llava_7b(budgets: tuple[int, ...] = (192, 128, 64), text_len: int = 40) -> d
     }
 
 
-def _family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dict]:
-    """Decoder FLOPs (vision excluded) and uniform-policy KV ratios of ``model`` per budget, on meta graphs."""
+def family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dict]:
+    """Prefill FLOPs (pruned graph vs the same graph with no stage) and fp16 KV bytes under both policies, per
+    budget, on weightless graphs; ``cpu_inputs`` are the same prompt with readable ids (for the plan)."""
     adapter = adapter_for(model)
     num_visual = int(adapter.visual_mask(cpu_inputs["input_ids"]).sum())
-    other = cpu_inputs["input_ids"].shape[1] - num_visual
+    other = cpu_inputs["input_ids"].shape[1] - num_visual  # text and any vision start/end markers
     text_cfg = model.config.get_text_config()
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+
+    def kv_bytes(tokens: list[int]) -> int:
+        return kv_cache_bytes(tokens, 1, text_cfg.num_key_value_heads, head_dim, 2)
+
     rows, unpruned_flops = [], None
     for keep in budgets:
         prune = PruneConfig(plan=plan_budget(keep, adapter.num_layers, num_visual, schedule=adapter.schedule))
         settings = pass_settings(model, prune, cpu_inputs)
-        pruned = prune_prefill(model, prune, meta_inputs, settings=settings)
         if unpruned_flops is None:
             unpruned = prune_prefill(model, prune, meta_inputs, settings=dataclasses.replace(settings, stages=()))
             unpruned_flops = graph_flops(unpruned)
+        flops = graph_flops(prune_prefill(model, prune, meta_inputs, settings=settings))
         plan = prune.plan
-        kv = [
-            kv_cache_bytes(
-                tokens, 1, text_cfg.num_key_value_heads, text_cfg.hidden_size // text_cfg.num_attention_heads, 2
-            )
-            for tokens in (kv_cache_tokens(plan, other, "uniform"), [other + num_visual] * plan.num_layers)
-        ]
-        flops = graph_flops(pruned)
+        kv_full = kv_bytes([other + num_visual] * plan.num_layers)
+        kv = {policy: kv_bytes(kv_cache_tokens(plan, other, policy)) for policy in ("uniform", "per-layer")}
         rows.append(
             {
                 "budget": keep,
@@ -108,7 +80,10 @@ def _family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[di
                 "flops_unpruned": unpruned_flops,
                 "flops_pruned": flops,
                 "flops_ratio": unpruned_flops / flops,
-                "kv_ratio_uniform": kv[1] / kv[0],
+                "kv_bytes_unpruned_fp16": kv_full,
+                "kv_bytes_pruned_fp16": kv["uniform"],
+                "kv_ratio_uniform": kv_full / kv["uniform"],
+                "kv_ratio_per_layer": kv_full / kv["per-layer"],
             }
         )
     return rows
@@ -135,7 +110,7 @@ def qwen2_vl_7b(budgets=(0.334, 0.223, 0.112), text_len: int = 40, side: int = 2
         "model": f"Qwen2-VL-7B geometry (meta device), {side}x{side} merged grid, decoder only",
         "text_tokens": text_len,
         "visual_tokens": side * side,
-        "rows": _family_rows(model, budgets, cpu, meta),
+        "rows": family_rows(model, budgets, cpu, meta),
     }
 
 
@@ -150,7 +125,7 @@ def llava_next_video_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> 
         "text_tokens": text_len,
         "visual_tokens": frames * 144,
         "paper_video_llava_194": {"flops_ratio": 9.35, "kv_ratio": 8.70, "visual_tokens": 2048},
-        "rows": _family_rows(model, budgets, cpu, meta),
+        "rows": family_rows(model, budgets, cpu, meta),
     }
 
 
