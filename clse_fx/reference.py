@@ -237,8 +237,10 @@ def reference_generate(
     against a transformers ``DynamicCache`` holding the pruned KV. Returns [B, max_new_tokens] token ids.
 
     Decode positions continue after the unpruned prompt length, shifted by the model's own rope deltas
-    (M-RoPE). With padding the model needs every layer's cache to be equally long, so padded batches need
-    the uniform policy here.
+    (M-RoPE). Each step is the unmodified model's forward, except for padded batches under the per-layer
+    policy: there the layers' caches differ in length, which one model-level mask cannot describe, so the
+    decoder layers run one by one, each with its cache's padding mask gathered from ``attention_mask`` at
+    the positions that layer kept.
     """
     from transformers import DynamicCache
 
@@ -248,24 +250,41 @@ def reference_generate(
     deltas = adapter.rope_deltas(inputs)[:, None]
     batch, seq = input_ids.shape
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if padded and config.kv_policy != "uniform":
-        raise ValueError("reference_generate supports padded batches with the uniform KV policy only")
     cache = DynamicCache()
     for layer_idx, (key, value) in enumerate(out.cache):
         cache.update(key, value, layer_idx)
-    kept_mask = attention_mask.gather(1, out.positions) if padded else None
+    # Per layer: which cached tokens are real (not padding); the model-level mask when all layers agree.
+    kept_masks = [attention_mask.gather(1, positions) for positions in out.cache_positions] if padded else None
     token = out.logits[:, -1].argmax(dim=-1)
     generated = [token]
     for step in range(max_new_tokens - 1):
-        if kept_mask is not None:
-            kept_mask = torch.cat([kept_mask, torch.ones(batch, 1, dtype=kept_mask.dtype)], dim=1)
-        logits = model(
-            input_ids=token[:, None],
-            attention_mask=kept_mask,
-            position_ids=adapter.decode_position_ids(seq + step + deltas),
-            cache=cache,
-            use_cache=True,
-        ).logits
+        position_ids = adapter.decode_position_ids(seq + step + deltas)
+        if kept_masks is not None:
+            kept_masks = [torch.cat([m, torch.ones(batch, 1, dtype=m.dtype)], dim=1) for m in kept_masks]
+        if kept_masks is None or config.kv_policy == "uniform":
+            mask = kept_masks[-1] if kept_masks else None
+            logits = model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            ).logits
+        else:
+            logits = _decode_layer_by_layer(model, adapter, token, position_ids, kept_masks, cache)
         token = logits[:, -1].argmax(dim=-1)
         generated.append(token)
     return torch.stack(generated, dim=1)
+
+
+def _decode_layer_by_layer(model, adapter, token, position_ids, kept_masks, cache) -> torch.Tensor:
+    """One decode step through the model's own modules, with a padding mask per layer ([B, L_i] bool)."""
+    decoder = adapter.decoder()
+    hidden = model.get_input_embeddings()(token[:, None])
+    position_embeddings = decoder.rotary_emb(hidden, position_ids)
+    for layer, kept in zip(decoder.layers, kept_masks):
+        hidden = layer(
+            hidden,
+            attention_mask=kept.bool()[:, None, None, :],
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+    return adapter.lm_head()(decoder.norm(hidden))

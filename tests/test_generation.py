@@ -72,14 +72,16 @@ def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
     assert timings.prefill_ms > 0 and timings.decode_ms_per_token > 0
 
 
-def test_left_padded_prompts_from_the_processor_equal_reference(tiny_llava, bundles):
-    """Engine.encode left-pads short prompts; the padded rows still match the reference (uniform policy)."""
-    engine = Engine.load(bundles[(2, "uniform", "1:20,2:10,3:4")])
+@pytest.mark.parametrize("policy", ["uniform", "per-layer"])
+def test_left_padded_prompts_from_the_processor_equal_reference(tiny_llava, bundles, policy):
+    """Engine.encode left-pads short prompts; the padded rows still match the reference under both KV policies
+    (per-layer: every layer's cache has its own length, and its padding sits at the front of each)."""
+    engine = Engine.load(bundles[(2, policy, "1:20,2:10,3:4")])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8))
     feeds = engine.encode([image, image], ["describe ?", "how many red star ?"])
     assert feeds["attention_mask"][0].sum() < feeds["attention_mask"][1].sum() <= feeds["input_ids"].shape[1]
     generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,2:10,3:4"))
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,2:10,3:4"), kv_policy=policy)
     expected = reference_generate(
         tiny_llava, prune, *(torch.from_numpy(feeds[k]) for k in ("input_ids", "pixel_values", "attention_mask"))
     )
