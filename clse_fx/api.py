@@ -197,6 +197,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         "image_token_id": adapter.visual_token_ids()[0],
         "pad_token_id": text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0,
         "eos_token_id": model.generation_config.eos_token_id,
+        "max_position_embeddings": getattr(text_cfg, "max_position_embeddings", None),  # caps prompt + generation
         "kv_cache_bytes": {"pruned": kv[kv_policy], "unpruned": kv_unpruned, "dtype": "float32"},
         "versions": _versions(),
     }

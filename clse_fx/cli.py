@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="bundle directory (default: clse-out/<model name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--dump-graph", metavar="FILE", help="write the graph before/after each pass to FILE")
+    parser.add_argument(
+        "--triton-repo", metavar="DIR", help="also write a Triton model repository for the bundle to DIR"
+    )
     return parser
 
 
@@ -164,8 +168,12 @@ def compile_main(argv: list[str] | None = None) -> int:
             output = Path(args.output or Path("clse-out") / ("demo" if args.demo else model_dir.name))
             if args.target == "torch-compile":
                 output = None  # an in-process module; the report shows its parity
+                if args.triton_repo:
+                    raise ValueError("--triton-repo needs a bundle; use an ONNX Runtime or TensorRT --target")
             elif output.exists() and not args.force:
                 raise FileExistsError(f"output directory {output} already exists; pass --force to replace it")
+            if args.triton_repo and Path(args.triton_repo).exists() and not args.force:
+                raise FileExistsError(f"output directory {args.triton_repo} already exists; pass --force to replace it")
             with step("loading the checkpoint"):
                 from clse_fx.api import compile as compile_model
                 from clse_fx.api import load_checkpoint
@@ -194,6 +202,12 @@ def compile_main(argv: list[str] | None = None) -> int:
                 progress=step,
             )
         _report(console, result, result.bundle)
+        if args.triton_repo:
+            from clse_fx.export.triton import write_triton_repo
+
+            with step("Triton model repository"):
+                repo = write_triton_repo(result.bundle, args.triton_repo, force=args.force)
+            console.print(f"Triton model repository: serve it with tritonserver --model-repository {repo.resolve()}")
         if args.check == "tensorrt":
             return _report_tensorrt_readiness(console, result)
         return 0
@@ -265,6 +279,76 @@ def run_main(argv: list[str] | None = None) -> int:
                 f"[prefill {t.prefill_ms:.1f} ms, decode {t.decode_ms_per_token:.2f} ms/token, "
                 f"KV cache {t.kv_cache_bytes / 1024:.1f} KiB]"
             )
+    return 0
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    from clse_fx.serve import Limits
+
+    parser = argparse.ArgumentParser(
+        prog="clse-serve",
+        description="Serve a bundle with Ray Serve: POST /generate, GET /health, GET /metadata. Ctrl-C stops it.",
+    )
+    parser.add_argument("bundle", help="bundle directory written by clse-compile (same path on every node)")
+    parser.add_argument("--replicas", type=int, default=1, help="copies of the engines, one Ray actor each")
+    parser.add_argument("--address", help="join this Ray cluster (e.g. head-node:6379); default: start a local one")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP address; 0.0.0.0 accepts other machines")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="e.g. 1 for onnxruntime-gpu bundles")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: its CPUs)")
+    parser.add_argument("--image-root", help="allow image_path requests for files under this directory")
+    parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes)
+    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
+    parser.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens, help="the most a request may ask")
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = _serve_parser().parse_args(argv)
+    import signal
+    import time
+
+    from clse_fx import serve
+
+    _quiet_transformers()
+    try:
+        if min(args.replicas, args.max_image_bytes, args.max_image_pixels, args.max_new_tokens) < 1:
+            raise ValueError("--replicas, --max-image-bytes, --max-image-pixels and --max-new-tokens must be >= 1")
+        if args.image_root and not Path(args.image_root).is_dir():
+            raise ValueError(f"--image-root {args.image_root} is not a directory")
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("clse-serve needs Ray Serve: pip install 'clse-fx[serve]'")
+        limits = serve.Limits(
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_new_tokens=args.max_new_tokens,
+            image_root=args.image_root,
+        )
+        url = serve.start(
+            args.bundle,
+            limits,
+            address=args.address,
+            host=args.host,
+            port=args.port,
+            replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            cpus_per_replica=args.cpus_per_replica,
+            gpus_per_replica=args.gpus_per_replica,
+            threads=args.threads,
+        )
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"serving {args.bundle} at {url}: POST /generate, GET /health, GET /metadata; Ctrl-C stops", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)  # either one stops the service cleanly
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.stop(local=args.address is None)
     return 0
 
 

@@ -134,7 +134,7 @@ class Engine:
             raise ValueError("max_new_tokens must be >= 1")
         if not prompts:
             return []
-        stops = set(self._default_stops() if stop_token_ids is None else stop_token_ids)
+        stops = set(self.default_stops() if stop_token_ids is None else stop_token_ids)
         rng = np.random.default_rng(seed)
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch):
@@ -149,7 +149,8 @@ class Engine:
                 results.append(Generation(token_ids=tokens, text=text, timings=timings))
         return results
 
-    def _default_stops(self) -> list[int]:
+    def default_stops(self) -> list[int]:
+        """The model's end-of-sequence token ids, from the manifest."""
         eos = self.manifest.get("eos_token_id")
         return [] if eos is None else eos if isinstance(eos, list) else [eos]
 

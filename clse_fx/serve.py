@@ -1,0 +1,346 @@
+"""``clse-serve``: a compiled bundle behind Ray Serve (``POST /generate``, ``GET /health``, ``GET /metadata``).
+
+Every replica loads the bundle's engines once. A request is validated and encoded to the compiled shapes
+before it is queued, so a bad one gets a 4xx and never fails the batch it would have joined; valid requests
+are grouped by ``@serve.batch`` into the bundle's compiled batch.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from clse_fx.export.bundle import read_manifest
+from clse_fx.runtime import Engine
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+APP_NAME = "clse"
+DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
+FIELDS = (
+    "prompt",
+    "image",
+    "image_path",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "seed",
+    "stop_token_ids",
+    "chat",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Server-side image paths are refused unless ``image_root`` is set."""
+
+    max_image_bytes: int = 20 << 20
+    max_image_pixels: int = 4096 * 4096
+    max_new_tokens: int = 256
+    image_root: str | None = None
+
+
+class RequestError(Exception):
+    """A refused request: the HTTP status to answer and a one-line message saying what to change."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Prepared:
+    """A validated request: one row of compiled-shape feeds and its generation settings."""
+
+    feeds: dict[str, np.ndarray]
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    seed: int | None
+    stops: frozenset[int]
+
+    def group(self) -> tuple:
+        """Requests with equal groups share engine calls; a seeded sample runs alone, so only its seed decides it."""
+        if not self.do_sample:
+            return (False, self.stops)
+        if self.seed is not None:
+            return (id(self),)
+        return (True, self.temperature, self.top_k, self.stops)
+
+
+def max_new_tokens_limit(manifest: dict, limits: Limits) -> int:
+    """The configured cap, lowered to the positions the model has left when the manifest records them."""
+    positions = manifest.get("max_position_embeddings")
+    if positions is None:
+        return limits.max_new_tokens
+    return min(limits.max_new_tokens, positions - manifest["geometry"]["sequence_length"])
+
+
+def _typed(body: dict, name: str, kind: type, default):
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise RequestError(422, f"{name} must be {'a number' if kind is float else f'a JSON {kind.__name__}'}")
+    return float(value) if kind is float else value
+
+
+def _base64_bytes(text: str, limits: Limits) -> bytes:
+    text = "".join(text.partition(",")[2].split() if text.startswith("data:") else text.split())
+    if len(text) > 4 * (limits.max_image_bytes // 3 + 1):
+        raise RequestError(413, f"the image is over the {limits.max_image_bytes}-byte limit; send a smaller one")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(400, "image is not valid base64; send the image file's bytes base64-encoded") from error
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(413, f"the image is over the {limits.max_image_bytes}-byte limit; send a smaller one")
+    return data
+
+
+def _path_bytes(path: str, limits: Limits) -> bytes:
+    if limits.image_root is None:
+        raise RequestError(
+            403, "server-side image paths are disabled; send the image as base64 or start clse-serve with --image-root"
+        )
+    root = Path(limits.image_root).resolve()
+    try:
+        target = (root / path).resolve()
+        inside = target.is_relative_to(root)
+    except (OSError, ValueError) as error:
+        raise RequestError(400, f"image_path {path!r} is not a usable path ({error})") from error
+    if not inside:
+        raise RequestError(403, f"image_path {path!r} is outside the server's image root; use a path under it")
+    if not target.is_file():
+        raise RequestError(404, f"image_path {path!r} is not a file under the server's image root")
+    if target.stat().st_size > limits.max_image_bytes:
+        raise RequestError(413, f"the image is over the {limits.max_image_bytes}-byte limit; send a smaller one")
+    return target.read_bytes()
+
+
+def _decode_image(data: bytes, limits: Limits):
+    from PIL import Image, UnidentifiedImageError
+
+    too_large = f"the image has more than the {limits.max_image_pixels} pixels allowed; downscale it"
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > limits.max_image_pixels:
+            raise RequestError(413, too_large)
+        return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise RequestError(413, too_large) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RequestError(400, f"cannot decode the image ({error}); send a PNG, JPEG or WebP file") from error
+
+
+def load_images(body: dict, limits: Limits) -> list:
+    """The request's images, from base64 (``image``) or server-side paths (``image_path``), each checked."""
+    if ("image" in body) == ("image_path" in body):
+        raise RequestError(422, "send exactly one of image (base64) or image_path (a file under the image root)")
+    name = "image" if "image" in body else "image_path"
+    values = body[name] if isinstance(body[name], list) else [body[name]]
+    if not values or not all(isinstance(value, str) for value in values):
+        raise RequestError(422, f"{name} must be a string or a list of strings")
+    read = _base64_bytes if name == "image" else _path_bytes
+    return [_decode_image(read(value, limits), limits) for value in values]
+
+
+def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
+    """Validate a /generate body and encode it to one compiled-shape row; RequestError says what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise RequestError(422, "prompt (a string) is required")
+    limit = max_new_tokens_limit(engine.manifest, limits)
+    max_new_tokens = _typed(body, "max_new_tokens", int, min(DEFAULT_NEW_TOKENS, limit))
+    if not 1 <= max_new_tokens <= limit:
+        raise RequestError(422, f"max_new_tokens must be between 1 and {limit}, the server's limit")
+    do_sample = _typed(body, "do_sample", bool, False)
+    temperature = _typed(body, "temperature", float, 1.0)
+    top_k = _typed(body, "top_k", int, 0)
+    seed = _typed(body, "seed", int, None)
+    chat = _typed(body, "chat", bool, False)
+    vocab = engine.manifest["graphs"]["prefill"]["outputs"][0]["shape"][-1]
+    if do_sample and not temperature > 0:
+        raise RequestError(422, "temperature must be > 0 when do_sample is true")
+    if not 0 <= top_k <= vocab:
+        raise RequestError(422, f"top_k must be between 0 (all tokens) and the vocabulary size {vocab}")
+    if seed is not None and seed < 0:
+        raise RequestError(422, "seed must be a non-negative integer")
+    stops = body.get("stop_token_ids")
+    if stops is not None and not (
+        isinstance(stops, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stops)
+    ):
+        raise RequestError(422, "stop_token_ids must be a list of token ids")
+    images = load_images(body, limits)
+    try:
+        feeds = engine.encode([images], [prompt], chat)
+    except ValueError as error:
+        raise RequestError(422, str(error)) from error
+    return Prepared(
+        feeds=feeds,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        stops=frozenset(engine.default_stops() if stops is None else stops),
+    )
+
+
+def run_batch(engine: Engine, items: list[Prepared]) -> list[dict]:
+    """Answer prepared requests: each group of equal settings runs in chunks of the compiled batch, a short
+    chunk padded with copies of its last row (as ``Engine.generate`` does), each row cut to its own limit."""
+    results: list[dict] = [{} for _ in items]
+    groups = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[item.group()].append(index)
+    for indices in groups.values():
+        for start in range(0, len(indices), engine.batch):
+            chunk = indices[start : start + engine.batch]
+            rows = chunk + [chunk[-1]] * (engine.batch - len(chunk))
+            feeds = {name: np.concatenate([items[i].feeds[name] for i in rows]) for name in items[chunk[0]].feeds}
+            first = items[chunk[0]]
+            ids, timings = engine.generate_ids(
+                feeds,
+                max(items[i].max_new_tokens for i in chunk),
+                first.do_sample,
+                first.temperature,
+                first.top_k,
+                np.random.default_rng(first.seed),
+                first.stops,
+            )
+            for index, tokens in zip(chunk, ids):
+                tokens = tokens[: items[index].max_new_tokens]
+                results[index] = {
+                    "text": engine.processor.tokenizer.decode(tokens, skip_special_tokens=True),
+                    "token_ids": tokens,
+                    "timings": vars(timings),
+                    "batch_size": len(chunk),
+                }
+    return results
+
+
+def build_app(
+    bundle: str | Path,
+    limits: Limits,
+    replicas: int = 1,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    threads: int | None = None,
+) -> "Application":
+    """The Ray Serve application: ``replicas`` copies of the bundle's engines behind one FastAPI ingress."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    bundle = Path(bundle).resolve()
+    batch = read_manifest(bundle, verify=False)["geometry"]["batch"]
+    threads = threads or max(1, int(cpus_per_replica))
+    api = FastAPI(title="clse-serve", description=f"CLSE-pruned bundle {bundle.name}")
+
+    @serve.deployment(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        max_ongoing_requests=max(8, 4 * batch),
+    )
+    @serve.ingress(api)
+    class BundleServer:
+        def __init__(self) -> None:
+            self.engine = Engine.load(bundle, threads=threads)
+
+        @api.get("/health")
+        def health(self) -> dict:
+            """Liveness, and the compiled batch size."""
+            return {"status": "ok", "batch": self.engine.batch}
+
+        @api.get("/metadata")
+        def metadata(self) -> dict:
+            """The bundle's manifest."""
+            return self.engine.manifest
+
+        @api.post("/generate")
+        async def generate(self, request: Request) -> JSONResponse:
+            """Answer one prompt about its image(s): text, token ids and timings, or a 4xx saying what to fix."""
+            start = time.perf_counter()
+            try:
+                body = await request.json()
+            except ValueError:
+                return JSONResponse({"error": "the request body is not JSON; send a JSON object"}, status_code=400)
+            try:
+                prepared = await asyncio.to_thread(parse_request, body, self.engine, limits)
+                result = await self.batched(prepared)
+            except RequestError as error:
+                return JSONResponse({"error": str(error)}, status_code=error.status)
+            except Exception as error:  # a failed engine call answers 500; the replica keeps serving
+                return JSONResponse({"error": f"generation failed: {error}"}, status_code=500)
+            result["timings"] = dict(result["timings"], total_ms=(time.perf_counter() - start) * 1e3)
+            return JSONResponse(result)
+
+        @serve.batch(max_batch_size=batch, batch_wait_timeout_s=0.01)
+        async def batched(self, items: list[Prepared]) -> list[dict]:
+            return await asyncio.to_thread(run_batch, self.engine, items)
+
+    return BundleServer.bind()
+
+
+def start(
+    bundle: str | Path,
+    limits: Limits,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    num_cpus: int | None = None,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+    threads: int | None = None,
+) -> str:
+    """Join the Ray cluster at ``address`` (or start a local one on loopback), deploy, return the base URL.
+    A local cluster is kept on loopback only when Ray is first imported here (it reads the switch at import)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine unless asked
+    if not address:
+        # Single node: Ray would otherwise advertise the machine's outward address instead of loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads)
+    if address:
+        ray.init(address=address, logging_level="warning", log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop(local: bool) -> None:
+    """Remove the application; for a local cluster shut Serve and Ray down too."""
+    import ray
+    from ray import serve
+
+    if local:
+        serve.shutdown()
+    else:
+        serve.delete(APP_NAME)
+    ray.shutdown()

@@ -1,0 +1,229 @@
+"""clse-serve: request validation, batching that answers as Engine.generate does, and the Ray Serve deployment
+on a local loopback cluster under 64 concurrent requests."""
+
+import base64
+import importlib.util
+import io
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clse_fx
+from clse_fx.cli import serve_main
+from clse_fx.runtime import Engine
+from clse_fx.serve import Limits, RequestError, max_new_tokens_limit, parse_request, run_batch
+
+TEXT_LEN = 12
+PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
+LONG_PROMPT = "what is the colour of the red circle left of the blue square and the green star ?"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback traffic only
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8))
+    return [Image.new("RGB", (30, 40), "red"), noise, Image.new("RGB", (48, 48), "blue")]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _b64(image: Image.Image) -> str:
+    return base64.b64encode(_png(image)).decode()
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_llava, tiny_llava_dir, tmp_path_factory):
+    from transformers import AutoProcessor
+
+    out = tmp_path_factory.mktemp("serve") / "bundle"
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    clse_fx.compile(tiny_llava, 8, batch=2, text_len=TEXT_LEN, output_dir=out, processor=processor)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return Engine.load(bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """An image root holding ok.png, next to a file outside it and a symlink from inside to that file."""
+    base = tmp_path_factory.mktemp("images")
+    root = base / "root"
+    root.mkdir()
+    (root / "ok.png").write_bytes(_png(_images()[0]))
+    (base / "secret.png").write_bytes(_png(_images()[1]))
+    (root / "link.png").symlink_to(base / "secret.png")
+    return root
+
+
+def _limits(image_root) -> Limits:
+    return Limits(max_image_bytes=50_000, max_image_pixels=512 * 512, max_new_tokens=16, image_root=str(image_root))
+
+
+def _bad_requests(image_root) -> list[tuple[object, int, str]]:
+    """(body, status, message) for every kind of request the service refuses."""
+    ok = _b64(_images()[0])
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+    return [
+        ([1, 2], 400, "must be a JSON object"),
+        ({"prompt": "describe", "image": ok, "max_tokens": 4}, 422, "unknown field(s) max_tokens"),
+        ({"image": ok}, 422, "prompt (a string) is required"),
+        ({"prompt": "describe", "image": "not base64 !!"}, 400, "not valid base64"),
+        ({"prompt": "describe", "image": base64.b64encode(b"GIF? no").decode()}, 400, "cannot decode the image"),
+        ({"prompt": "describe", "image": _b64(noise)}, 413, "50000-byte limit"),
+        ({"prompt": "describe", "image": _b64(Image.new("RGB", (600, 600)))}, 413, "262144 pixels allowed"),
+        ({"prompt": "describe", "image_path": "../secret.png"}, 403, "outside the server's image root"),
+        ({"prompt": "describe", "image_path": str(image_root.parent / "secret.png")}, 403, "outside"),
+        ({"prompt": "describe", "image_path": "link.png"}, 403, "outside the server's image root"),
+        ({"prompt": "describe", "image_path": "missing.png"}, 404, "not a file under the server's image root"),
+        ({"prompt": "describe", "image": ok, "image_path": "ok.png"}, 422, "exactly one of image"),
+        ({"prompt": "describe"}, 422, "exactly one of image"),
+        ({"prompt": LONG_PROMPT, "image": ok}, 422, "compiled for at most 12; shorten it"),
+        ({"prompt": "  ", "image": ok}, 422, "empty prompt"),
+        ({"prompt": "describe", "image": ok, "max_new_tokens": 17}, 422, "between 1 and 16"),
+        ({"prompt": "describe", "image": ok, "max_new_tokens": 0}, 422, "between 1 and 16"),
+        ({"prompt": "describe", "image": ok, "max_new_tokens": "4"}, 422, "max_new_tokens must be a JSON int"),
+        ({"prompt": "describe", "image": ok, "do_sample": True, "temperature": 0}, 422, "temperature must be > 0"),
+        ({"prompt": "describe", "image": ok, "top_k": 1000}, 422, "top_k must be between 0"),
+        ({"prompt": "describe", "image": ok, "seed": -1}, 422, "seed must be a non-negative"),
+        ({"prompt": "describe", "image": ok, "stop_token_ids": "2"}, 422, "stop_token_ids must be a list"),
+    ]
+
+
+def test_bad_requests_are_refused_with_a_status_and_a_message(engine, image_root):
+    limits = _limits(image_root)
+    for body, status, message in _bad_requests(image_root):
+        with pytest.raises(RequestError) as caught:
+            parse_request(body, engine, limits)
+        assert caught.value.status == status and message in str(caught.value), (status, str(caught.value))
+    with pytest.raises(RequestError, match="server-side image paths are disabled") as caught:
+        parse_request({"prompt": "describe", "image_path": "ok.png"}, engine, Limits())
+    assert caught.value.status == 403
+
+
+def test_accepted_image_forms_and_the_new_token_limit(engine, image_root):
+    limits = _limits(image_root)
+    expected = engine.encode([_images()[0]], ["describe"])
+    wrapped = base64.encodebytes(_png(_images()[0])).decode()  # 76-character lines, as `base64` writes them
+    for image in ({"image_path": "ok.png"}, {"image": f"data:image/png;base64,{wrapped}"}, {"image": [wrapped]}):
+        prepared = parse_request({"prompt": "describe", **image}, engine, limits)
+        assert all(np.array_equal(prepared.feeds[k], expected[k]) for k in expected)
+    manifest = engine.manifest
+    assert max_new_tokens_limit(manifest, Limits(max_new_tokens=256)) == 256
+    positions = dict(manifest, max_position_embeddings=manifest["geometry"]["sequence_length"] + 10)
+    assert max_new_tokens_limit(positions, Limits(max_new_tokens=256)) == 10
+
+
+def test_batched_requests_answer_as_engine_generate(engine, image_root):
+    """Requests of mixed settings in one batch: greedy ones share engine calls (an odd one out fills a padded
+    chunk), each is cut to its own max_new_tokens, and a seeded sample runs alone so only its seed decides it."""
+    limits = _limits(image_root)
+    images = _images()
+    cases = [(0, 0, 8), (1, 1, 8), (2, 2, 3), (0, 3, 8), (1, 2, 5)]
+    sampled = {"do_sample": True, "top_k": 5, "seed": 3}
+    items = [
+        parse_request({"prompt": PROMPTS[p], "image": _b64(images[i]), "max_new_tokens": n}, engine, limits)
+        for i, p, n in cases
+    ]
+    items.append(parse_request({"prompt": PROMPTS[1], "image": _b64(images[0]), **sampled}, engine, limits))
+    results = run_batch(engine, items)
+    for (i, p, n), result in zip(cases, results):
+        (expected,) = engine.generate([images[i]], [PROMPTS[p]], max_new_tokens=n)
+        assert (result["token_ids"], result["text"]) == (expected.token_ids, expected.text)
+    (expected,) = engine.generate([images[0]], [PROMPTS[1]], max_new_tokens=16, **sampled)  # the limit
+    assert results[-1]["token_ids"] == expected.token_ids
+    assert [r["batch_size"] for r in results] == [2, 2, 2, 2, 1, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _call(url: str, body: object = None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with NO_PROXY.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def service(bundle, image_root):
+    """The bundle deployed with 2 replicas on a local 2-CPU Ray cluster, HTTP on loopback."""
+    if importlib.util.find_spec("ray") is None:  # not imported here: serve.start must import Ray first
+        pytest.skip("needs Ray Serve: pip install 'clse-fx[serve]'")
+    from clse_fx import serve
+
+    url = serve.start(bundle, _limits(image_root), port=_free_port(), replicas=2, num_cpus=2, threads=1)
+    try:
+        yield url
+    finally:
+        serve.stop(local=True)
+
+
+def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, engine):
+    import ray
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert _call(f"{service}/health") == (200, {"status": "ok", "batch": 2})
+    assert _call(f"{service}/metadata") == (200, engine.manifest)
+    images = _images()
+    cases = [(i, p) for i in range(len(images)) for p in range(len(PROMPTS))][:8]
+    expected = {(i, p): engine.generate([images[i]], [PROMPTS[p]], max_new_tokens=8)[0] for i, p in cases}
+    bodies = [
+        {"prompt": PROMPTS[p], "image": _b64(images[i]), "max_new_tokens": 8} for i, p in cases * (64 // len(cases))
+    ]
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda body: _call(f"{service}/generate", body), bodies))
+    elapsed = time.monotonic() - start
+    assert [status for status, _ in answers] == [200] * 64, [a for s, a in answers if s != 200][:3]
+    for (i, p), (_, answer) in zip(cases * 8, answers):
+        assert (answer["token_ids"], answer["text"]) == (expected[i, p].token_ids, expected[i, p].text)
+        assert {"prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "total_ms"} <= set(answer["timings"])
+    assert any(answer["batch_size"] == 2 for _, answer in answers)  # @serve.batch filled the compiled batch
+    assert elapsed < 60
+
+
+def test_ray_serve_bad_requests_get_4xx_and_the_service_keeps_answering(service, engine, image_root):
+    generate = f"{service}/generate"
+    assert _call(generate, raw=b"{not json") == (400, {"error": "the request body is not JSON; send a JSON object"})
+    bad = _bad_requests(image_root)
+    good = {"prompt": PROMPTS[0], "image": _b64(_images()[0]), "max_new_tokens": 8}
+    # Bad requests sent alongside good ones: each bad one gets its 4xx, no batch fails, no replica dies.
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: _call(generate, body), [body for body, _, _ in bad] + [good] * 8))
+    for (status, answer), (body, want, message) in zip(answers, bad):
+        assert status == want and message in answer["error"], (body, status, answer)
+    (expected,) = engine.generate([_images()[0]], [PROMPTS[0]], max_new_tokens=8)
+    assert all(answer["token_ids"] == expected.token_ids for _, answer in answers[len(bad) :])
+    assert _call(f"{service}/health")[0] == 200
+    status, answer = _call(generate, {"prompt": PROMPTS[0], "image_path": "ok.png", "max_new_tokens": 8})
+    assert status == 200 and answer["token_ids"] == expected.token_ids
+
+
+def test_clse_serve_cli_refuses_bad_arguments(tmp_path, capsys):
+    assert serve_main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "compile one with clse-compile" in err and len(err.strip().splitlines()) == 1
+    assert serve_main([str(tmp_path), "--replicas", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert serve_main([str(tmp_path), "--image-root", str(tmp_path / "none")]) == 2
+    assert "none is not a directory" in capsys.readouterr().err
