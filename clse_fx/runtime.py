@@ -132,6 +132,12 @@ class Engine:
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one per prompt")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        positions = self.manifest.get("max_position_embeddings")
+        if positions and self.sequence_length + max_new_tokens > positions:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} runs past the model's {positions} positions after a "
+                f"{self.sequence_length}-token prompt; ask for at most {positions - self.sequence_length}"
+            )
         if not prompts:
             return []
         stops = set(self.default_stops() if stop_token_ids is None else stop_token_ids)

@@ -141,6 +141,8 @@ def test_bad_input(tiny_llava, bundles, tmp_path):
         engine.generate([image], ["what is the colour of the red circle left of the blue square ?"])
     with pytest.raises(ValueError, match="no chat template"):
         engine.generate([image], ["what"], chat=True)
+    with pytest.raises(ValueError, match=r"runs past the model's 4096 positions .* ask for at most 4052"):
+        engine.generate([image], ["what"], max_new_tokens=5000)
     ids, pixels = _feeds(tiny_llava, 2)
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
     with pytest.raises(ValueError, match=r"input_ids has shape \[2, 44\] but prefill.onnx was compiled for \[1, 44\]"):
