@@ -120,12 +120,18 @@ def llava_next_video_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> 
     model = geometry.llava_next_video_7b()
     cpu = adapter_for(model).example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), frames=frames)
     meta = {name: tensor.to("meta") for name, tensor in cpu.items()}
+    video = meta["pixel_values_videos"]
+    vision_flops = count_flops(lambda px: model.model.get_video_features(pixel_values_videos=px), video)
+    rows = family_rows(model, budgets, cpu, meta)
+    for row in rows:
+        row["llm_flops_ratio"] = (row["flops_unpruned"] - vision_flops) / (row["flops_pruned"] - vision_flops)
     return {
         "model": f"LLaVA-NeXT-Video-7B geometry (meta device), {frames} frames x 12x12, vision tower included",
         "text_tokens": text_len,
         "visual_tokens": frames * 144,
+        "vision_tower_flops": vision_flops,
         "paper_video_llava_194": {"flops_ratio": 9.35, "kv_ratio": 8.70, "visual_tokens": 2048},
-        "rows": family_rows(model, budgets, cpu, meta),
+        "rows": rows,
     }
 
 

@@ -12,14 +12,17 @@ def _family_table(family: dict) -> list[str]:
     lines = [
         f"### FLOPs and KV cache, {family['model']}, {family['text_tokens']} text + {family['visual_tokens']} visual",
         "",
-        "| budget | stages (layer: keep) | avg visual/layer | prefill FLOPs | FLOPs lower | KV smaller, uniform |",
-        "|---|---|---|---|---|---|",
+        "| budget | stages (layer: keep) | avg visual/layer | prefill FLOPs | FLOPs lower | LLM-only FLOPs lower "
+        "| KV smaller, uniform |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in family["rows"]:
         stages = ", ".join(f"{layer}: {keep}" for layer, keep in row["stages"])
+        llm = f"{row['llm_flops_ratio']:.2f}x" if "llm_flops_ratio" in row else "(decoder only already)"
         lines.append(
             f"| {row['budget']} | {stages} | {row['avg_visual_tokens']:.1f} | {row['flops_unpruned'] / 1e12:.2f} -> "
-            f"{row['flops_pruned'] / 1e12:.2f} TFLOP | {row['flops_ratio']:.2f}x | {row['kv_ratio_uniform']:.2f}x |"
+            f"{row['flops_pruned'] / 1e12:.2f} TFLOP | {row['flops_ratio']:.2f}x | {llm} | "
+            f"{row['kv_ratio_uniform']:.2f}x |"
         )
     paper = family.get("paper_video_llava_194")
     if paper:
