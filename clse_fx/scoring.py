@@ -7,6 +7,7 @@ reference pruner and are traced into the compiled graph.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -137,16 +138,32 @@ def l2_score(z: torch.Tensor) -> torch.Tensor:
 
 
 def random_score(batch: int, n: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random score per visual position, the same for every row: [B, N]."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, generator=generator).expand(batch, n)
+    """A seeded random score per visual position, the same for every row and call: [B, N].
+
+    Drawn with numpy at trace time, so the graph holds a constant (a torch.Generator does not export)."""
+    values = np.random.default_rng(seed).random(n).astype(np.float32)
+    return torch.from_numpy(values).expand(batch, n)
 
 
-def uniform_score(batch: int, n: int, keep: int) -> torch.Tensor:
-    """1 at ``keep`` evenly spaced positions (the centres of keep equal bins), 0 elsewhere: [B, N]."""
-    score = torch.zeros(n)
-    score[(torch.arange(keep) * n + n // 2) // keep] = 1.0
-    return score.expand(batch, n)
+def uniform_score(batch: int, n: int, keep: int, grid: Grid | None = None) -> torch.Tensor:
+    """1 at ``keep`` evenly spread positions, 0 elsewhere: [B, N].
+
+    On an intact (T, H, W) grid the positions form a lattice over its T*H rows and W columns (even spacing of
+    the flat index would keep whole columns whenever W divides the spacing); otherwise they are the centres of
+    ``keep`` equal bins of the sequence.
+    """
+    score = np.zeros(n, dtype=np.float32)
+    if grid is not None and math.prod(grid) == n:
+        rows_total, width = grid[0] * grid[1], grid[2]
+        cols = min(width, max(1, round(math.sqrt(keep * width / rows_total))), keep)
+        cols = max(cols, math.ceil(keep / rows_total))  # enough columns that the rows fit the grid
+        rows = math.ceil(keep / cols)
+        row_at = [int((i + 0.5) * rows_total / rows) for i in range(rows)]
+        col_at = [int((j + 0.5) * width / cols) for j in range(cols)]
+        score[[r * width + c for r in row_at for c in col_at][:keep]] = 1.0
+    else:
+        score[(np.arange(keep) * n + n // 2) // keep] = 1.0
+    return torch.from_numpy(score).expand(batch, n)
 
 
 def combine_scores(
@@ -157,8 +174,10 @@ def combine_scores(
     evo: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     seed: int = 0,
+    grid: Grid | None = None,
 ) -> torch.Tensor:
-    """The [B, N] score of ``score_type`` from whichever inputs it needs (attn/evo [B, N], hidden [B, N, C])."""
+    """The [B, N] score of ``score_type`` from whichever inputs it needs (attn/evo [B, N], hidden [B, N, C];
+    ``grid`` when the N tokens still form the full visual grid)."""
     if score_type == "clse_attn":
         return evo * attn
     if score_type == "clse":
@@ -171,7 +190,7 @@ def combine_scores(
     if score_type == "random":
         return random_score(batch, n, seed).to(hidden.device)
     if score_type == "uniform":
-        return uniform_score(batch, n, keep).to(hidden.device)
+        return uniform_score(batch, n, keep, grid).to(hidden.device)
     raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
 
 
@@ -288,4 +307,5 @@ def score_stage(
     evo = None
     if kind in SPECTRAL_SCORE_TYPES:
         evo = evolution_factor(spectral_energy(z_ref, grid, cutoff), spectral_energy(z_cur, grid, cutoff), temp)
-    return combine_scores(kind, keep, attn=attn, evo=evo, hidden=z_cur, seed=seed + stage_index)
+    intact = grid if stage_index == 0 else None  # later stages score a subset: no longer a grid
+    return combine_scores(kind, keep, attn=attn, evo=evo, hidden=z_cur, seed=seed + stage_index, grid=intact)

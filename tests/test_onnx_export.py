@@ -80,3 +80,21 @@ def test_engine_rejects_shapes_it_was_not_compiled_for(exported):
         OnnxSession(path).run(input_ids=torch.cat([ids, ids[:, :1]], 1), attention_mask=mask, pixel_values=pixels)
     with pytest.raises(ValueError, match="needs input 'pixel_values'"):
         OnnxSession(path).run(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("score", ["random", "uniform"])
+def test_baseline_scores_export_as_constants(tiny_llava, tmp_path, score):
+    """The random and uniform baselines are compile-time constants in the graph: ORT keeps the same tokens."""
+    ids = prompt_ids(tiny_llava, [[5, "img", 7, 8, 9], [5, 7, 8, "img", 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 48, 48)}
+    pruned = prune_prefill(
+        tiny_llava, PruneConfig(plan=plan_budget(None, 4, 36, stages="1:12,3:5"), score=score), inputs
+    )
+    engine = OnnxSession(export_onnx(pruned, tmp_path / "prefill.onnx")).run(
+        **dict(zip(["input_ids", "attention_mask", "pixel_values"], pruned.example_args))
+    )
+    torch_out = pruned.flat()
+    assert np.abs(engine[0] - torch_out[0].numpy()).max() <= 1e-4
+    for e, t in zip(engine[1:4], torch_out[1:4]):
+        assert np.array_equal(e, t.numpy())
+    assert torch.equal(pruned.flat()[2], torch_out[2])  # the same tokens on every call

@@ -117,6 +117,15 @@ def test_score_types():
     assert not torch.equal(combine("random", 2, hidden=hidden, seed=3), combine("random", 2, hidden=hidden, seed=4))
     assert select_topk(combine("uniform", 2, hidden=hidden), 2).tolist() == [[1, 3]]
     assert select_topk(scoring.uniform_score(1, 576, 64), 64)[0].diff().unique().tolist() == [9]
+    # On an intact grid: a lattice over rows and columns, not whole columns of the flat index.
+    kept = select_topk(scoring.uniform_score(1, 576, 64, grid=(1, 24, 24)), 64)[0]
+    assert sorted(set((kept // 24).tolist())) == sorted(set((kept % 24).tolist())) == list(range(1, 24, 3))
+    for grid, keep in [((1, 16, 16), 48), ((1, 7, 9), 20), ((4, 3, 3), 35), ((1, 1, 16), 10), ((1, 16, 1), 10)]:
+        chosen = scoring.uniform_score(1, math.prod(grid), keep, grid=grid)[0]
+        assert chosen.sum() == keep  # exactly ``keep`` distinct positions
+        if grid == (1, 16, 16):
+            assert len(set((chosen.nonzero()[:, 0] % 16).tolist())) == 7  # spread over columns
+    assert torch.equal(scoring.random_score(2, 9, seed=1), scoring.random_score(2, 9, seed=1))
     assert scoring.stage_score_type("clse_attn", 0) == "clse_attn"
     assert scoring.stage_score_type("clse_attn", 1) == "attn"
     assert scoring.stage_score_type("l2", 2) == "l2"
