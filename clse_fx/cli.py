@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Prune visual tokens inside an MLLM graph with CLSE and export a static-shape engine bundle.",
     )
     parser.add_argument("model", nargs="?", help="local transformers checkpoint dir, or 'demo' for the built-in model")
-    parser.add_argument("--demo", action="store_true", help="use the built-in tiny LLaVA (no download)")
+    parser.add_argument("--demo", action="store_true", help="use the built-in trained proxy LLaVA (no download)")
     parser.add_argument("--keep", type=_budget, help="average visual tokens per layer (e.g. 128) or a ratio (0.25)")
     parser.add_argument("--stages", help="explicit stages LAYER:KEEP,... (e.g. 1:330,11:210,21:62)")
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="bundle directory (default: clse-out/<model name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--dump-graph", metavar="FILE", help="write the graph before/after each pass to FILE")
+    parser.add_argument("--explain", metavar="IMAGE", help="write OUTPUT-explain.png: each stage's kept tokens")
+    parser.add_argument("--explain-prompt", default="what is in the picture ?", help="the prompt for --explain")
     parser.add_argument(
         "--triton-repo", metavar="DIR", help="also write a Triton model repository for the bundle to DIR"
     )
@@ -73,12 +75,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_dir(args: argparse.Namespace, scratch: Path) -> Path:
     if args.demo or args.model == "demo":
-        from clse_fx.demo import save_tiny_llava
+        from clse_fx.demo import proxy_model_dir
 
-        return save_tiny_llava(scratch / "demo-llava")
+        return proxy_model_dir()
     if not args.model:
         raise ValueError("name a model directory, or pass --demo for the built-in tiny model")
     return Path(args.model)
+
+
+def _explain(bundle: Path | None, image_path: str, prompt: str) -> Path:
+    """Write the kept-token overlay of ``bundle`` on ``image_path`` next to the bundle."""
+    from PIL import Image, UnidentifiedImageError
+
+    from clse_fx.explain import explain_bundle
+
+    if bundle is None:
+        raise ValueError("--explain needs a bundle; use an ONNX Runtime or TensorRT --target")
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError) as error:
+        raise ValueError(f"cannot read --explain image {image_path}: {error}") from error
+    return explain_bundle(bundle, image, prompt, bundle.with_name(f"{bundle.name}-explain.png"))
 
 
 def _report(console, result, bundle: Path | None) -> None:
@@ -163,6 +180,8 @@ def compile_main(argv: list[str] | None = None) -> int:
     try:
         if args.keep is None and args.stages is None:
             raise ValueError("give a budget with --keep N (or a ratio) or explicit --stages LAYER:KEEP,...")
+        if args.explain and not Path(args.explain).is_file():
+            raise FileNotFoundError(f"--explain image {args.explain} does not exist")
         with tempfile.TemporaryDirectory() as scratch:
             model_dir = _model_dir(args, Path(scratch))
             output = Path(args.output or Path("clse-out") / ("demo" if args.demo else model_dir.name))
@@ -202,6 +221,8 @@ def compile_main(argv: list[str] | None = None) -> int:
                 progress=step,
             )
         _report(console, result, result.bundle)
+        if args.explain:
+            console.print(f"explanation: {_explain(result.bundle, args.explain, args.explain_prompt)}")
         if args.triton_repo:
             from clse_fx.export.triton import write_triton_repo
 

@@ -19,6 +19,19 @@ WORDS = (
 ).split(" ")
 
 
+PROXY_MODEL = Path(__file__).parent / "assets" / "proxy_llava"
+
+
+def proxy_model_dir() -> Path:
+    """The shipped trained proxy LLaVA (see ``clse_fx.proxy``): the CLI's ``--demo`` model."""
+    if not (PROXY_MODEL / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the shipped proxy checkpoint is missing from {PROXY_MODEL}; reinstall clse-fx or retrain it "
+            "with python -m clse_fx.proxy.train (command in its training.json)"
+        )
+    return PROXY_MODEL
+
+
 def build_tokenizer():
     """A word-level fast tokenizer with LLaVA's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers

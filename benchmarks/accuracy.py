@@ -1,0 +1,273 @@
+"""Accuracy proxy: `python -m benchmarks.accuracy [--model DIR] [--limit N]`.
+
+Compiles the trained proxy LLaVA (clse_fx/assets/proxy_llava by default) once per method x budget x plan,
+runs each prefill engine on ONNX Runtime over the procedural VQA test split, and writes under
+benchmarks/results/accuracy/: results.json, table.md, summary.md and PNG plots (accuracy vs budget,
+accuracy by the queried object's grid row, keep frequency per grid position). Engines are cached per
+configuration in --cache, so an interrupted run resumes. Not part of CI (about 15 minutes on one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "accuracy"
+FOCUS_BUDGET = "64/576"  # the position-bias plots use the tightest budget, where selection matters most
+
+
+def _label(row: dict) -> str:
+    return f"{row['method']} [{row['plan']}]"
+
+
+def table(results: list[dict], unpruned: float) -> str:
+    """The paper-style table: rows = method and plan, columns = budget; accuracy and share of unpruned."""
+    budgets = list(dict.fromkeys(r["budget"] for r in results if r["budget"] != "unpruned"))
+    lines = [
+        "| method | plan | " + " | ".join(f"{b} (avg tokens/layer)" for b in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    lines.append(
+        "| unpruned | - | "
+        + " | ".join([f"{100 * unpruned:.1f} (100%) [{len(results[0]['keep_counts'][0])}]"] * len(budgets))
+        + " |"
+    )
+    rows = [r for r in results if r["budget"] != "unpruned"]
+    for plan in ("3-stage", "1-stage"):
+        for method in dict.fromkeys(r["method"] for r in rows if r["plan"] == plan):
+            cells = []
+            for budget in budgets:
+                run = next(r for r in rows if (r["method"], r["plan"], r["budget"]) == (method, plan, budget))
+                share = 100 * run["accuracy"] / unpruned
+                cells.append(f"{100 * run['accuracy']:.1f} ({share:.1f}%) [{run['avg_visual_tokens']:.0f}]")
+            lines.append(f"| {method} | {plan} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def question_only(items) -> float:
+    """Accuracy of a model that ignores the image: the most common answer of each question type."""
+    from collections import Counter
+
+    kinds = Counter(i.kind for i in items)
+    return sum(Counter(i.answer for i in items if i.kind == k).most_common(1)[0][1] for k in kinds) / len(items)
+
+
+def reading(unpruned: float, floor: float, questions: int) -> str:
+    """The honest headline: whether the model reads the image well enough for the table to rank methods."""
+    error = 100 * (unpruned * (1 - unpruned) / questions) ** 0.5
+    head = f"One standard error of an accuracy here is about {error:.1f} points. "
+    if unpruned - floor < 0.2:
+        return head + (
+            f"**The unpruned model is only {100 * (unpruned - floor):.1f} points above the question-only floor: it "
+            "hardly reads the image, so differences between methods are noise and this table does not rank them.**"
+        )
+    return head + "Differences smaller than about two standard errors do not rank methods."
+
+
+def by_type_table(results: list[dict]) -> str:
+    """Accuracy per question type at the focus budget (and unpruned)."""
+    kinds = list(results[0]["by_type"])
+    lines = ["| method | plan | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for r in results:
+        if r["budget"] in ("unpruned", FOCUS_BUDGET):
+            lines.append(
+                f"| {r['method']} | {r['plan'] if r['budget'] != 'unpruned' else '-'} | "
+                + " | ".join(f"{100 * r['by_type'][k]:.1f}" for k in kinds)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def findings(results: list[dict], unpruned: float) -> list[str]:
+    """Plain statements comparing CLSE with every other method, budget by budget (generated, not edited)."""
+    lines = []
+    rows = [r for r in results if r["budget"] != "unpruned"]
+    for plan in ("3-stage", "1-stage"):
+        for budget in dict.fromkeys(r["budget"] for r in rows):
+            cell = sorted((r for r in rows if (r["plan"], r["budget"]) == (plan, budget)), key=lambda r: -r["accuracy"])
+            clse = next(r for r in cell if r["method"].startswith("CLSE (clse_attn)"))
+            better = [f"{r['method']} {100 * r['accuracy']:.1f}" for r in cell if r["accuracy"] > clse["accuracy"]]
+            lines.append(
+                f"- {plan}, {budget}: CLSE {100 * clse['accuracy']:.1f}% "
+                f"({100 * clse['accuracy'] / unpruned:.1f}% of unpruned); best {cell[0]['method']} "
+                f"{100 * cell[0]['accuracy']:.1f}%; "
+                + (f"methods above CLSE: {', '.join(better)}" if better else "no method above CLSE")
+            )
+    return lines
+
+
+def plots(results: list[dict], items, grid: int, out: Path) -> None:
+    """accuracy_vs_budget.png, accuracy_by_row.png and keep_heatmap.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clse_fx.proxy.evaluate import GRID_BANDS, accuracy_by_band
+
+    unpruned = next(r for r in results if r["budget"] == "unpruned")
+    rows = [r for r in results if r["budget"] != "unpruned"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, plan in zip(axes, ("3-stage", "1-stage")):
+        for method in methods:
+            chosen = (r for r in rows if (r["method"], r["plan"]) == (method, plan))
+            runs = sorted(chosen, key=lambda r: r["avg_visual_tokens"])
+            if runs:
+                x = [r["avg_visual_tokens"] / grid**2 for r in runs]
+                ax.plot(x, [100 * r["accuracy"] for r in runs], "o-", label=method, color=colours[method])
+        ax.axhline(100 * unpruned["accuracy"], color="k", ls="--", lw=1, label="unpruned")
+        ax.set(title=f"{plan} plans", xlabel="average visual tokens per layer / all visual tokens")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Proxy LLaVA (16x16 visual grid): accuracy vs budget (192/128/64 of 576 equivalents)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_budget.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    bands = [f"rows {b * grid // GRID_BANDS}-{(b + 1) * grid // GRID_BANDS - 1}" for b in range(GRID_BANDS)]
+    for ax, plan in zip(axes, ("3-stage", "1-stage")):
+        for method in methods:
+            run = next((r for r in rows if (r["method"], r["plan"], r["budget"]) == (method, plan, FOCUS_BUDGET)), None)
+            if run:
+                acc = accuracy_by_band(run["correct"], items, grid)
+                ax.plot(bands, [100 * a for a in acc], "o-", label=method, color=colours[method])
+        acc = accuracy_by_band(unpruned["correct"], items, grid)
+        ax.plot(bands, [100 * a for a in acc], "k--", label="unpruned")
+        ax.set(title=f"{plan}, budget {FOCUS_BUDGET}", xlabel="queried object's grid rows (0 = top)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), questions about one object")
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_by_row.png", dpi=110)
+    plt.close(fig)
+
+    focus = [r for r in rows if (r["plan"], r["budget"]) == ("3-stage", FOCUS_BUDGET)]
+    fig, axes = plt.subplots(2, len(focus), figsize=(2.2 * len(focus), 5), squeeze=False)
+    for col, run in enumerate(focus):
+        counts = np.array(run["keep_counts"], dtype=np.float64) / len(run["correct"])
+        for row, stage in enumerate((0, len(counts) - 1)):
+            ax = axes[row][col]
+            ax.imshow(counts[stage].reshape(grid, grid), vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            keep = run["stages"][stage][1]
+            if row == 0:
+                ax.set_title(run["method"].replace(" (", "\n("), fontsize=8)
+            ax.set_xlabel(f"stage {stage + 1}: keep {keep}", fontsize=8)
+    fig.suptitle(f"How often each grid position is kept (3-stage, {FOCUS_BUDGET}; top: first stage, bottom: last)")
+    fig.tight_layout()
+    fig.savefig(out / "keep_heatmap.png", dpi=110)
+    plt.close(fig)
+
+
+def cross_checks(model_dir: Path, items, results: list[dict], cache: Path) -> dict:
+    """Unpruned accuracy in eager PyTorch, and one full bundle (prefill + decode engines) through
+    Engine.generate on a slice of the split, compared with the sweep's answers."""
+    from PIL import Image
+
+    import clse_fx
+    from clse_fx.api import load_checkpoint
+    from clse_fx.models import adapter_for
+    from clse_fx.proxy.evaluate import BUDGETS, accuracy_report, plans
+    from clse_fx.proxy.model import TEXT_LEN, prompt
+    from clse_fx.proxy.train import predict
+    from clse_fx.runtime import Engine
+
+    model, processor = load_checkpoint(model_dir)
+    eager = accuracy_report(predict(model, processor.tokenizer, items), items)
+    num_visual = adapter_for(model).tokens_per_image()
+    stages = plans(adapter_for(model).num_layers, num_visual, BUDGETS[FOCUS_BUDGET])["3-stage"]
+    bundle = cache / "bundle-clse_attn-3-stage"
+    if not bundle.is_dir():
+        clse_fx.compile(
+            model, stages=stages, batch=20, text_len=TEXT_LEN, output_dir=bundle, force=True, processor=processor
+        )
+    engine = Engine.load(bundle)
+    subset = items[:60]
+    generated = engine.generate(
+        [Image.fromarray(i.image) for i in subset], [prompt(i.question) for i in subset], max_new_tokens=2
+    )
+    sweep = next(
+        r
+        for r in results
+        if (r["score"], r["merge"], r["budget"], r["plan"]) == ("clse_attn", "none", FOCUS_BUDGET, "3-stage")
+    )
+    first = processor.tokenizer.convert_ids_to_tokens([g.token_ids[0] for g in generated])
+    agree = sum(a == b for a, b in zip(first, sweep["predictions"]))
+    return {
+        "eager_unpruned": eager,
+        "bundle_generate_agreement": f"{agree}/{len(subset)}",
+        "bundle_parity": engine.manifest.get("parity", {}),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep and write every result file."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint dir (default: the shipped proxy model)")
+    parser.add_argument("--limit", type=int, help="use the first N test questions (default: all 600)")
+    parser.add_argument("--cache", default="/tmp/clse-accuracy-cache", help="per-configuration results cache")
+    parser.add_argument("--out", default=str(OUT), help="output directory")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from clse_fx.cli import _quiet_transformers
+    from clse_fx.demo import proxy_model_dir
+    from clse_fx.proxy.data import make_split
+    from clse_fx.proxy.evaluate import sweep
+
+    _quiet_transformers()
+    model_dir = Path(args.model) if args.model else proxy_model_dir()
+    items = make_split("test")[: args.limit]
+    cache = Path(args.cache) / f"n{len(items)}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = sweep(model_dir, items, cache)
+    checks = cross_checks(model_dir, items, results, cache)
+    grid = int(round(len(results[0]["keep_counts"][0]) ** 0.5))
+    unpruned = next(r for r in results if r["budget"] == "unpruned")["accuracy"]
+    elapsed = time.perf_counter() - start
+    (out / "results.json").write_text(
+        json.dumps({"questions": len(items), "checks": checks, "seconds": round(elapsed), "runs": results}) + "\n"
+    )
+    summary = "\n\n".join(
+        [
+            "# Accuracy proxy: trained tiny LLaVA, 16x16 visual grid",
+            f"{len(items)} test questions; unpruned engine accuracy {100 * unpruned:.1f}% "
+            f"(eager PyTorch {100 * checks['eager_unpruned']['overall']:.1f}%). Cells: accuracy % (share of "
+            "unpruned) [average visual tokens per layer of 256]. Generated by `python -m benchmarks.accuracy`; "
+            f"compiling and running the {len(results)} configurations took "
+            f"{sum(r['compile_s'] + r['run_s'] for r in results) / 60:.0f} min.",
+            f"Answering from the question alone (the most common answer of each question type) scores "
+            f"{100 * question_only(items):.1f}%: compare every cell with that floor as well as with unpruned.",
+            reading(unpruned, question_only(items), len(items)),
+            table(results, unpruned),
+            f"Per question type (unpruned and {FOCUS_BUDGET}):",
+            by_type_table(results),
+            "CLSE against the others (generated):",
+            "\n".join(findings(results, unpruned)),
+            f"Full bundle through Engine.generate vs the sweep's prefill engine on the first 60 questions: "
+            f"{checks['bundle_generate_agreement']} answers agree.",
+        ]
+    )
+    (out / "table.md").write_text(table(results, unpruned) + "\n")
+    (out / "summary.md").write_text(summary + "\n")
+    plots(results, items, grid, out)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Visual explanation of a bundle's pruning: the image as the model sees it, and each stage's kept tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PANEL_INCHES = 3.0
+DPI = 100
+
+
+def model_view(pixel_values: np.ndarray, processor) -> np.ndarray:
+    """Undo the processor's normalisation: [3, H, W] pixel values -> [H, W, 3] floats in [0, 1]."""
+    image_processor = processor.image_processor
+    mean = np.array(image_processor.image_mean, dtype=np.float32)[:, None, None]
+    std = np.array(image_processor.image_std, dtype=np.float32)[:, None, None]
+    return np.clip(pixel_values * std + mean, 0, 1).transpose(1, 2, 0)
+
+
+def overlay_png(image: np.ndarray, kept: list[np.ndarray], grid: tuple[int, int], path: str | Path) -> Path:
+    """Write a PNG: the image, then one panel per stage with the kept grid cells bright and the rest dimmed.
+
+    The figure is (1 + stages) * 300 px wide and 330 px high.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid
+    height, width = image.shape[:2]
+    fig, axes = plt.subplots(
+        1, 1 + len(kept), figsize=(PANEL_INCHES * (1 + len(kept)), PANEL_INCHES * 1.1), squeeze=False
+    )
+    axes = axes[0]
+    axes[0].imshow(image, interpolation="nearest")
+    axes[0].set_title(f"input ({rows}x{cols} tokens)", fontsize=9)
+    for ax, (stage, ids) in zip(axes[1:], enumerate(kept)):
+        mask = np.zeros(rows * cols, dtype=bool)
+        mask[np.asarray(ids, dtype=np.int64)] = True
+        cell = mask.reshape(rows, cols).repeat(height // rows, 0).repeat(width // cols, 1)
+        shown = image * (0.25 + 0.75 * cell[..., None])
+        ax.imshow(shown, interpolation="nearest")
+        ax.set_title(f"stage {stage + 1}: {len(ids)} of {rows * cols} kept", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.04)
+    path = Path(path)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def explain_bundle(bundle: str | Path, image, prompt: str, path: str | Path) -> Path:
+    """Run ``bundle``'s prefill engine on one (image, prompt) and write the kept-token overlay PNG to ``path``."""
+    from clse_fx.runtime import Engine
+
+    engine = Engine.load(bundle)
+    grid = tuple(engine.manifest["geometry"]["grid"])[-2:]
+    if engine.images_per_prompt != 1:
+        raise ValueError("--explain needs a bundle compiled for one image per prompt (--images 1)")
+    feeds = engine.encode([image] * engine.batch, [prompt] * engine.batch)
+    outputs = engine.prefill.run(**feeds)
+    kept = [stage[0] for stage in outputs[2 : 2 + engine.num_stages]]
+    return overlay_png(model_view(feeds["pixel_values"][0], engine.processor), kept, grid, path)

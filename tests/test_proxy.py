@@ -1,0 +1,140 @@
+"""The accuracy proxy: shipped checkpoint, data generator, accuracy code, plans and the explanation PNG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clse_fx.demo import proxy_model_dir
+from clse_fx.proxy import data
+from clse_fx.proxy.evaluate import accuracy_by_band, accuracy_report, plans, run_engine
+from clse_fx.proxy.model import build_tokenizer, encode, prompt
+
+
+def _item(kind: str, answer: str, y: float | None = None) -> data.Item:
+    target = None if y is None else data.Shape("circle", "red", 10.0, y, 5.0)
+    return data.Item(np.zeros((64, 64, 3), np.uint8), (), "q ?", answer, kind, target)
+
+
+# Hand-checked: 4 of 6 right; colour 1/2, exists 1/1, side 1/2, count 1/1.
+FIXTURE = [
+    (_item("colour", "red", y=3.0), "red"),
+    (_item("colour", "blue", y=60.0), "green"),
+    (_item("exists", "yes", y=20.0), " Yes "),
+    (_item("side", "left", y=8.0), "right"),
+    (_item("side", "top", y=5.0), "top"),
+    (_item("count", "two"), "two"),
+]
+
+
+def test_shipped_checkpoint_loads_through_from_pretrained():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = proxy_model_dir()
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    vision = model.config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == 256
+    assert sum(f.stat().st_size for f in path.iterdir()) < 20e6
+    record = json.loads((path / "training.json").read_text())
+    assert record["command"].startswith("python -m clse_fx.proxy.train") and "seed" in record
+    # Training-time inputs are exactly what the processor (and so Engine.encode) produces.
+    item = data.make_split("test", 1)[0]
+    ours = encode(processor.tokenizer, [item.image], [item.question], 256)
+    theirs = processor(images=[Image.fromarray(item.image)], text=prompt(item.question), return_tensors="np")
+    length = int(ours["attention_mask"].sum())
+    assert np.array_equal(ours["input_ids"][0, -length:], theirs["input_ids"][0])
+    assert np.allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-6)
+
+
+def test_splits_are_deterministic_and_answers_match_the_scene():
+    first, second = data.make_split("test", 24), data.make_split("test", 24)
+    assert [i.question for i in first] == [i.question for i in second]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, second))
+    assert data.make_split("val", 4)[0].question != first[0].question or not np.array_equal(
+        data.make_split("val", 4)[0].image, first[0].image
+    )
+    for item in first:
+        shapes = item.shapes
+        if item.kind == "colour":
+            assert item.answer == next(s.colour for s in shapes if item.question.split()[-2] == s.kind)
+        elif item.kind == "exists":
+            colour, kind = item.question.split()[3:5]
+            assert item.answer == ("yes" if any((s.colour, s.kind) == (colour, kind) for s in shapes) else "no")
+        elif item.kind == "side":
+            target = next(s for s in shapes if s.kind == item.question.split()[2])
+            expected = ("left" if target.x < 32 else "right") if "left" in item.question else None
+            expected = expected or ("top" if target.y < 32 else "bottom")
+            assert item.answer == expected
+        else:
+            colour = item.question.split()[2]
+            assert item.answer == data.NUMBERS[sum(s.colour == colour for s in shapes)]
+    # The test split's queried objects cycle over the 4x4 cells of the image.
+    cells = [int(i.target.y // 16) * 4 + int(i.target.x // 16) for i in first[:4] if i.target is not None]
+    assert all(cell == 0 for cell in cells)
+
+
+def test_render_draws_the_shape_in_its_colour():
+    shape = data.Shape("square", "blue", 32.0, 32.0, 6.0)
+    image = data.render((shape,), np.random.default_rng(0))
+    assert np.abs(image[32, 32].astype(int) - np.array(data.COLOURS["blue"])).max() <= 20
+    assert data.shape_mask(shape).sum() == pytest.approx((2 * 6 * 0.85) ** 2, rel=0.2)
+
+
+def test_accuracy_on_a_hand_checked_fixture():
+    items, predictions = [i for i, _ in FIXTURE], [p for _, p in FIXTURE]
+    report = accuracy_report(predictions, items)
+    assert report["overall"] == pytest.approx(4 / 6)
+    assert report["by_type"] == {"colour": 0.5, "exists": 1.0, "side": 0.5, "count": 1.0}
+    correct = [p.strip().lower() == i.answer for i, p in FIXTURE]
+    # 4 bands of a 16x16 grid's rows (16 px each): y 3, 5, 8 -> band 0 (2 of 3 right); y 20 -> band 1 (right);
+    # no queried object in band 2; y 60 -> band 3 (wrong); the count question has no queried object.
+    assert accuracy_by_band(correct, items, grid=16) == [pytest.approx(2 / 3), 1.0, None, 0.0]
+    with pytest.raises(ValueError, match="one per question"):
+        accuracy_report(predictions[:2], items)
+
+
+class FakeEngine:
+    """Stands in for an ONNX prefill engine: fixed answers per row and kept ids per stage."""
+
+    def __init__(self, tokenizer, answers: list[str]) -> None:
+        self.ids = tokenizer.convert_tokens_to_ids(answers)
+        self.calls = 0
+
+    def run(self, **feeds):
+        batch = len(feeds["input_ids"])
+        rows = self.ids[self.calls * batch : (self.calls + 1) * batch]
+        rows += [rows[-1]] * (batch - len(rows))
+        self.calls += 1
+        logits = np.zeros((batch, 3, 50), np.float32)
+        logits[np.arange(batch), -1, rows] = 1.0
+        kept = [np.tile([0, 5], (batch, 1)), np.tile([5], (batch, 1))]
+        return [logits, None, *kept]
+
+
+def test_run_engine_scores_answers_and_counts_kept_tokens_without_padding_rows():
+    tokenizer = build_tokenizer()
+    items, predictions = [i for i, _ in FIXTURE], [p.strip().lower() for _, p in FIXTURE]
+    feeds = [{"input_ids": np.zeros((4, 3))}, {"input_ids": np.zeros((4, 3))}]  # 6 questions + 2 padding rows
+    words, counts = run_engine(FakeEngine(tokenizer, predictions), feeds, 6, 2, 16, tokenizer)
+    assert accuracy_report(words, items)["overall"] == pytest.approx(4 / 6)
+    assert counts[0, 0] == 6 and counts[0, 5] == 6 and counts[1, 5] == 6 and counts.sum() == 18
+
+
+def test_plans_match_the_budget_at_the_proxy_geometry():
+    found = plans(6, 256, 1 / 9)
+    assert found["3-stage"] == [(1, 48), (2, 31), (4, 9)]  # 28 = 64/576 of 256 tokens, x [1.72, 1.09, 0.32]
+    (layer, keep), total = found["1-stage"][0], 256 + 48 + 31 + 31 + 9 + 9
+    assert layer == 1 and abs(256 + 5 * keep - total) <= 3  # the same average visual tokens per layer
+
+
+def test_explain_writes_a_png_of_the_right_size(tmp_path):
+    from clse_fx.explain import overlay_png
+
+    image = np.random.default_rng(0).random((64, 64, 3))
+    path = overlay_png(image, [np.arange(0, 256, 3), np.array([5, 17])], (16, 16), tmp_path / "explain.png")
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (900, 330)
