@@ -7,6 +7,7 @@ loads it through the same `from_pretrained` path as a published checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,12 +33,12 @@ def proxy_model_dir() -> Path:
     return PROXY_MODEL
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer with LLaVA's special tokens."""
+def build_tokenizer(words: Sequence[str] = WORDS):
+    """A word-level fast tokenizer over ``words`` with LLaVA's special tokens (ids: specials first)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL_TOKENS + [w for w in WORDS if w]))}
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL_TOKENS + [w for w in words if w]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(IMAGE_TOKEN, behavior="isolated")]

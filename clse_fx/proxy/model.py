@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clse_fx.demo import IMAGE_TOKEN
 from clse_fx.proxy.data import ANSWERS, IMAGE_SIZE, WORDS
 
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
 PATCH_SIZE = 4
 TEXT_LEN = 16  # non-image tokens per prompt (left padded), the compiled --text-len
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -23,24 +22,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_tokenizer():
-    """A word-level fast tokenizer over the proxy's words, with LLaVA's special tokens (left padding)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's word-level fast tokenizer over the proxy's words (LLaVA's special tokens, left padding)."""
+    from clse_fx.demo import build_tokenizer as word_level_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL_TOKENS + WORDS))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(IMAGE_TOKEN, behavior="isolated")]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        padding_side="left",
-    )
+    return word_level_tokenizer(WORDS)
 
 
 def build_processor():
