@@ -62,19 +62,25 @@ def tiny_llava_config(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vocab_size: int | None = None,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    head_dim: int | None = None,
+    max_positions: int = 4096,
+    tokenizer=None,
 ):
-    """A LlavaConfig with a small CLIP vision tower and a small GQA Llama decoder."""
+    """A LlavaConfig with a small CLIP vision tower and a small GQA Llama decoder (LLaVA-1.5's layout)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=32,
+        projection_dim=vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=vocab_size or len(tokenizer),
@@ -83,8 +89,9 @@ def tiny_llava_config(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=2 * hidden_size // num_heads,  # != hidden_size / heads, so shape mix-ups fail loudly
-        max_position_embeddings=4096,
+        # By default != hidden_size / heads, so shape mix-ups fail loudly.
+        head_dim=head_dim or 2 * hidden_size // num_heads,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -50,38 +50,21 @@ def build_processor():
 
 def proxy_config(num_layers: int = 6, hidden_size: int = 128, vision_hidden: int = 64, vision_layers: int = 3):
     """The LlavaConfig of the proxy model."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from clse_fx.demo import tiny_llava_config
 
-    tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
+    return tiny_llava_config(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        num_layers=num_layers,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        vision_heads=4,
         head_dim=hidden_size // 4,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+        max_positions=512,
+        tokenizer=build_tokenizer(),
     )
 
 
