@@ -36,8 +36,6 @@ class ModelAdapter:
     schedule: ClassVar[ReferenceSchedule] = LLAVA_SCHEDULE
     # Module path of the decoder-layer list inside the top-level model, as named in nn_module_stack.
     layers_path: ClassVar[str] = ""
-    # Whether clse_fx.compile can build example inputs and a runnable bundle for this family yet.
-    bundles: ClassVar[bool] = True
     # Graph inputs after (input_ids, attention_mask), in order; absent ones (no image) are left out.
     graph_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
