@@ -108,12 +108,7 @@ class Qwen2VLAdapter(ModelAdapter):
         if inputs.get("position_ids") is not None and inputs.get(embeds) is not None:
             return {"position_ids": inputs["position_ids"], embeds: inputs[embeds]}  # precomputed (e.g. on meta)
         model = self.model.model
-        position_ids, _ = model.get_rope_index(
-            inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            **{key: inputs[key] for key in (grid, "second_per_grid_ts") if inputs.get(key) is not None},
-        )
+        position_ids, _ = self._rope_index(modality, inputs)
         encode = model.get_image_features if modality == "image" else model.get_video_features
         with torch.no_grad():
             features = encode(inputs[pixels], inputs[grid], return_dict=True)
@@ -182,14 +177,18 @@ class Qwen2VLAdapter(ModelAdapter):
         modality = self._modality(inputs)
         if modality is None:
             return super().rope_deltas(inputs)
+        _, deltas = self._rope_index(modality, inputs)
+        return deltas.reshape(-1)
+
+    def _rope_index(self, modality: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unmodified model's M-RoPE (position ids [3, B, S], rope deltas [B, 1]) for processor ``inputs``."""
         grid = MODALITIES[modality][1]
-        _, deltas = self.model.model.get_rope_index(
+        return self.model.model.get_rope_index(
             inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             mm_token_type_ids=inputs["mm_token_type_ids"],
             **{key: inputs[key] for key in (grid, "second_per_grid_ts") if inputs.get(key) is not None},
         )
-        return deltas.reshape(-1)
 
     def graph_input_dims(self, name: str) -> dict[int, str] | None:
         return {1: "batch", 2: "seq"} if name == "position_ids" else None
