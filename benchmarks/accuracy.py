@@ -10,6 +10,7 @@ configuration in --cache, so an interrupted run resumes. Not part of CI (about 1
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -230,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     model_dir = Path(args.model) if args.model else proxy_model_dir()
     items = make_split("test")[: args.limit]
-    cache = Path(args.cache) / f"n{len(items)}"
+    # Keyed by the weights too, so a retrained checkpoint never reuses another model's cached results.
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+    cache = Path(args.cache) / f"{weights}-n{len(items)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -50,6 +50,21 @@ def test_shipped_checkpoint_loads_through_from_pretrained():
     assert np.allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-6)
 
 
+def _answer_from_scene(question: str, shapes: tuple[data.Shape, ...]) -> str:
+    """The answer read off the drawn shapes (an independent re-derivation of the generator's answers)."""
+    words = question.split()
+    if words[:2] == ["what", "colour"]:
+        return next(s.colour for s in shapes if words[-2] == s.kind)
+    if words[:2] == ["is", "there"]:
+        return "yes" if any((s.colour, s.kind) == tuple(words[3:5]) for s in shapes) else "no"
+    if words[:2] == ["how", "many"]:
+        return data.NUMBERS[sum(s.colour == words[2] for s in shapes)]
+    target = next(s for s in shapes if s.kind == words[2])
+    if "left" in words:
+        return "left" if target.x < 32 else "right"
+    return "top" if target.y < 32 else "bottom"
+
+
 def test_splits_are_deterministic_and_answers_match_the_scene():
     first, second = data.make_split("test", 24), data.make_split("test", 24)
     assert [i.question for i in first] == [i.question for i in second]
@@ -58,20 +73,7 @@ def test_splits_are_deterministic_and_answers_match_the_scene():
         data.make_split("val", 4)[0].image, first[0].image
     )
     for item in first:
-        shapes = item.shapes
-        if item.kind == "colour":
-            assert item.answer == next(s.colour for s in shapes if item.question.split()[-2] == s.kind)
-        elif item.kind == "exists":
-            colour, kind = item.question.split()[3:5]
-            assert item.answer == ("yes" if any((s.colour, s.kind) == (colour, kind) for s in shapes) else "no")
-        elif item.kind == "side":
-            target = next(s for s in shapes if s.kind == item.question.split()[2])
-            expected = ("left" if target.x < 32 else "right") if "left" in item.question else None
-            expected = expected or ("top" if target.y < 32 else "bottom")
-            assert item.answer == expected
-        else:
-            colour = item.question.split()[2]
-            assert item.answer == data.NUMBERS[sum(s.colour == colour for s in shapes)]
+        assert item.answer == _answer_from_scene(item.question, item.shapes)
     # The test split's queried objects cycle over the 4x4 cells of the image.
     cells = [int(i.target.y // 16) * 4 + int(i.target.x // 16) for i in first[:4] if i.target is not None]
     assert all(cell == 0 for cell in cells)
@@ -138,3 +140,38 @@ def test_explain_writes_a_png_of_the_right_size(tmp_path):
     path = overlay_png(image, [np.arange(0, 256, 3), np.array([5, 17])], (16, 16), tmp_path / "explain.png")
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size == (900, 330)
+
+
+def test_follow_up_questions_are_answered_by_their_scene():
+    rng = np.random.default_rng(0)
+    for item in data.make_split("val", 20):
+        pairs = data.follow_up_questions(rng, item.shapes, 5)
+        assert len(pairs) == 5
+        assert all(answer == _answer_from_scene(question, item.shapes) for question, answer in pairs)
+
+
+def test_training_batch_first_answer_is_read_in_the_engine_layout():
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from clse_fx.proxy.model import proxy_config
+    from clse_fx.proxy.train import training_batch
+
+    tokenizer, rng = build_tokenizer(), np.random.default_rng(1)
+    items = data.make_split("val", 3)
+    follow_ups = [data.follow_up_questions(rng, i.shapes, 2) for i in items]
+    feeds, (rows, positions), targets = training_batch(tokenizer, items, follow_ups, 256)
+    expected = [a for item, pairs in zip(items, follow_ups) for a in [item.answer] + [a for _, a in pairs]]
+    assert tokenizer.convert_ids_to_tokens(targets.tolist()) == expected
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(proxy_config(num_layers=2, hidden_size=64)).eval()
+    engine_layout = {
+        k: torch.from_numpy(v)
+        for k, v in encode(tokenizer, [i.image for i in items], [i.question for i in items], 256).items()
+    }
+    with torch.no_grad():
+        first = model(**feeds).logits[rows[::3], positions[::3]]
+        alone = model(**engine_layout).logits[:, -1]
+    assert positions[::3].tolist() == [engine_layout["input_ids"].shape[1] - 1] * 3
+    assert torch.allclose(first, alone, atol=1e-5)

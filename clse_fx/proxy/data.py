@@ -192,6 +192,27 @@ def make_item(
         return Item(render(shapes, rng), shapes, question, answer, kind, target)
 
 
+def follow_up_questions(rng: np.random.Generator, shapes: tuple[Shape, ...], count: int) -> list[tuple[str, str]]:
+    """``count`` more (question, answer) pairs about the same scene, of random types and targets (training
+    sequences ask several questions per image, so one vision and prefix pass supervises several answers)."""
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < count:
+        kind = str(rng.choice(QUESTION_TYPES))
+        if kind == "count":
+            present = sorted({s.colour for s in shapes})
+            colour = str(rng.choice(present if rng.random() < 0.75 else list(COLOURS)))
+            pairs.append((f"how many {colour} shapes are there ?", NUMBERS[sum(s.colour == colour for s in shapes)]))
+            continue
+        first = int(rng.integers(len(shapes)))
+        ordered = (shapes[first],) + shapes[:first] + shapes[first + 1 :]  # _question asks about the first shape
+        target = ordered[0]
+        if kind == "side" and min(abs(target.x - IMAGE_SIZE / 2), abs(target.y - IMAGE_SIZE / 2)) < SIDE_MARGIN:
+            continue
+        question, answer, _ = _question(rng, kind, ordered)
+        pairs.append((question, answer))
+    return pairs
+
+
 def make_split(split: str, size: int | None = None) -> list[Item]:
     """The fixed ``val`` or ``test`` split (question types balanced; in test the queried object's cell
     cycles over a 4x4 layout of the image)."""

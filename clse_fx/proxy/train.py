@@ -33,6 +33,41 @@ def _batch(tokenizer, items: list[data.Item], num_visual: int) -> dict[str, torc
     return {name: torch.from_numpy(value) for name, value in feeds.items()}
 
 
+def training_batch(
+    tokenizer, items: list[data.Item], follow_ups: list[list[tuple[str, str]]], num_visual: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Feeds for several questions per image, with (positions, answer ids) of every answer to predict.
+
+    The first question is laid out exactly as the engines receive it (:func:`encode`); each row goes on with
+    "answer user : question assistant : answer ..." after it, right padded. Causal attention keeps the first
+    answer's logits identical to the engine's, and the follow-ups add supervision for the same image pass.
+    """
+    base = encode(tokenizer, [i.image for i in items], [i.question for i in items], num_visual)
+    words = [
+        [i.answer] + [w for q, a in pairs for w in ("user", ":", *q.split(), "assistant", ":", a)]
+        for i, pairs in zip(items, follow_ups)
+    ]
+    tails = [tokenizer.convert_tokens_to_ids(w) for w in words]
+    width = max(map(len, tails))
+    length = base["input_ids"].shape[1]
+    input_ids = np.full((len(items), length + width), tokenizer.pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros_like(input_ids)
+    input_ids[:, :length], attention_mask[:, :length] = base["input_ids"], base["attention_mask"]
+    answers = set(answer_ids(tokenizer).values())
+    rows, positions = [], []
+    for row, tail in enumerate(tails):
+        input_ids[row, length : length + len(tail)] = tail
+        attention_mask[row, length : length + len(tail)] = 1
+        for offset, token in enumerate(tail):
+            if token in answers and (offset == 0 or tail[offset - 1] == tokenizer.convert_tokens_to_ids(":")):
+                rows.append(row)
+                positions.append(length + offset - 1)
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": base["pixel_values"]}
+    index = (torch.tensor(rows), torch.tensor(positions))
+    targets = torch.from_numpy(input_ids)[index[0], index[1] + 1]
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}, torch.stack(index), targets
+
+
 @torch.no_grad()
 def predict(model, tokenizer, items: list[data.Item], batch: int = 50) -> list[str]:
     """Eager greedy answer word for each item (argmax over the whole vocabulary, decoded)."""
@@ -50,10 +85,12 @@ def curriculum(step: int, steps: int) -> tuple[int, int]:
     return (1, most) if most < 4 else (2, 4)
 
 
-def patch_labels(items: list[data.Item], grid: int) -> torch.Tensor:
-    """[B, grid * grid] class of each patch for the auxiliary loss: 0 = background, else 1 + the (colour,
-    shape) index of the object covering most of the patch (at least a quarter of it)."""
+def patch_labels(items: list[data.Item], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch targets [B, grid * grid] of the auxiliary losses: the class of each patch (0 = background,
+    else 1 + the (colour, shape) index of the object covering most of it, at least a quarter), and whether the
+    patch holds an object's centre (one token per object, which makes counting objects learnable)."""
     labels = np.zeros((len(items), grid * grid), dtype=np.int64)
+    centres = np.zeros((len(items), grid * grid), dtype=np.float32)
     cell = data.IMAGE_SIZE // grid
     for row, item in enumerate(items):
         best = np.full(grid * grid, 0.25)
@@ -62,7 +99,8 @@ def patch_labels(items: list[data.Item], grid: int) -> torch.Tensor:
             label = 1 + list(data.COLOURS).index(shape.colour) * len(data.SHAPES) + data.SHAPES.index(shape.kind)
             better = cover > best
             labels[row, better], best[better] = label, cover[better]
-    return torch.from_numpy(labels)
+            centres[row, int(shape.y // cell) * grid + int(shape.x // cell)] = 1.0
+    return torch.from_numpy(labels), torch.from_numpy(centres)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -77,7 +115,8 @@ def train(args: argparse.Namespace) -> dict:
     grid = config.vision_config.image_size // config.vision_config.patch_size
     # Auxiliary head (not saved): classify each visual token's patch from the projector output, so the vision
     # tower learns colour and shape per patch early; the decoder still learns everything from the answers.
-    aux_head = torch.nn.Linear(config.text_config.hidden_size, 1 + len(data.COLOURS) * len(data.SHAPES))
+    # The last output is the object-centre logit.
+    aux_head = torch.nn.Linear(config.text_config.hidden_size, 2 + len(data.COLOURS) * len(data.SHAPES))
     projected: dict[str, torch.Tensor] = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: projected.update(out=out))
     params = list(model.parameters()) + list(aux_head.parameters())
@@ -101,13 +140,17 @@ def train(args: argparse.Namespace) -> dict:
     for step in range(args.steps):
         model.train()
         items = [data.make_item(rng, objects=curriculum(step, args.steps)) for _ in range(args.batch)]
-        feeds = _batch(tokenizer, items, num_visual)
-        targets = torch.tensor([tokenizer.convert_tokens_to_ids(i.answer) for i in items])
-        logits = model(**feeds, logits_to_keep=1).logits[:, -1]
+        follow_ups = [data.follow_up_questions(rng, i.shapes, args.questions - 1) for i in items]
+        feeds, (rows, positions), targets = training_batch(tokenizer, items, follow_ups, num_visual)
+        logits = model(**feeds).logits[rows, positions]
         loss = torch.nn.functional.cross_entropy(logits, targets)
         if args.aux_weight:
+            labels = patch_labels(items, grid)
             aux = aux_head(projected["out"]).flatten(0, 1)
-            loss = loss + args.aux_weight * torch.nn.functional.cross_entropy(aux, patch_labels(items, grid).flatten())
+            loss = loss + args.aux_weight * torch.nn.functional.cross_entropy(aux[:, :-1], labels[0].flatten())
+            loss = loss + args.aux_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                aux[:, -1], labels[1].flatten()
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -145,6 +188,7 @@ def _write_record(out: Path, args: argparse.Namespace, step: int, start: float, 
         "checkpoint_step": step,
         "batch": args.batch,
         "lr": args.lr,
+        "questions_per_image": args.questions,
         "aux_weight": args.aux_weight,
         "train_seconds": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
@@ -163,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--questions", type=int, default=6, help="questions per training image (first: engine layout)")
     parser.add_argument("--lr", type=float, default=2.5e-3)
     parser.add_argument("--layers", type=int, default=6, help="decoder layers")
     parser.add_argument("--hidden", type=int, default=128, help="decoder hidden size")
