@@ -175,3 +175,29 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
         alone = model(**engine_layout).logits[:, -1]
     assert positions[::3].tolist() == [engine_layout["input_ids"].shape[1] - 1] * 3
     assert torch.allclose(first, alone, atol=1e-5)
+
+
+def test_aux_targets_mark_one_centre_per_object_and_score_a_perfect_prediction_near_zero():
+    import torch
+
+    from clse_fx.proxy.train import aux_loss, aux_outputs, patch_labels
+
+    items = data.make_split("val", 4)
+    labels, centres = patch_labels(items, 16)
+    assert centres.sum(1).tolist() == [len(i.shapes) for i in items]
+    assert bool((labels[centres > 0] > 0).all())  # a centre patch is covered by its object
+    objects = labels > 0
+    colour, shape = (labels - 1) // len(data.SHAPES), (labels - 1) % len(data.SHAPES)
+    cells = torch.arange(256).expand_as(labels)
+    kinds = 1 + len(data.COLOURS) + len(data.SHAPES)
+    perfect = torch.full((*labels.shape, aux_outputs(16)), -20.0)
+    perfect[..., 0] = torch.where(objects, 20.0, -20.0)
+    perfect[..., 1 : 1 + len(data.COLOURS)].scatter_(-1, colour.clamp(min=0).unsqueeze(-1), 20.0)
+    perfect[..., 1 + len(data.COLOURS) : kinds].scatter_(-1, shape.clamp(min=0).unsqueeze(-1), 20.0)
+    perfect[..., kinds] = torch.where(centres > 0, 20.0, -20.0)
+    perfect[..., kinds + 1 : kinds + 17].scatter_(-1, (cells // 16).unsqueeze(-1), 20.0)
+    perfect[..., kinds + 17 :].scatter_(-1, (cells % 16).unsqueeze(-1), 20.0)
+    assert aux_loss(perfect, items, 16).item() < 1e-6
+    transposed = perfect.clone()  # rows and columns swapped: only the position terms are wrong
+    transposed[..., kinds + 1 :] = torch.cat([perfect[..., kinds + 17 :], perfect[..., kinds + 1 : kinds + 17]], -1)
+    assert aux_loss(transposed, items, 16).item() > 1.0

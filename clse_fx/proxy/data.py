@@ -201,7 +201,9 @@ def follow_up_questions(rng: np.random.Generator, shapes: tuple[Shape, ...], cou
         if kind == "count":
             present = sorted({s.colour for s in shapes})
             colour = str(rng.choice(present if rng.random() < 0.75 else list(COLOURS)))
-            pairs.append((f"how many {colour} shapes are there ?", NUMBERS[sum(s.colour == colour for s in shapes)]))
+            number = sum(s.colour == colour for s in shapes)
+            if number < len(NUMBERS):  # four shapes of one colour has no answer word
+                pairs.append((f"how many {colour} shapes are there ?", NUMBERS[number]))
             continue
         first = int(rng.integers(len(shapes)))
         ordered = (shapes[first],) + shapes[:first] + shapes[first + 1 :]  # _question asks about the first shape

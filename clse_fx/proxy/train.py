@@ -25,7 +25,7 @@ import torch
 
 from clse_fx.proxy import data
 from clse_fx.proxy.evaluate import accuracy_report
-from clse_fx.proxy.model import answer_ids, build_tokenizer, encode, proxy_config, save
+from clse_fx.proxy.model import answer_ids, build_tokenizer, encode, pixel_values, proxy_config, save
 
 
 def _batch(tokenizer, items: list[data.Item], num_visual: int) -> dict[str, torch.Tensor]:
@@ -80,9 +80,14 @@ def predict(model, tokenizer, items: list[data.Item], batch: int = 50) -> list[s
 
 
 def curriculum(step: int, steps: int) -> tuple[int, int]:
-    """(min, max) objects per training scene: from one object up to the test distribution (2..4) at 40%."""
-    most = 1 + int(3 * min(1.0, step / (0.4 * steps)))
+    """(min, max) objects per training scene: from one object up to the test distribution (2..4) at 20%."""
+    most = 1 + int(3 * min(1.0, step / (0.2 * steps)))
     return (1, most) if most < 4 else (2, 4)
+
+
+def aux_outputs(grid: int) -> int:
+    """Logits per patch of the auxiliary head: objectness, colour, shape, object centre, grid row, grid column."""
+    return 1 + len(data.COLOURS) + len(data.SHAPES) + 1 + 2 * grid
 
 
 def patch_labels(items: list[data.Item], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +108,53 @@ def patch_labels(items: list[data.Item], grid: int) -> tuple[torch.Tensor, torch
     return torch.from_numpy(labels), torch.from_numpy(centres)
 
 
+def aux_loss(logits: torch.Tensor, items: list[data.Item], grid: int) -> torch.Tensor:
+    """Per-patch auxiliary loss on [B, grid * grid, aux_outputs(grid)] logits: objectness and the patch's grid
+    row and column over every patch (a token that forgets where it is cannot answer left/right questions);
+    colour, shape and centre over object patches only (averaged separately, so the ~90% background patches do
+    not drown the shape signal, which a tiny ViT otherwise learns very slowly)."""
+    labels, centres = patch_labels(items, grid)
+    objects = labels > 0
+    colour, shape = (labels[objects] - 1) // len(data.SHAPES), (labels[objects] - 1) % len(data.SHAPES)
+    cells = torch.arange(grid * grid).expand_as(labels)
+    kinds = 1 + len(data.COLOURS) + len(data.SHAPES)
+    inside = logits[objects]
+    f = torch.nn.functional
+    return (
+        f.binary_cross_entropy_with_logits(logits[..., 0], objects.float())
+        + f.cross_entropy(inside[:, 1 : 1 + len(data.COLOURS)], colour)
+        + f.cross_entropy(inside[:, 1 + len(data.COLOURS) : kinds], shape)
+        + f.binary_cross_entropy_with_logits(inside[:, kinds], centres[objects])
+        + f.cross_entropy(logits[..., kinds + 1 : kinds + 1 + grid].flatten(0, 1), (cells // grid).flatten())
+        + f.cross_entropy(logits[..., kinds + 1 + grid :].flatten(0, 1), (cells % grid).flatten())
+    )
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float, steps: int) -> tuple:
+    """AdamW (no decay on gains and biases) with a linear warmup and a cosine decay to 5%."""
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    warmup = min(300, steps // 10)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, scheduler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run the training loop; returns the training record (also written next to the checkpoint)."""
     from transformers import LlavaForConditionalGeneration
@@ -113,30 +165,30 @@ def train(args: argparse.Namespace) -> dict:
     model = LlavaForConditionalGeneration(config)
     num_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     grid = config.vision_config.image_size // config.vision_config.patch_size
-    # Auxiliary head (not saved): classify each visual token's patch from the projector output, so the vision
-    # tower learns colour and shape per patch early; the decoder still learns everything from the answers.
-    # The last output is the object-centre logit.
-    aux_head = torch.nn.Linear(config.text_config.hidden_size, 2 + len(data.COLOURS) * len(data.SHAPES))
+    # Auxiliary head (not saved) on the projector output: per-patch objectness, colour, shape, object centre
+    # and grid position. Phase 1 trains the vision tower and projector on it alone (as LLaVA starts from a
+    # pretrained CLIP); phase 2 trains everything on the answers, keeping the auxiliary loss.
+    aux_head = torch.nn.Linear(config.text_config.hidden_size, aux_outputs(grid))
     projected: dict[str, torch.Tensor] = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: projected.update(out=out))
-    params = list(model.parameters()) + list(aux_head.parameters())
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
-    )
-    warmup = min(300, args.steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = np.random.default_rng(args.seed + 1000)  # training data: its own stream, disjoint from val/test
+    start = time.perf_counter()
+    vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    vision += list(aux_head.parameters())
+    optimizer, scheduler = _optimizer(vision, args.vision_lr, args.vision_steps)
+    for step in range(args.vision_steps):
+        items = [data.make_item(rng) for _ in range(args.vision_batch)]
+        pixels = torch.from_numpy(pixel_values([i.image for i in items]))
+        model.model.get_image_features(pixel_values=pixels)
+        loss = aux_loss(aux_head(projected["out"]), items, grid)
+        _step(loss, vision, optimizer, scheduler)
+        if step % 100 == 0:
+            print(f"vision step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s", flush=True)
+    params = list(model.parameters()) + list(aux_head.parameters())
+    optimizer, scheduler = _optimizer(params, args.lr, args.steps)
     val = data.make_split("val")
     out = Path(args.out)
-    best, history, start = -1.0, [], time.perf_counter()
+    best, history = -1.0, []
     for step in range(args.steps):
         model.train()
         items = [data.make_item(rng, objects=curriculum(step, args.steps)) for _ in range(args.batch)]
@@ -145,17 +197,8 @@ def train(args: argparse.Namespace) -> dict:
         logits = model(**feeds).logits[rows, positions]
         loss = torch.nn.functional.cross_entropy(logits, targets)
         if args.aux_weight:
-            labels = patch_labels(items, grid)
-            aux = aux_head(projected["out"]).flatten(0, 1)
-            loss = loss + args.aux_weight * torch.nn.functional.cross_entropy(aux[:, :-1], labels[0].flatten())
-            loss = loss + args.aux_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                aux[:, -1], labels[1].flatten()
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+            loss = loss + args.aux_weight * aux_loss(aux_head(projected["out"]), items, grid)
+        _step(loss, params, optimizer, scheduler)
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - start:.0f}s", flush=True)
         last = step == args.steps - 1
@@ -189,6 +232,9 @@ def _write_record(out: Path, args: argparse.Namespace, step: int, start: float, 
         "batch": args.batch,
         "lr": args.lr,
         "questions_per_image": args.questions,
+        "vision_steps": args.vision_steps,
+        "vision_batch": args.vision_batch,
+        "vision_lr": args.vision_lr,
         "aux_weight": args.aux_weight,
         "train_seconds": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
@@ -208,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--questions", type=int, default=6, help="questions per training image (first: engine layout)")
+    parser.add_argument("--vision-steps", type=int, default=2000, help="phase 1: vision tower steps")
+    parser.add_argument("--vision-batch", type=int, default=32, help="phase 1: images per step")
+    parser.add_argument("--vision-lr", type=float, default=2e-3, help="phase 1: peak learning rate")
     parser.add_argument("--lr", type=float, default=2.5e-3)
     parser.add_argument("--layers", type=int, default=6, help="decoder layers")
     parser.add_argument("--hidden", type=int, default=128, help="decoder hidden size")
