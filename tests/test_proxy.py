@@ -180,7 +180,7 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
 def test_aux_targets_mark_one_centre_per_object_and_score_a_perfect_prediction_near_zero():
     import torch
 
-    from clse_fx.proxy.train import aux_loss, aux_outputs, patch_labels
+    from clse_fx.proxy.train import AUX_OUTPUTS, aux_loss, patch_labels
 
     items = data.make_split("val", 4)
     labels, centres = patch_labels(items, 16)
@@ -188,16 +188,12 @@ def test_aux_targets_mark_one_centre_per_object_and_score_a_perfect_prediction_n
     assert bool((labels[centres > 0] > 0).all())  # a centre patch is covered by its object
     objects = labels > 0
     colour, shape = (labels - 1) // len(data.SHAPES), (labels - 1) % len(data.SHAPES)
-    cells = torch.arange(256).expand_as(labels)
-    kinds = 1 + len(data.COLOURS) + len(data.SHAPES)
-    perfect = torch.full((*labels.shape, aux_outputs(16)), -20.0)
+    perfect = torch.full((*labels.shape, AUX_OUTPUTS), -20.0)
     perfect[..., 0] = torch.where(objects, 20.0, -20.0)
     perfect[..., 1 : 1 + len(data.COLOURS)].scatter_(-1, colour.clamp(min=0).unsqueeze(-1), 20.0)
-    perfect[..., 1 + len(data.COLOURS) : kinds].scatter_(-1, shape.clamp(min=0).unsqueeze(-1), 20.0)
-    perfect[..., kinds] = torch.where(centres > 0, 20.0, -20.0)
-    perfect[..., kinds + 1 : kinds + 17].scatter_(-1, (cells // 16).unsqueeze(-1), 20.0)
-    perfect[..., kinds + 17 :].scatter_(-1, (cells % 16).unsqueeze(-1), 20.0)
+    perfect[..., 1 + len(data.COLOURS) : -1].scatter_(-1, shape.clamp(min=0).unsqueeze(-1), 20.0)
+    perfect[..., -1] = torch.where(centres > 0, 20.0, -20.0)
     assert aux_loss(perfect, items, 16).item() < 1e-6
-    transposed = perfect.clone()  # rows and columns swapped: only the position terms are wrong
-    transposed[..., kinds + 1 :] = torch.cat([perfect[..., kinds + 17 :], perfect[..., kinds + 1 : kinds + 17]], -1)
-    assert aux_loss(transposed, items, 16).item() > 1.0
+    wrong_shapes = perfect.clone()  # every object patch labelled with the next shape: only that term is wrong
+    wrong_shapes[..., 1 + len(data.COLOURS) : -1] = perfect[..., 1 + len(data.COLOURS) : -1].roll(1, -1)
+    assert aux_loss(wrong_shapes, items, 16).item() > 1.0
