@@ -135,6 +135,11 @@ def _place(
     return tuple(shapes)
 
 
+def _side_is_ambiguous(shape: Shape) -> bool:
+    """Whether ``shape`` is centred too close to a dividing line for a left/right or top/bottom question."""
+    return min(abs(shape.x - IMAGE_SIZE / 2), abs(shape.y - IMAGE_SIZE / 2)) < SIDE_MARGIN
+
+
 def _question(rng: np.random.Generator, kind: str, shapes: tuple[Shape, ...]) -> tuple[str, str, Shape | None]:
     """A colour, side or exists question about ``shapes``: (question, answer, queried object)."""
     target = shapes[0]
@@ -182,7 +187,7 @@ def make_item(
         shapes = _place(rng, kinds, colours, cell if kind != "count" else None, IMAGE_SIZE)
         if shapes is None:
             continue
-        if kind == "side" and min(abs(shapes[0].x - IMAGE_SIZE / 2), abs(shapes[0].y - IMAGE_SIZE / 2)) < SIDE_MARGIN:
+        if kind == "side" and _side_is_ambiguous(shapes[0]):
             continue
         if kind == "count":
             question = f"how many {colour} shapes are there ?"
@@ -207,8 +212,7 @@ def follow_up_questions(rng: np.random.Generator, shapes: tuple[Shape, ...], cou
             continue
         first = int(rng.integers(len(shapes)))
         ordered = (shapes[first],) + shapes[:first] + shapes[first + 1 :]  # _question asks about the first shape
-        target = ordered[0]
-        if kind == "side" and min(abs(target.x - IMAGE_SIZE / 2), abs(target.y - IMAGE_SIZE / 2)) < SIDE_MARGIN:
+        if kind == "side" and _side_is_ambiguous(ordered[0]):
             continue
         question, answer, _ = _question(rng, kind, ordered)
         pairs.append((question, answer))

@@ -46,25 +46,24 @@ def training_batch(
     answer's logits identical to the engine's, and the follow-ups add supervision for the same image pass.
     """
     base = encode(tokenizer, [i.image for i in items], [i.question for i in items], num_visual)
-    words = [
-        [i.answer] + [w for q, a in pairs for w in ("user", ":", *q.split(), "assistant", ":", a)]
-        for i, pairs in zip(items, follow_ups)
-    ]
-    tails = [tokenizer.convert_tokens_to_ids(w) for w in words]
-    width = max(map(len, tails))
+    tails, answer_offsets = [], []
+    for item, pairs in zip(items, follow_ups):
+        words, offsets = [item.answer], [0]
+        for question, answer in pairs:
+            words += ["user", ":", *question.split(), "assistant", ":", answer]
+            offsets.append(len(words) - 1)
+        tails.append(tokenizer.convert_tokens_to_ids(words))
+        answer_offsets.append(offsets)
     length = base["input_ids"].shape[1]
-    input_ids = np.full((len(items), length + width), tokenizer.pad_token_id, dtype=np.int64)
+    input_ids = np.full((len(items), length + max(map(len, tails))), tokenizer.pad_token_id, dtype=np.int64)
     attention_mask = np.zeros_like(input_ids)
     input_ids[:, :length], attention_mask[:, :length] = base["input_ids"], base["attention_mask"]
-    answers = set(answer_ids(tokenizer).values())
     rows, positions = [], []
-    for row, tail in enumerate(tails):
+    for row, (tail, offsets) in enumerate(zip(tails, answer_offsets)):
         input_ids[row, length : length + len(tail)] = tail
         attention_mask[row, length : length + len(tail)] = 1
-        for offset, token in enumerate(tail):
-            if token in answers and (offset == 0 or tail[offset - 1] == tokenizer.convert_tokens_to_ids(":")):
-                rows.append(row)
-                positions.append(length + offset - 1)
+        rows += [row] * len(offsets)
+        positions += [length + offset - 1 for offset in offsets]  # the logits before each answer predict it
     feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": base["pixel_values"]}
     index = (torch.tensor(rows), torch.tensor(positions))
     targets = torch.from_numpy(input_ids)[index[0], index[1] + 1]
