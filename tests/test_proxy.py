@@ -160,7 +160,7 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
     tokenizer, rng = build_tokenizer(), np.random.default_rng(1)
     items = data.make_split("val", 3)
     follow_ups = [data.follow_up_questions(rng, i.shapes, 2) for i in items]
-    feeds, (rows, positions), targets = training_batch(tokenizer, items, follow_ups, 256)
+    feeds, (rows, positions), targets, question_words = training_batch(tokenizer, items, follow_ups, 256)
     expected = [a for item, pairs in zip(items, follow_ups) for a in [item.answer] + [a for _, a in pairs]]
     assert tokenizer.convert_ids_to_tokens(targets.tolist()) == expected
     assert rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -180,7 +180,7 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
 def test_aux_targets_mark_one_centre_per_object_and_score_a_perfect_prediction_near_zero():
     import torch
 
-    from clse_fx.proxy.train import AUX_OUTPUTS, aux_loss, patch_labels
+    from clse_fx.proxy.train import CENTRE_LOGIT, COLOUR_LOGITS, SHAPE_LOGITS, aux_loss, aux_outputs, patch_labels
 
     items = data.make_split("val", 4)
     labels, centres = patch_labels(items, 16)
@@ -188,12 +188,18 @@ def test_aux_targets_mark_one_centre_per_object_and_score_a_perfect_prediction_n
     assert bool((labels[centres > 0] > 0).all())  # a centre patch is covered by its object
     objects = labels > 0
     colour, shape = (labels - 1) // len(data.SHAPES), (labels - 1) % len(data.SHAPES)
-    perfect = torch.full((*labels.shape, AUX_OUTPUTS), -20.0)
+    perfect = torch.full((*labels.shape, aux_outputs(16)), -20.0)
     perfect[..., 0] = torch.where(objects, 20.0, -20.0)
-    perfect[..., 1 : 1 + len(data.COLOURS)].scatter_(-1, colour.clamp(min=0).unsqueeze(-1), 20.0)
-    perfect[..., 1 + len(data.COLOURS) : -1].scatter_(-1, shape.clamp(min=0).unsqueeze(-1), 20.0)
-    perfect[..., -1] = torch.where(centres > 0, 20.0, -20.0)
+    perfect[..., COLOUR_LOGITS].scatter_(-1, colour.clamp(min=0).unsqueeze(-1), 20.0)
+    perfect[..., SHAPE_LOGITS].scatter_(-1, shape.clamp(min=0).unsqueeze(-1), 20.0)
+    perfect[..., CENTRE_LOGIT] = torch.where(centres > 0, 20.0, -20.0)
+    cells = torch.arange(256)
+    perfect[:, cells, CENTRE_LOGIT + 1 + cells // 16] = 20.0  # grid row
+    perfect[:, cells, CENTRE_LOGIT + 17 + cells % 16] = 20.0  # grid column
     assert aux_loss(perfect, items, 16).item() < 1e-6
     wrong_shapes = perfect.clone()  # every object patch labelled with the next shape: only that term is wrong
-    wrong_shapes[..., 1 + len(data.COLOURS) : -1] = perfect[..., 1 + len(data.COLOURS) : -1].roll(1, -1)
+    wrong_shapes[..., SHAPE_LOGITS] = perfect[..., SHAPE_LOGITS].roll(1, -1)
     assert aux_loss(wrong_shapes, items, 16).item() > 1.0
+    transposed = perfect.clone()  # rows and columns swapped: only the position terms are wrong
+    transposed[..., CENTRE_LOGIT + 1 :] = perfect[..., CENTRE_LOGIT + 1 :].roll(16, -1)
+    assert aux_loss(transposed, items, 16).item() > 1.0
