@@ -164,6 +164,13 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
     expected = [a for item, pairs in zip(items, follow_ups) for a in [item.answer] + [a for _, a in pairs]]
     assert tokenizer.convert_ids_to_tokens(targets.tolist()) == expected
     assert rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    asked = [[] for _ in items]  # every question's words, found at their recorded positions
+    for row, position, word in question_words:
+        assert tokenizer.convert_ids_to_tokens([int(feeds["input_ids"][row, position])]) == [word]
+        asked[row].append(word)
+    assert [" ".join(words) for words in asked] == [
+        " ".join([item.question] + [q for q, _ in pairs]) for item, pairs in zip(items, follow_ups)
+    ]
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(proxy_config(num_layers=2, hidden_size=64)).eval()
     engine_layout = {
@@ -203,3 +210,34 @@ def test_aux_targets_mark_one_centre_per_object_and_score_a_perfect_prediction_n
     transposed = perfect.clone()  # rows and columns swapped: only the position terms are wrong
     transposed[..., CENTRE_LOGIT + 1 :] = perfect[..., CENTRE_LOGIT + 1 :].roll(16, -1)
     assert aux_loss(transposed, items, 16).item() > 1.0
+
+
+def test_lookup_targets_say_what_each_shape_and_colour_word_refers_to():
+    import torch
+
+    from clse_fx.proxy.train import LOOKUP_OUTPUTS, lookup_loss, lookup_targets
+
+    scene = (data.Shape("circle", "red", 10.0, 50.0, 6.0), data.Shape("square", "red", 40.0, 12.0, 6.0))
+    item = data.Item(np.zeros((64, 64, 3), np.uint8), scene, "is there a blue square ?", "no", "exists", None)
+    words = "is there a blue square ? how many red shapes are there ? is the cross".split()
+    targets = lookup_targets([item], [(0, 100 + i, word) for i, word in enumerate(words)])
+    # Hand-derived: "blue" (count 0), "square" (present, red, right half, top half, no blue square), "red"
+    # (count 2), "cross" (absent: nothing else defined).
+    assert targets["index"].tolist() == [[0, 0, 0, 0], [103, 104, 108, 115]]
+    assert targets["count"].tolist() == [0, -100, 2, -100]
+    assert targets["present"].tolist() == [-100, 1, -100, 0]
+    assert targets["colour"].tolist() == [-100, 0, -100, -100]
+    assert (targets["horizontal"].tolist(), targets["vertical"].tolist()) == (
+        [-100, 1, -100, -100],
+        [-100, 0, -100, -100],
+    )
+    assert targets["match"].tolist() == [-100, 0, -100, -100]
+    sizes = [2, 5, 2, 2, 2, 5]  # present, colour, horizontal, vertical, match, count
+    perfect = torch.full((4, LOOKUP_OUTPUTS), -20.0)
+    offsets = np.cumsum([0] + sizes)
+    for name, offset in zip(("present", "colour", "horizontal", "vertical", "match", "count"), offsets):
+        for row, value in enumerate(targets[name].tolist()):
+            if value >= 0:
+                perfect[row, offset + value] = 20.0
+    assert lookup_loss(perfect, targets).item() < 1e-6
+    assert lookup_loss(torch.zeros(4, LOOKUP_OUTPUTS), targets).item() > 1.0
