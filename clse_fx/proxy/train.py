@@ -1,15 +1,15 @@
 """Train the accuracy-proxy LLaVA from scratch on streamed procedural VQA.
 
-    OMP_NUM_THREADS=1 python -m clse_fx.proxy.train --out clse_fx/assets/proxy_llava --seed 0 --max-minutes 64
+    OMP_NUM_THREADS=1 python -m clse_fx.proxy.train --out clse_fx/assets/proxy_llava --seed 0
 
-(the defaults are the shipped run: 64 minutes on one thread stopped it at step 3571 of 3600; the best
-validation checkpoint, step 2100, is the one saved).
+(the defaults are the shipped run, about 45 minutes on one CPU thread; one thread keeps it bit-reproducible).
 
 Phase 1 trains the vision tower and projector alone on per-patch targets (objectness, colour, shape, object
-centre), as LLaVA starts from a pretrained CLIP. Phase 2 trains everything end to end with AdamW and a warmup +
-cosine schedule. Its loss is the cross-entropy of every answer word in sequences that ask several questions
-about one image: the first question is laid out exactly as the compiled engines receive it
-(:func:`clse_fx.proxy.model.encode`), the others follow it. The per-patch loss stays on. The checkpoint with
+centre, grid row and column), as LLaVA starts from a pretrained CLIP. Phase 2 trains everything end to end
+with AdamW and a warmup + cosine schedule. Its loss is the cross-entropy of every answer word in sequences
+that ask several questions about one image: the first question is laid out exactly as the compiled engines
+receive it (:func:`clse_fx.proxy.model.encode`), the others follow it. The per-patch loss stays on, and a
+lookup loss supervises a middle decoder layer at the questions' shape and colour words. The checkpoint with
 the best validation accuracy is saved, with ``training.json`` (command, seed, steps, time, accuracies per
 question type).
 """
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clse_fx.proxy.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--questions", type=int, default=6, help="questions per training image (first: engine layout)")
     parser.add_argument("--vision-steps", type=int, default=2000, help="phase 1: vision tower steps")
