@@ -4,7 +4,7 @@ Compiles the trained proxy LLaVA (clse_fx/assets/proxy_llava by default) once pe
 runs each prefill engine on ONNX Runtime over the procedural VQA test split, and writes under
 benchmarks/results/accuracy/: results.json, table.md, summary.md and PNG plots (accuracy vs budget,
 accuracy by the queried object's grid row, keep frequency per grid position). Engines are cached per
-configuration in --cache, so an interrupted run resumes. Not part of CI (about 15 minutes on one thread).
+configuration in --cache, so an interrupted run resumes. Not part of CI (about 12 minutes on one thread).
 """
 
 from __future__ import annotations
