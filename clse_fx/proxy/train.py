@@ -54,9 +54,10 @@ def training_batch(
         question_words += [(row, length - 2 - len(first) + i, word) for i, word in enumerate(first)]
         words, positions = [item.answer], [length - 1]  # the logits before each answer predict it
         for question, answer in pairs:
+            asked = question.split()
             words += ["user", ":"]
-            question_words += [(row, length + len(words) + i, word) for i, word in enumerate(question.split())]
-            words += [*question.split(), "assistant", ":", answer]
+            question_words += [(row, length + len(words) + i, word) for i, word in enumerate(asked)]
+            words += [*asked, "assistant", ":", answer]
             positions.append(length + len(words) - 2)
         tails.append(tokenizer.convert_tokens_to_ids(words))
         answer_positions.append(positions)
@@ -92,6 +93,7 @@ def curriculum(step: int, steps: int) -> tuple[int, int]:
     return (1, most) if most < 4 else (2, 4)
 
 
+COLOUR_IDS = {colour: i for i, colour in enumerate(data.COLOURS)}  # class index of each colour in both heads
 COLOUR_LOGITS = slice(1, 1 + len(data.COLOURS))
 SHAPE_LOGITS = slice(COLOUR_LOGITS.stop, COLOUR_LOGITS.stop + len(data.SHAPES))
 CENTRE_LOGIT = SHAPE_LOGITS.stop
@@ -113,7 +115,7 @@ def patch_labels(items: list[data.Item], grid: int) -> tuple[torch.Tensor, torch
         best = np.full(grid * grid, 0.25)
         for shape in item.shapes:
             cover = data.shape_mask(shape).reshape(grid, cell, grid, cell).mean((1, 3)).reshape(-1)
-            label = 1 + list(data.COLOURS).index(shape.colour) * len(data.SHAPES) + data.SHAPES.index(shape.kind)
+            label = 1 + COLOUR_IDS[shape.colour] * len(data.SHAPES) + data.SHAPES.index(shape.kind)
             better = cover > best
             labels[row, better], best[better] = label, cover[better]
             centres[row, int(shape.y // cell) * grid + int(shape.x // cell)] = 1.0
@@ -163,7 +165,7 @@ def lookup_targets(items: list[data.Item], question_words: list[tuple[int, int, 
             before = previous.get((row, position - 1))
             found = {
                 "present": int(match is not None),
-                "colour": list(data.COLOURS).index(match.colour) if match else -100,
+                "colour": COLOUR_IDS[match.colour] if match else -100,
                 "horizontal": int(match.x >= data.IMAGE_SIZE / 2) if match else -100,
                 "vertical": int(match.y >= data.IMAGE_SIZE / 2) if match else -100,
                 "match": int(match is not None and match.colour == before) if before in data.COLOURS else -100,
