@@ -50,7 +50,7 @@ def _compile(model_name: str) -> dict:
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         start = time.perf_counter()
         bundle = Path(scratch) / "bundle"
-        result = clse_fx.compile(model, keep, text_len=text_len, output_dir=bundle, processor=processor)
+        result = clse_fx.compile(model, keep=keep, text_len=text_len, output_dir=bundle, processor=processor)
         total = time.perf_counter() - start
         nodes = {name: len(onnx.load(str(bundle / f"{name}.onnx")).graph.node) for name in ("prefill", "decode")}
     manifest = result.manifest

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from benchmarks import geometry
-from clse_fx.compiler import PrunedPrefill, pass_settings, prune_prefill
-from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens
-from clse_fx.models import adapter_for
+from clse_fx.compiler import pass_settings, prune_prefill
+from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
+from clse_fx.models import adapter_for, examples_for
 from clse_fx.plan import PruneConfig, plan_budget
 
 PAPER = {"flops_ratio_192": 2.28, "kv_ratio_192": 5.59}
-
-
-def pruned_and_unpruned(model, keep: int, text_len: int) -> tuple[PrunedPrefill, PrunedPrefill]:
-    """The pruned prefill at ``keep`` and the same graph with no stage inserted, both at fixed shapes."""
-    prune = PruneConfig(plan=plan_budget(keep, 32, 576))
-    inputs = geometry.prompt(model, text_len, device=next(model.parameters()).device.type)
-    settings = pass_settings(model, prune, geometry.prompt(model, text_len))  # ids readable on the CPU
-    pruned = prune_prefill(model, prune, inputs, settings=settings)
-    unpruned = prune_prefill(model, prune, inputs, settings=dataclasses.replace(settings, stages=()))
-    return pruned, unpruned
-
-
-def graph_flops(program: PrunedPrefill) -> int:
-    return count_flops(program.program.module(), *program.example_args)
 
 
 def llava_7b(budgets: tuple[int, ...] = (192, 128, 64), text_len: int = 40) -> dict:
@@ -50,28 +34,24 @@ def llava_7b(budgets: tuple[int, ...] = (192, 128, 64), text_len: int = 40) -> d
 
 
 def family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dict]:
-    """Prefill FLOPs (pruned graph vs the same graph with no stage) and fp16 KV bytes under both policies, per
-    budget, on weightless graphs; ``cpu_inputs`` are the same prompt with readable ids (for the plan)."""
+    """Prefill FLOPs (the compiled program vs the traced unpruned prefill, docs/method.md#cost) and fp16 KV bytes
+    under both policies, per budget, on weightless graphs; ``cpu_inputs`` are the same prompt with readable ids
+    (for the plan)."""
     adapter = adapter_for(model)
     num_visual = int(adapter.visual_mask(cpu_inputs["input_ids"]).sum())
     other = cpu_inputs["input_ids"].shape[1] - num_visual  # text and any vision start/end markers
     text_cfg = model.config.get_text_config()
-    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-
-    def kv_bytes(tokens: list[int]) -> int:
-        return kv_cache_bytes(tokens, 1, text_cfg.num_key_value_heads, head_dim, 2)
-
-    rows, unpruned_flops = [], None
+    unpruned_flops = unpruned_prefill_flops(model, meta_inputs)
+    rows = []
     for keep in budgets:
         prune = PruneConfig(plan=plan_budget(keep, adapter.num_layers, num_visual, schedule=adapter.schedule))
-        settings = pass_settings(model, prune, cpu_inputs)
-        if unpruned_flops is None:
-            unpruned = prune_prefill(model, prune, meta_inputs, settings=dataclasses.replace(settings, stages=()))
-            unpruned_flops = graph_flops(unpruned)
-        flops = graph_flops(prune_prefill(model, prune, meta_inputs, settings=settings))
+        pruned = prune_prefill(model, prune, meta_inputs, settings=pass_settings(model, prune, cpu_inputs))
+        flops = prefill_flops(pruned)
         plan = prune.plan
-        kv_full = kv_bytes([other + num_visual] * plan.num_layers)
-        kv = {policy: kv_bytes(kv_cache_tokens(plan, other, policy)) for policy in ("uniform", "per-layer")}
+        kv_full, kv_uniform, kv_per_layer = (
+            kv_cache_bytes(text_cfg, kv_cache_tokens(plan, other, policy), 1, 2)
+            for policy in ("unpruned", "uniform", "per-layer")
+        )
         rows.append(
             {
                 "budget": keep,
@@ -81,9 +61,9 @@ def family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dic
                 "flops_pruned": flops,
                 "flops_ratio": unpruned_flops / flops,
                 "kv_bytes_unpruned_fp16": kv_full,
-                "kv_bytes_pruned_fp16": kv["uniform"],
-                "kv_ratio_uniform": kv_full / kv["uniform"],
-                "kv_ratio_per_layer": kv_full / kv["per-layer"],
+                "kv_bytes_pruned_fp16": kv_uniform,
+                "kv_ratio_uniform": kv_full / kv_uniform,
+                "kv_ratio_per_layer": kv_full / kv_per_layer,
             }
         )
     return rows
@@ -97,7 +77,9 @@ def qwen2_vl_7b(budgets=(0.334, 0.223, 0.112), text_len: int = 40, side: int = 2
     model = geometry.qwen2_vl_7b()
     adapter = adapter_for(model)
     step = 28  # patch 14 x merge 2
-    cpu = adapter.example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), image_size=(side * step,) * 2)
+    cpu = examples_for(model).example_inputs(
+        1, text_len, 1, torch.Generator().manual_seed(0), image_size=(side * step,) * 2
+    )
     position_ids, _ = MRopeIndex(adapter.visual_token_ids(), (1, side, side))(cpu["input_ids"], cpu["attention_mask"])
     meta = {
         "input_ids": cpu["input_ids"].to("meta"),
@@ -118,7 +100,7 @@ def llava_next_video_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> 
     """LLaVA-NeXT-Video-7B, ``frames`` frames of 12x12 pooled tokens, budget as average visual tokens per layer
     (the paper's Video-LLaVA row is at 194; Video-LLaVA itself keeps a CLS token per frame, so has no grid)."""
     model = geometry.llava_next_video_7b()
-    cpu = adapter_for(model).example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), frames=frames)
+    cpu = examples_for(model).example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), frames=frames)
     meta = {name: tensor.to("meta") for name, tensor in cpu.items()}
     video = meta["pixel_values_videos"]
     vision_flops = count_flops(lambda px: model.model.get_video_features(pixel_values_videos=px), video)

@@ -17,10 +17,11 @@ import onnxruntime
 import torch
 
 from benchmarks import geometry
-from benchmarks.flops_kv import graph_flops, pruned_and_unpruned
-from clse_fx.compiler import prune_prefill
+from clse_fx.compiler import pass_settings, prune_prefill
 from clse_fx.decode import export_decode
 from clse_fx.export.onnxruntime import OnnxSession, decode_names, export_onnx, export_program, input_names
+from clse_fx.metrics import prefill_flops, unpruned_prefill_flops
+from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_prune
 from clse_fx.scoring import spectral_energy
 
@@ -86,9 +87,12 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
     model = geometry.build(geometry.LLAVA_LATENCY)
     inputs = geometry.prompt(model, text_len)
     with torch.no_grad():
-        pruned, unpruned = pruned_and_unpruned(model, 192, text_len)
-        merge = dataclasses.replace(pruned.settings.prune, merge="tome")  # CLSE-M on the same plan
-        merged = prune_prefill(model, merge, inputs, settings=dataclasses.replace(pruned.settings, prune=merge))
+        prune = PruneConfig(plan=plan_budget(192, 32, 576))
+        pruned = prune_prefill(model, prune, inputs)
+        # The unpruned engine: the same passes and static export with no stage inserted.
+        unpruned = prune_prefill(model, prune, inputs, settings=dataclasses.replace(pruned.settings, stages=()))
+        merge = dataclasses.replace(prune, merge="tome")  # CLSE-M on the same plan
+        merged = prune_prefill(model, merge, inputs, settings=pass_settings(model, merge, inputs))
     workdir = Path(workdir or tempfile.mkdtemp())
     programs = {"pruned": pruned, "unpruned": unpruned, "merged": merged}
     paths = {name: export_onnx(prog, workdir / f"{name}.onnx") for name, prog in programs.items()}
@@ -115,7 +119,6 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
             )
             past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
 
-    prune = pruned.settings.prune
     with torch.no_grad():
         times = interleaved(
             {
@@ -128,7 +131,7 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
             },
             repeats,
         )
-    flops = {"pruned": graph_flops(pruned), "unpruned": graph_flops(unpruned)}
+    flops = {"pruned": prefill_flops(pruned), "unpruned": unpruned_prefill_flops(model, inputs)}
     speedup = times["prefill_unpruned"] / times["prefill_pruned"]
     flops_ratio = flops["unpruned"] / flops["pruned"]
     return {

@@ -1,10 +1,19 @@
-"""``clse_fx.compile``: checkpoint -> pruned prefill -> verified engine bundle, with a report of each phase."""
+"""``clse_fx.compile``: the compile pipeline, top to bottom.
+
+    options -> plan -> trace (cached per input geometry) -> passes -> static re-export -> verify -> manifest
+    -> the target's builders (export/targets.py) -> bundle written atomically
+
+Each phase is one function below; each check lives in one place (options in ``CompileOptions``, budgets in
+``plan_budget``, output directories in ``export.bundle``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,13 +21,16 @@ import torch
 from torch import nn
 
 from clse_fx.compiler import PrunedPrefill, prune_prefill
-from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens
-from clse_fx.models import adapter_for, supported_architectures
+from clse_fx.export.bundle import checkpoint_hash, staged_directory, write_manifest
+from clse_fx.export.manifest import KVCacheSection, Manifest, PlanSection
+from clse_fx.export.targets import TARGETS, builders
+from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
+from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, supported_architectures
+from clse_fx.options import CompileOptions
 from clse_fx.plan import PruneConfig, plan_budget
-from clse_fx.reference import reference_prune
-from clse_fx.trace import PrefillModule
+from clse_fx.reference import ReferenceOutput, reference_prune
 
-TARGETS = ("onnxruntime", "onnxruntime-gpu", "tensorrt", "torch-compile")
+Progress = Callable[[str], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -32,7 +44,36 @@ class CompileResult:
     module: object | None = None  # the torch-compile target's compiled prefill
 
 
-def load_checkpoint(model_dir: str | Path) -> tuple[nn.Module, object | None]:
+@dataclass
+class BuildContext:
+    """What a target builder gets: the model, the compiled program and its example inputs, the options, the
+    processor to ship, and :meth:`phase` to time and report its own phases."""
+
+    model: nn.Module
+    pruned: PrunedPrefill
+    inputs: dict[str, torch.Tensor]
+    options: CompileOptions
+    processor: object | None
+    progress: Progress
+    timings: dict[str, float]
+    reference: ReferenceOutput | None = None
+
+    @contextlib.contextmanager
+    def phase(self, label: str, key: str) -> Iterator[None]:
+        """Report ``label`` while the block runs and record its seconds under ``key``."""
+        start = time.perf_counter()
+        with self.progress(label):
+            yield
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def reference_output(self) -> ReferenceOutput:
+        """The eager reference pruner on the example inputs, computed once per compile."""
+        if self.reference is None:
+            self.reference = reference_prune(self.model, self.pruned.settings.prune, **self.inputs)
+        return self.reference
+
+
+def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None]:
     """Load a local transformers checkpoint (never remote code) and its processor, with clear errors."""
     import transformers
 
@@ -50,7 +91,7 @@ def load_checkpoint(model_dir: str | Path) -> tuple[nn.Module, object | None]:
             f"clse-fx supports: {', '.join(supported_architectures())}"
         )
     model_class = getattr(transformers, supported[0])
-    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=dtype).eval()
     return model, load_processor(model_dir)
 
 
@@ -68,26 +109,109 @@ def load_processor(path: str | Path) -> object | None:
         return None
 
 
-def example_inputs(
-    model: nn.Module,
-    batch: int = 1,
-    text_len: int = 32,
-    images: int = 1,
-    seed: int = 0,
-    frames: int = 1,
-    image_size: tuple[int, int] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Processor-style inputs of the compiled shape (see :meth:`ModelAdapter.example_inputs`), seeded."""
+def example_inputs(model: nn.Module, options: CompileOptions, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Processor-style inputs of the compiled geometry (see :meth:`ModelAdapter.example_inputs`), seeded, on
+    the model's device."""
     generator = torch.Generator().manual_seed(seed)
-    return adapter_for(model).example_inputs(batch, text_len, images, generator, frames, image_size)
+    inputs = examples_for(model).example_inputs(
+        options.batch, options.text_len, options.images, generator, options.frames, options.image_size
+    )
+    device = next(model.parameters()).device
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def make_plan(model: nn.Module, options: CompileOptions, inputs: dict[str, torch.Tensor]) -> PruneConfig:
+    """The budget turned into per-stage keeps for this model's visual-token count, plus the score settings."""
+    adapter = adapter_for(model)
+    num_visual = int(adapter.visual_mask(inputs["input_ids"][:1]).sum())
+    stages = options.stages
+    plan = plan_budget(options.keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
+    return PruneConfig(
+        plan=plan,
+        score=options.score,
+        kv_policy=options.kv_policy,
+        merge=options.merge,
+        merge_metric=options.merge_metric,
+    )
+
+
+def verify(context: BuildContext) -> dict:
+    """Parity of the compiled program with the eager reference pruner, and prefill FLOPs before/after (the
+    unpruned figure from the traced prefill before any pass: docs/method.md#cost)."""
+    pruned = context.pruned
+    with context.phase("parity with the eager reference pruner", "verify"):
+        out = pruned()
+        ref = context.reference_output()
+        parity = {
+            "reference_max_abs_logits": float((out.logits - ref.logits).abs().max()),
+            "reference_kept_identical": all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept)),
+        }
+    with context.phase("FLOPs before/after", "verify"):
+        flops = {"pruned": prefill_flops(pruned), "unpruned": unpruned_prefill_flops(context.model, context.inputs)}
+    return {"parity": parity, "flops": flops}
+
+
+def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None) -> Manifest:
+    """The manifest of this compile, assembled in one place (targets add their sections afterwards)."""
+    adapter = adapter_for(model)
+    options, pruned, inputs = context.options, context.pruned, context.inputs
+    prune = pruned.settings.prune
+    plan = prune.plan
+    text_config = model.config.get_text_config()
+    sequence_length = int(inputs["input_ids"].shape[1])
+    non_visual = sequence_length - plan.num_visual  # text plus any vision start/end markers
+    dtype = next(model.parameters()).dtype
+    itemsize = dtype.itemsize
+
+    def kv_bytes(policy: str) -> int:
+        return kv_cache_bytes(text_config, kv_cache_tokens(plan, non_visual, policy), options.batch, itemsize)
+
+    source = {"path": str(options.source) if options.source else None}
+    if options.source:
+        source["sha256"] = checkpoint_hash(options.source)
+    return Manifest(
+        architecture=type(model).__name__,
+        source=source,
+        target=options.target,
+        plan=PlanSection(
+            stages=[list(s) for s in plan.stages],
+            avg_visual_tokens=plan.avg_visual_tokens,
+            visual_tokens_per_layer=plan.visual_tokens_per_layer(),
+            score=prune.score,
+            cutoff=prune.cutoff,
+            temp=prune.temp,
+            seed=prune.seed,
+            kv_policy=prune.kv_policy,
+            merge=prune.merge,
+            merge_metric=prune.merge_metric,
+        ),
+        geometry={
+            "batch": options.batch,
+            "text_len": options.text_len,
+            "images": options.images,
+            "num_visual": plan.num_visual,
+            "grid": list(pruned.settings.grid),
+            "sequence_length": sequence_length,
+            "pruned_length": sequence_length - plan.num_visual + plan.stages[-1][1],
+            **deploy_recipe_for(model).compiled_geometry(inputs),
+        },
+        image_token_id=adapter.visual_token_ids()[0],
+        pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else 0,
+        eos_token_id=model.generation_config.eos_token_id,
+        max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+        kv_cache_bytes=KVCacheSection(
+            pruned=kv_bytes(prune.kv_policy), unpruned=kv_bytes("unpruned"), dtype=str(dtype).removeprefix("torch.")
+        ),
+        versions=_versions(),
+        **(checks or {}),
+    )
 
 
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    names = ["torch", "transformers", "onnx", "onnxruntime", "onnxscript", "clse-fx"]
     found = {}
-    for name in names:
+    for name in ["torch", "transformers", "onnx", "onnxruntime", "onnxscript", "clse-fx"]:
         try:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -97,154 +221,55 @@ def _versions() -> dict[str, str]:
 
 def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile)
     model: nn.Module,
-    keep: float | None = None,
+    options: CompileOptions | None = None,
     *,
-    stages: str | list[tuple[int, int]] | None = None,
-    score: str = "clse_attn",
-    target: str = "onnxruntime",
-    kv_policy: str = "uniform",
-    merge: str = "none",
-    merge_metric: str = "hidden",
-    batch: int = 1,
-    text_len: int = 32,
-    images: int = 1,
-    frames: int = 1,
-    image_size: tuple[int, int] | None = None,
-    output_dir: str | Path | None = None,
-    force: bool = False,
     processor: object | None = None,
-    source: str | Path | None = None,
-    dump_graph: str | None = None,
-    verify: bool = True,
-    fp16: bool = False,
-    progress=None,
+    progress: Progress | None = None,
+    **fields,
 ) -> CompileResult:
-    """Compile ``model`` with CLSE pruning for a fixed input geometry, verify it, and write a bundle.
+    """Compile ``model`` with CLSE pruning for a fixed input geometry, verify it, and build its target.
 
-    Targets: ``onnxruntime`` / ``onnxruntime-gpu`` (a bundle; the GPU flavour prefers the TensorRT and CUDA
-    execution providers at load time), ``tensorrt`` (the bundle plus a torch-tensorrt engine; CUDA only),
-    ``torch-compile`` (``result.module``, an Inductor-compiled pruned prefill; no bundle). Without
-    ``output_dir`` only the pruned torch program is built and checked.
+    ``options`` is a :class:`CompileOptions`, or its fields are given as keywords (``keep=128,
+    output_dir=...``; with ``options`` they replace its fields). Targets: see ``export/targets.py``. Without
+    an output dir only the pruned torch program is built and checked.
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
-    if target == "tensorrt":
-        from clse_fx.export.tensorrt import require_tensorrt
-
-        require_tensorrt()
-        model = model.to("cuda")
-    if target == "torch-compile" and output_dir is not None:
-        raise ValueError("the torch-compile target builds an in-process module (result.module); drop the output dir")
-    if batch < 1 or text_len < 1 or images < 0 or frames < 1:
-        raise ValueError("batch, text length and frames must be >= 1 and images >= 0")
-    step = progress or (lambda name: contextlib.nullcontext())
-    adapter = adapter_for(model)
-    if output_dir is not None and Path(output_dir).exists() and not force:
-        raise FileExistsError(f"output directory {output_dir} already exists; pass --force to replace it")
-    if processor is None and output_dir is not None:
-        processor = load_processor(getattr(model, "name_or_path", "") or "")
-    device = next(model.parameters()).device
-    inputs = example_inputs(model, batch, text_len, images, frames=frames, image_size=image_size)
-    inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
-    num_visual = int(adapter.visual_mask(inputs["input_ids"][:1]).sum())
-    if num_visual == 0:
-        raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
-    plan = plan_budget(keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
-    prune = PruneConfig(plan=plan, score=score, kv_policy=kv_policy, merge=merge, merge_metric=merge_metric)
-
+    options = CompileOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+    progress = progress or (lambda label: contextlib.nullcontext())
     timings: dict[str, float] = {}
+    target = TARGETS[options.target]
+    writes_bundle = target.writes_bundle and options.output_dir is not None
+    # Import (and check the requirements of) the target's builders first: a missing extra fails before any work.
+    steps = builders(options.target) if writes_bundle or not target.writes_bundle else []
+    if target.device is not None:
+        model = model.to(target.device)
+
+    inputs = example_inputs(model, options)
+    prune = make_plan(model, options, inputs)
+    if options.output_dir is not None and processor is None:
+        processor = load_processor(getattr(model, "name_or_path", "") or "")
+
     start = time.perf_counter()
-    with step("trace, passes and static re-export"):
-        pruned = prune_prefill(model, prune, inputs, dump_graph=dump_graph)
+    with progress("trace, passes and static re-export"):
+        pruned = prune_prefill(model, prune, inputs, dump_graph=options.dump_graph)
     timings["trace+passes+export"] = time.perf_counter() - start
 
-    text_cfg = model.config.text_config
-    non_visual = int(inputs["input_ids"].shape[1]) - num_visual  # text plus any vision start/end markers
-    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-    kv = {
-        policy: kv_cache_bytes(
-            kv_cache_tokens(plan, non_visual, policy), batch, text_cfg.num_key_value_heads, head_dim, 4
-        )
-        for policy in ("uniform", "per-layer")
-    }
-    unpruned_tokens = [non_visual + num_visual] * adapter.num_layers
-    kv_unpruned = kv_cache_bytes(unpruned_tokens, batch, text_cfg.num_key_value_heads, head_dim, 4)
-    manifest: dict = {
-        "architecture": type(model).__name__,
-        "source": {"path": str(source) if source else None},
-        "plan": {
-            "stages": [list(s) for s in plan.stages],
-            "avg_visual_tokens": plan.avg_visual_tokens,
-            "visual_tokens_per_layer": plan.visual_tokens_per_layer(),
-            "score": score,
-            "cutoff": prune.cutoff,
-            "temp": prune.temp,
-            "seed": prune.seed,
-            "kv_policy": kv_policy,
-            "merge": merge,
-            "merge_metric": merge_metric,
-        },
-        "geometry": {
-            "batch": batch,
-            "text_len": text_len,
-            "images": images,
-            "num_visual": num_visual,
-            "grid": list(pruned.settings.grid),
-            "sequence_length": int(inputs["input_ids"].shape[1]),
-            "pruned_length": int(inputs["input_ids"].shape[1]) - num_visual + plan.stages[-1][1],
-            **adapter.compiled_geometry(inputs),
-        },
-        "image_token_id": adapter.visual_token_ids()[0],
-        "pad_token_id": text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0,
-        "eos_token_id": model.generation_config.eos_token_id,
-        "max_position_embeddings": getattr(text_cfg, "max_position_embeddings", None),  # caps prompt + generation
-        "kv_cache_bytes": {"pruned": kv[kv_policy], "unpruned": kv_unpruned, "dtype": "float32"},
-        "versions": _versions(),
-    }
-    if source:
-        from clse_fx.export.bundle import checkpoint_hash
-
-        manifest["source"]["sha256"] = checkpoint_hash(source)
-
-    ref = None  # the eager reference pruner's output, computed once for every parity check
-    if verify:
-        start = time.perf_counter()
-        with step("parity with the eager reference pruner"):
-            out = pruned()
-            ref = reference_prune(model, prune, **inputs)
-            manifest["parity"] = {
-                "reference_max_abs_logits": float((out.logits - ref.logits).abs().max()),
-                "reference_kept_identical": all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept)),
-            }
-        with step("FLOPs before/after"):
-            manifest["flops"] = {
-                "pruned": count_flops(pruned.program.module(), *pruned.example_args),
-                "unpruned": count_flops(PrefillModule(model, pruned.input_names[2:]), *pruned.example_args),
-            }
-        timings["verify"] = time.perf_counter() - start
-
+    context = BuildContext(model, pruned, inputs, options, processor, progress, timings)
+    manifest = build_manifest(model, context, verify(context) if options.verify else None)
     module = None
-    if target == "torch-compile":
-        from clse_fx.export.torch_compile import CompiledPrefill
-
-        start = time.perf_counter()
-        with step("torch.compile (Inductor)"):
-            module = CompiledPrefill(pruned)
-            out = module()
-            ref = ref if ref is not None else reference_prune(model, prune, **inputs)
-            parity = manifest.setdefault("parity", {})
-            parity["torch_compile_max_abs_logits"] = float((out.logits - ref.logits).abs().max())
-        timings["torch_compile"] = time.perf_counter() - start
-
-    bundle = None
-    if output_dir is not None:
-        from clse_fx.export.onnxruntime import write_bundle
-
-        manifest["target"] = target
-        input_graphs = adapter.input_graphs(inputs)
-        bundle = write_bundle(
-            model, pruned, manifest, Path(output_dir), force, processor, timings, step, fp16=fp16, inputs=inputs,
-            input_graphs=input_graphs,
-        )  # fmt: skip
-    manifest["timings_s"] = timings
-    return CompileResult(pruned=pruned, bundle=bundle, manifest=manifest, timings=timings, module=module)
+    with staged_directory(options.output_dir, options.force) if writes_bundle else contextlib.nullcontext() as bundle:
+        for build in steps:
+            section = build(context, bundle)
+            manifest.add(section)
+            module = section.module or module
+        manifest.timings_s = dict(timings)
+        if bundle is not None:
+            if processor is not None:
+                processor.save_pretrained(bundle)
+            write_manifest(bundle, manifest.to_dict())
+    return CompileResult(
+        pruned=pruned,
+        bundle=options.output_dir if writes_bundle else None,
+        manifest=manifest.to_dict(),
+        timings=timings,
+        module=module,
+    )

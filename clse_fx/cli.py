@@ -11,7 +11,10 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from clse_fx.api import TARGETS
+from clse_fx.export.bundle import check_output_dir
+from clse_fx.export.targets import TARGETS
+from clse_fx.options import CompileOptions
+from clse_fx.plan import KV_POLICIES
 from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES
 
 
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=_budget, help="average visual tokens per layer (e.g. 128) or a ratio (0.25)")
     parser.add_argument("--stages", help="explicit stages LAYER:KEEP,... (e.g. 1:330,11:210,21:62)")
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
-    parser.add_argument("--kv-policy", choices=["uniform", "per-layer"], default="uniform")
+    parser.add_argument("--kv-policy", choices=KV_POLICIES, default="uniform")
     parser.add_argument("--merge", choices=MERGE_MODES, default="none", help="tome: merge pruned tokens (CLSE-M)")
     parser.add_argument("--merge-metric", choices=MERGE_METRICS, default="hidden", help="similarity for --merge")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime")
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_dir(args: argparse.Namespace, scratch: Path) -> Path:
+def _model_dir(args: argparse.Namespace) -> Path:
     if args.demo or args.model == "demo":
         from clse_fx.demo import proxy_model_dir
 
@@ -178,48 +181,42 @@ def compile_main(argv: list[str] | None = None) -> int:
             yield
 
     try:
-        if args.keep is None and args.stages is None:
-            raise ValueError("give a budget with --keep N (or a ratio) or explicit --stages LAYER:KEEP,...")
         if args.explain and not Path(args.explain).is_file():
             raise FileNotFoundError(f"--explain image {args.explain} does not exist")
-        with tempfile.TemporaryDirectory() as scratch:
-            model_dir = _model_dir(args, Path(scratch))
-            output = Path(args.output or Path("clse-out") / ("demo" if args.demo else model_dir.name))
-            if args.target == "torch-compile":
-                output = None  # an in-process module; the report shows its parity
-                if args.triton_repo:
-                    raise ValueError("--triton-repo needs a bundle; use an ONNX Runtime or TensorRT --target")
-            elif output.exists() and not args.force:
-                raise FileExistsError(f"output directory {output} already exists; pass --force to replace it")
-            if args.triton_repo and Path(args.triton_repo).exists() and not args.force:
-                raise FileExistsError(f"output directory {args.triton_repo} already exists; pass --force to replace it")
-            with step("loading the checkpoint"):
-                from clse_fx.api import compile as compile_model
-                from clse_fx.api import load_checkpoint
+        if args.triton_repo:
+            if not TARGETS[args.target].writes_bundle:
+                raise ValueError(f"--triton-repo needs a bundle; the {args.target} target builds none")
+            check_output_dir(args.triton_repo, args.force)
+        model_dir = _model_dir(args)
+        demo = args.demo or args.model == "demo"
+        writes_bundle = TARGETS[args.target].writes_bundle
+        options = CompileOptions(
+            keep=args.keep,
+            stages=args.stages,
+            score=args.score,
+            kv_policy=args.kv_policy,
+            merge=args.merge,
+            merge_metric=args.merge_metric,
+            batch=args.batch,
+            text_len=args.text_len,
+            images=args.images,
+            frames=args.frames,
+            image_size=args.image_size,
+            target=args.target,
+            output_dir=Path(args.output or Path("clse-out") / ("demo" if demo else model_dir.name))
+            if writes_bundle
+            else None,
+            force=args.force,
+            fp16=args.fp16,
+            dump_graph=args.dump_graph,
+            source=None if demo else model_dir,
+        )
+        with step("loading the checkpoint"):
+            from clse_fx.api import compile as compile_model
+            from clse_fx.api import load_checkpoint
 
-                model, processor = load_checkpoint(model_dir)
-            result = compile_model(
-                model,
-                args.keep,
-                stages=args.stages,
-                score=args.score,
-                target=args.target,
-                kv_policy=args.kv_policy,
-                merge=args.merge,
-                merge_metric=args.merge_metric,
-                batch=args.batch,
-                text_len=args.text_len,
-                images=args.images,
-                frames=args.frames,
-                image_size=args.image_size,
-                output_dir=output,
-                force=args.force,
-                processor=processor,
-                source=None if args.demo or args.model == "demo" else model_dir,
-                dump_graph=args.dump_graph,
-                fp16=args.fp16,
-                progress=step,
-            )
+            model, processor = load_checkpoint(model_dir)
+        result = compile_model(model, options, processor=processor, progress=step)
         _report(console, result, result.bundle)
         if args.explain:
             console.print(f"explanation: {_explain(result.bundle, args.explain, args.explain_prompt)}")
@@ -270,18 +267,12 @@ def run_main(argv: list[str] | None = None) -> int:
                 images.append(Image.open(path).convert("RGB"))
             except (FileNotFoundError, UnidentifiedImageError) as error:
                 raise ValueError(f"cannot read image {path}: {error}") from error
-        from clse_fx.runtime import Engine
+        from clse_fx.runtime import Engine, SamplingConfig
 
+        sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         engine = Engine.load(args.bundle)
         results = engine.generate(
-            images,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.sample,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            seed=args.seed,
-            chat=args.chat,
+            images, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,10 +1,11 @@
-"""Budgets -> validated per-stage keep counts (DESIGN.md section 2, "Stages and budgets")."""
+"""Budgets -> validated per-stage keep counts (docs/method.md#budgets), and the frozen spec of each stage."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES
+from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES, Grid
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ class Plan:
         return f"{stages} of {self.num_visual} visual tokens (avg {self.avg_visual_tokens:.1f}/layer)"
 
 
+def check_budget_given(keep: float | None, stages: object | None) -> None:
+    """Exactly one of a budget and explicit stages."""
+    if keep is None and stages is None:
+        raise ValueError("give a budget (--keep N or --keep RATIO) or explicit --stages LAYER:KEEP,...")
+    if keep is not None and stages is not None:
+        raise ValueError("--keep and --stages both given; pass one: a budget or explicit stages")
+
+
 def parse_stages(text: str) -> list[tuple[int, int]]:
     """Parse ``"1:330,11:210,21:62"`` into [(1, 330), (11, 210), (21, 62)]."""
     stages = []
@@ -122,9 +131,10 @@ def plan_budget(
     """Turn a budget into a validated :class:`Plan`.
 
     ``keep`` is an average visual-token count (an int, or an integral float) or a ratio of the visual
-    tokens (a float in (0, 1)); ``stages`` (``[(layer, keep), ...]`` or ``"1:330,11:210"``) overrides the
+    tokens (a float in (0, 1)); or ``stages`` (``[(layer, keep), ...]`` or ``"1:330,11:210"``) instead of the
     schedule. Invalid input raises ValueError saying what to change.
     """
+    check_budget_given(keep, stages)
     if num_layers < 2:
         raise ValueError(f"the model needs at least 2 decoder layers to prune between them, it has {num_layers}")
     if num_visual < 1:
@@ -133,8 +143,6 @@ def plan_budget(
         if isinstance(stages, str):
             stages = parse_stages(stages)
         return _validated(list(stages), num_layers, num_visual)
-    if keep is None:
-        raise ValueError("give a budget (--keep N or --keep RATIO) or explicit --stages LAYER:KEEP,...")
     is_ratio = isinstance(keep, float) and 0 < keep < 1
     if not is_ratio and keep != int(keep):
         raise ValueError(f"keep={keep} is neither a token count nor a ratio in (0, 1); pass e.g. --keep 128 or 0.25")
@@ -208,3 +216,49 @@ class PruneConfig:
             raise ValueError(f"cutoff must be >= 0, got {self.cutoff}")
         if self.temp <= 0:
             raise ValueError(f"temp must be > 0, got {self.temp}")
+
+    def stage_specs(self, grid: Grid, token_ids: tuple[int, ...]) -> tuple[StageSpec, ...]:
+        """One :class:`StageSpec` per planned stage, for visual tokens on ``grid`` marked by ``token_ids``."""
+        specs, num_current = [], self.plan.num_visual
+        for index, (layer, keep) in enumerate(self.plan.stages):
+            specs.append(
+                StageSpec(
+                    index=index,
+                    layer=layer,
+                    keep=keep,
+                    num_current=num_current,
+                    grid=tuple(grid),
+                    token_ids=tuple(token_ids),
+                    score=self.score,
+                    cutoff=self.cutoff,
+                    temp=self.temp,
+                    seed=self.seed,
+                    merge=self.merge,
+                    merge_metric=self.merge_metric,
+                )
+            )
+            num_current = keep
+        return tuple(specs)
+
+
+class StageSpec(NamedTuple):
+    """Everything that decides one stage (before decoder layer ``layer``, keep ``keep`` of the ``num_current``
+    visual tokens left): the one argument the inserted stage op and the reference pruner's stage take besides
+    tensors. ``scale`` is the attention's softmax scale, read from the model's attention at the cut.
+
+    Immutable, and a NamedTuple rather than a dataclass because FX's code generation writes namedtuple
+    constants of call_function nodes into the graph's Python code with their type in scope."""
+
+    index: int
+    layer: int
+    keep: int
+    num_current: int
+    grid: Grid
+    token_ids: tuple[int, ...]
+    score: str
+    cutoff: float
+    temp: float
+    seed: int
+    merge: str
+    merge_metric: str
+    scale: float | None = None

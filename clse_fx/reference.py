@@ -1,35 +1,52 @@
 """The eager reference pruner: the test oracle for every compiled path.
 
-It runs an unmodified `transformers` model's decoder-layer loop itself and applies DESIGN.md section 2
-between layers. The embedding, the causal mask and the rotary tables come from the model's own code
-(captured at the input of decoder layer 0); q and k come from the model's own attention modules
-(captured through a registered attention function). Readable first, not fast.
+It runs an unmodified `transformers` model's decoder-layer loop itself and applies the method
+(docs/method.md) between layers. The embedding, the causal mask and the rotary tables come from the model's
+own code (captured at the input of decoder layer 0); q and k come from the model's own attention modules
+(captured by :func:`capture_attention_inputs`). Readable first, not fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig
-from clse_fx.scoring import last_query_attention, score_stage, select_topk
-
-_CAPTURE_IMPL = "clse_capture"
-_records: dict[int, tuple] = {}
+from clse_fx.scoring import last_query_attention, score_stage
+from clse_fx.static_ops import select_topk
 
 
-def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """SDPA that also records each layer's (q, k, v, mask, scale): post-RoPE, before any GQA repeat."""
-    _records[module.layer_idx] = (query, key, value, attention_mask, kwargs.get("scaling"))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+@contextlib.contextmanager
+def capture_attention_inputs(decoder: torch.nn.Module) -> Iterator[dict[int, tuple]]:
+    """While active, record each of ``decoder``'s layers' SDPA inputs (q, k, v, mask, scale) into the yielded
+    dict, keyed by layer index: q and k after RoPE and before any GQA repeat.
 
+    It overrides the "sdpa" entry of transformers' attention-function table (``AttentionInterface``) on its
+    shared instance for the duration, and restores it on exit, also on error; attention modules of other
+    models keep running plain SDPA, since only this decoder's modules are recorded.
+    """
+    layer_of = {layer.self_attn: index for index, layer in enumerate(decoder.layers)}
+    records: dict[int, tuple] = {}
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
-ALL_ATTENTION_FUNCTIONS.register(_CAPTURE_IMPL, _capturing_sdpa)
+    def capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
+        if module in layer_of:
+            records[layer_of[module]] = (query, key, value, attention_mask, kwargs.get("scaling"))
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = capturing_sdpa  # an instance-local override of the shared table
+    try:
+        yield records
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        if ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa:  # the entry was itself a local override: put it back
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
 
 
 class _StopAtLayer0(Exception):
@@ -137,42 +154,35 @@ def reference_prune(
 
     visual = adapter.visual_mask(input_ids)
     num_visual = adapter.visual_count(input_ids, plan.num_visual)
-    stages = plan.stages if num_visual else ()  # a prompt without an image is left unpruned
     grid = adapter.visual_grid(num_visual, **model_inputs) if num_visual else None
 
     mask = layer_kwargs.get("attention_mask")
     cos, sin = layer_kwargs["position_embeddings"]
     position_ids = layer_kwargs.get("position_ids")
-    positions = torch.arange(seq).expand(batch, seq)  # original position of every current token
+    device = input_ids.device
+    positions = torch.arange(seq, device=device).expand(batch, seq)  # original position of every current token
     vis_index = _rows(visual)  # [B, n]: where the current visual tokens sit in the current sequence
-    vis_id = torch.arange(num_visual).expand(batch, num_visual)  # their visual indices 0..N-1
+    vis_id = torch.arange(num_visual, device=device).expand(batch, num_visual)  # their visual indices 0..N-1
     z_ref = _gather_seq(hidden, vis_index, 1) if num_visual else None
 
-    stage_keep = dict(stages)
-    sizes = torch.ones(batch, num_visual)  # tokens each visual token stands for (merge="tome")
+    # A prompt without an image is left unpruned.
+    specs = {spec.layer: spec for spec in config.stage_specs(grid, adapter.visual_token_ids())} if num_visual else {}
+    sizes = torch.ones(batch, num_visual, device=device)  # tokens each visual token stands for (merge="tome")
     kept: list[torch.Tensor] = []
     layer_positions: list[torch.Tensor] = []
-    decoder.config._attn_implementation, saved_impl = _CAPTURE_IMPL, decoder.config._attn_implementation
-    try:
+    with capture_attention_inputs(decoder) as records:
         for layer_idx, layer in enumerate(decoder.layers):
-            if layer_idx in stage_keep:
-                stage = len(kept)
-                query, key, _, layer_mask, scale = _records[layer_idx - 1]
+            if layer_idx in specs:
+                spec = specs[layer_idx]
+                if layer_idx - 1 not in records:
+                    raise ValueError(
+                        "the reference pruner needs SDPA attention: load the model with attn_implementation='sdpa'"
+                    )
+                query, key, _, layer_mask, scale = records[layer_idx - 1]
                 attn = last_query_attention(query, key, layer_mask, scale).gather(1, vis_index)
                 z_cur = _gather_seq(hidden, vis_index, 1)
-                scores = score_stage(
-                    config.score,
-                    stage,
-                    stage_keep[layer_idx],
-                    grid=grid,
-                    attn=attn,
-                    z_ref=z_ref,
-                    z_cur=z_cur,
-                    cutoff=config.cutoff,
-                    temp=config.temp,
-                    seed=config.seed,
-                )
-                local = select_topk(scores, stage_keep[layer_idx])
+                scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur)
+                local = select_topk(scores, spec.keep)
                 if config.merge == "tome":
                     metric = z_cur if config.merge_metric == "hidden" else _gather_seq(key.mean(dim=1), vis_index, 1)
                     merged, sizes = _tome_merge(z_cur, metric, sizes, local)
@@ -182,7 +192,7 @@ def reference_prune(
                 index = _rows(keep_mask)  # [B, S']: current tokens that survive, in sequence order
 
                 if mask is None:  # SDPA's implicit causal mask: make it explicit so it can be gathered
-                    mask = torch.ones(seq, seq, dtype=torch.bool).tril().expand(batch, 1, seq, seq)
+                    mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril().expand(batch, 1, seq, seq)
                 mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
                 mask = mask.gather(3, index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
                 hidden = _gather_seq(hidden, index, 1)
@@ -202,10 +212,6 @@ def reference_prune(
                 position_ids=position_ids,
                 use_cache=False,
             )
-    finally:
-        decoder.config._attn_implementation = saved_impl
-        records = dict(_records)
-        _records.clear()
 
     logits = adapter.lm_head()(decoder.norm(hidden))
     cache, cache_positions = [], []
@@ -260,7 +266,9 @@ def reference_generate(
     for step in range(max_new_tokens - 1):
         position_ids = adapter.decode_position_ids(seq + step + deltas)
         if kept_masks is not None:
-            kept_masks = [torch.cat([m, torch.ones(batch, 1, dtype=m.dtype)], dim=1) for m in kept_masks]
+            kept_masks = [
+                torch.cat([m, torch.ones(batch, 1, dtype=m.dtype, device=m.device)], dim=1) for m in kept_masks
+            ]
         if kept_masks is None or config.kv_policy == "uniform":
             mask = kept_masks[-1] if kept_masks else None
             logits = model(

@@ -6,12 +6,72 @@ of its Python-backend model (``clse_fx.export.triton``).
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is picked: the argmax of the logits (greedy, the default), or with ``do_sample`` a
+    draw from softmax(logits / temperature) over the ``top_k`` highest logits (0 = all tokens), from a
+    generator seeded with ``seed`` (None = fresh entropy, so answers differ from call to call)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, (bool, np.bool_)):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling (do_sample), got {self.temperature}")
+        if not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, (bool, np.bool_)):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = all tokens), got {self.top_k}")
+        if self.seed is not None and (
+            not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, (bool, np.bool_)) or self.seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    def rng(self) -> np.random.Generator:
+        """A fresh generator for one generation call, seeded with ``seed``."""
+        return np.random.default_rng(self.seed)
+
+    def next_token(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One token id per row of ``logits`` [batch, vocab]: greedy argmax, or a sample (one draw from ``rng``
+        per row) from softmax(logits / temperature) over the top_k (0 = all) tokens."""
+        if not self.do_sample:
+            return logits.argmax(axis=-1).astype(np.int64)
+        scaled = logits.astype(np.float64) / self.temperature
+        if self.top_k:
+            threshold = np.sort(scaled, axis=-1)[:, -self.top_k][:, None]
+            scaled = np.where(scaled < threshold, -np.inf, scaled)
+        probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+
+
+GREEDY = SamplingConfig()
+
+
+def _check_sampling(sampling: object) -> None:
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(
+            f"sampling must be a SamplingConfig, got {type(sampling).__name__}; "
+            "e.g. sampling=SamplingConfig(do_sample=True, top_k=5, seed=3)"
+        )
 
 
 @dataclass
@@ -120,14 +180,13 @@ class Engine:
         images: list,
         prompts: list[str],
         max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
+        sampling: SamplingConfig = GREEDY,
         stop_token_ids: list[int] | None = None,
         chat: bool = False,
     ) -> list[Generation]:
-        """Answer each (image, prompt) pair; batches of any size are run in chunks of the compiled batch."""
+        """Answer each (image, prompt) pair; batches of any size are run in chunks of the compiled batch. One
+        generator, seeded with ``sampling.seed``, serves every chunk of the call."""
+        _check_sampling(sampling)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one per prompt")
         if max_new_tokens < 1:
@@ -141,14 +200,14 @@ class Engine:
         if not prompts:
             return []
         stops = set(self.default_stops() if stop_token_ids is None else stop_token_ids)
-        rng = np.random.default_rng(seed)
+        rng = sampling.rng()
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch):
             chunk = list(range(start, min(start + self.batch, len(prompts))))
             # Fill a short last chunk with copies of its last row; their outputs are dropped.
             rows = chunk + [chunk[-1]] * (self.batch - len(chunk))
             feeds = self.encode([images[i] for i in rows], [prompts[i] for i in rows], chat)
-            ids, timings = self.generate_ids(feeds, max_new_tokens, do_sample, temperature, top_k, rng, stops)
+            ids, timings = self.generate_ids(feeds, max_new_tokens, sampling, rng, stops)
             for row in range(len(chunk)):
                 tokens = ids[row]
                 text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -164,13 +223,13 @@ class Engine:
         self,
         feeds: dict[str, np.ndarray],
         max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
+        sampling: SamplingConfig = GREEDY,
         rng: np.random.Generator | None = None,
         stops: set[int] = frozenset(),
     ) -> tuple[list[list[int]], Timings]:
-        """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token."""
+        """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token.
+        ``rng`` defaults to ``sampling.rng()``."""
+        _check_sampling(sampling)
         decode_names = list(self.decode.inputs)[3:]
 
         def decode(input_ids, position_ids, pad_counts, past):
@@ -187,9 +246,7 @@ class Engine:
             feeds,
             self.num_stages,
             max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
+            sampling,
             rng,
             stops,
         )
@@ -211,16 +268,14 @@ def generation_loop(
     feeds: dict[str, np.ndarray],
     num_stages: int,
     max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
+    sampling: SamplingConfig = GREEDY,
     rng: np.random.Generator | None = None,
     stops: set[int] = frozenset(),
 ) -> tuple[list[list[int]], Timings]:
     """The prefill + decode loop over any engine: ``prefill(feeds)`` returns the prefill graph's outputs and
-    ``decode(input_ids, position_ids, pad_counts, past)`` the decode graph's; per row the new ids, cut after the
-    first stop token."""
-    rng = rng or np.random.default_rng()
+    ``decode(input_ids, position_ids, pad_counts, past)`` the decode graph's; ``sampling`` picks each token,
+    drawing from ``rng`` (default ``sampling.rng()``); per row the new ids, cut after the first stop token."""
+    rng = sampling.rng() if rng is None else rng
     start = time.perf_counter()
     prefilled = prefill(feeds)
     prefill_ms = (time.perf_counter() - start) * 1e3
@@ -230,7 +285,7 @@ def generation_loop(
     pad_counts = (seq - feeds["attention_mask"].sum(axis=1)).astype(np.int64)
     # Decode positions continue after the unpruned prompt, shifted by the rope deltas where M-RoPE made them.
     positions = (seq + feeds.get("rope_deltas", np.zeros(batch, np.int64)))[:, None].astype(np.int64)
-    token = _next_token(prefilled[0][:, -1], do_sample, temperature, top_k, rng)
+    token = sampling.next_token(prefilled[0][:, -1], rng)
     generated, done = [token], np.isin(token, list(stops))
     start = time.perf_counter()
     steps = 0
@@ -239,7 +294,7 @@ def generation_loop(
             break
         logits, *new = decode(token[:, None], positions + step, pad_counts, past)
         past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
-        token = _next_token(logits[:, -1], do_sample, temperature, top_k, rng)
+        token = sampling.next_token(logits[:, -1], rng)
         generated.append(token)
         done |= np.isin(token, list(stops))
         steps += 1
@@ -250,18 +305,3 @@ def generation_loop(
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         rows.append(row[:cut])
     return rows, timings
-
-
-def _next_token(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:
-    """Greedy argmax, or a sample from softmax(logits / temperature) over the top_k (0 = all) tokens."""
-    if not do_sample:
-        return logits.argmax(axis=-1).astype(np.int64)
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling")
-    scaled = logits.astype(np.float64) / temperature
-    if top_k:
-        threshold = np.sort(scaled, axis=-1)[:, -top_k][:, None]
-        scaled = np.where(scaled < threshold, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)

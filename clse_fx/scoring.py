@@ -1,4 +1,4 @@
-"""CLSE token scores (DESIGN.md section 2), pure torch, batch-first, float32 math.
+"""CLSE token scores (docs/method.md), pure torch, batch-first, float32 math.
 
 Everything here is shape-static for a fixed grid and budget, so the same functions run eagerly in the
 reference pruner and are traced into the compiled graph.
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from clse_fx.plan import StageSpec
+
 SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
-# Score types that need the intact spectral grid; later stages fall back to "attn" (DESIGN.md §2).
+# Score types that need the intact spectral grid; later stages fall back to "attn" (docs/method.md#score-types).
 SPECTRAL_SCORE_TYPES = ("clse_attn", "clse")
 
 Grid = tuple[int, int, int]
@@ -62,7 +66,7 @@ def circulant_lowpass(n: int, cutoff: float, sigma_extent: int) -> torch.Tensor:
     """Real n x n circulant C with C x == ifft(ifftshift(g) * fft(x)) for the 1-D Gaussian g.
 
     g is real and symmetric around the centre, so its inverse DFT is real and the filter is an exact
-    real matrix; the separable 2-D low-pass is then C_H X C_W^T (DESIGN.md section 3). Built once per
+    real matrix; the separable 2-D low-pass is then C_H X C_W^T (docs/graph.md#fft-free-filter). Built once per
     (n, cutoff, sigma extent).
     """
     return torch.tensor(_circulant_lowpass_values(n, cutoff, sigma_extent))
@@ -194,57 +198,6 @@ def combine_scores(
     raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
 
 
-def visual_mask(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
-    """[B, S] bool: positions holding any of the visual placeholder ``token_ids``."""
-    mask = input_ids == token_ids[0]
-    for token_id in token_ids[1:]:
-        mask = mask | (input_ids == token_id)
-    return mask
-
-
-def running_count(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Inclusive count of True entries along ``dim``, as int64.
-
-    Counted in float32 because TensorRT's CumSum takes floating types only; exact below 2**24 entries.
-    """
-    return mask.to(torch.float32).cumsum(dim=dim).to(torch.long)
-
-
-def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Column indices of the True entries of each row of [B, S] ``mask``, which has ``count`` per row: [B, count].
-
-    A static-shape nonzero (engines need fixed shapes): each True column is scattered to its rank among
-    the row's True entries; the rest land in a spill column that is cut off.
-    """
-    batch, seq = mask.shape
-    rank = running_count(mask, dim=1) - 1
-    slot = torch.where(mask, rank, torch.full_like(rank, count))
-    columns = torch.arange(seq, device=mask.device).expand(batch, seq)
-    out = torch.zeros(batch, count + 1, dtype=torch.long, device=mask.device)
-    return out.scatter(1, slot, columns)[:, :count]
-
-
-def select_topk(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the ``keep`` best scores per row, in ascending (sequence) order: [B, N] -> [B, keep].
-
-    Ties go to the lower index. Neither torch.topk (tie order unspecified) nor a stable sort (no ONNX
-    lowering) gives that portably, so each score is ranked against all others: rank_i = #{j: s_j > s_i}
-    + #{j < i: s_j == s_i}, a strict order that eager PyTorch, ONNX Runtime and TensorRT compute alike.
-    O(N^2) compares per row, negligible next to one decoder layer for N in the thousands.
-    """
-    return compact_true(topk_mask(scores, keep), keep)
-
-
-def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """[B, N] bool: True at the ``keep`` best scores of each row, ties to the lower index (see select_topk)."""
-    n = scores.shape[-1]
-    s_i, s_j = scores[..., :, None], scores[..., None, :]
-    index = torch.arange(n, device=scores.device)
-    earlier = index[None, :] < index[:, None]  # [i, j]: j < i (no bool ConstantOfShape, which TensorRT rejects)
-    rank = ((s_j > s_i) | ((s_j == s_i) & earlier)).sum(dim=-1)
-    return rank < keep
-
-
 MERGE_MODES = ("none", "tome")
 MERGE_METRICS = ("hidden", "keys")
 
@@ -285,27 +238,16 @@ def stage_score_type(score_type: str, stage_index: int) -> str:
     return "attn" if stage_index > 0 and score_type in SPECTRAL_SCORE_TYPES else score_type
 
 
-def score_stage(
-    score_type: str,
-    stage_index: int,
-    keep: int,
-    *,
-    grid: Grid,
-    attn: torch.Tensor,
-    z_ref: torch.Tensor,
-    z_cur: torch.Tensor,
-    cutoff: float = 0.1,
-    temp: float = 0.1,
-    seed: int = 0,
-) -> torch.Tensor:
-    """One stage's [B, n] visual-token scores.
+def score_stage(spec: StageSpec, *, attn: torch.Tensor, z_ref: torch.Tensor, z_cur: torch.Tensor) -> torch.Tensor:
+    """One stage's [B, n] visual-token scores (docs/method.md#score-types).
 
     ``attn`` is the last-query attention over the current visual tokens, ``z_ref`` / ``z_cur`` their hidden
     states at the reference layer and now ([B, n, C]); the spectral terms are only computed when used.
     """
-    kind = stage_score_type(score_type, stage_index)
+    kind = stage_score_type(spec.score, spec.index)
     evo = None
     if kind in SPECTRAL_SCORE_TYPES:
-        evo = evolution_factor(spectral_energy(z_ref, grid, cutoff), spectral_energy(z_cur, grid, cutoff), temp)
-    intact = grid if stage_index == 0 else None  # later stages score a subset: no longer a grid
-    return combine_scores(kind, keep, attn=attn, evo=evo, hidden=z_cur, seed=seed + stage_index, grid=intact)
+        s_ref, s_cur = (spectral_energy(z, spec.grid, spec.cutoff) for z in (z_ref, z_cur))
+        evo = evolution_factor(s_ref, s_cur, spec.temp)
+    intact = spec.grid if spec.index == 0 else None  # later stages score a subset: no longer a grid
+    return combine_scores(kind, spec.keep, attn=attn, evo=evo, hidden=z_cur, seed=spec.seed + spec.index, grid=intact)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clse_fx.export.bundle import read_manifest
-from clse_fx.runtime import Engine
+from clse_fx.runtime import Engine, SamplingConfig
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -64,19 +64,17 @@ class Prepared:
 
     feeds: dict[str, np.ndarray]
     max_new_tokens: int
-    do_sample: bool
-    temperature: float
-    top_k: int
-    seed: int | None
+    sampling: SamplingConfig
     stops: frozenset[int]
 
     def group(self) -> tuple:
         """Requests with equal groups share engine calls; a seeded sample runs alone, so only its seed decides it."""
-        if not self.do_sample:
+        sampling = self.sampling
+        if not sampling.do_sample:
             return (False, self.stops)
-        if self.seed is not None:
+        if sampling.seed is not None:
             return (id(self),)
-        return (True, self.temperature, self.top_k, self.stops)
+        return (True, sampling.temperature, sampling.top_k, self.stops)
 
 
 def max_new_tokens_limit(manifest: dict, limits: Limits) -> int:
@@ -97,7 +95,12 @@ def _typed(body: dict, name: str, kind: type, default):
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if not ok:
         raise RequestError(422, f"{name} must be {'a number' if kind is float else f'a JSON {kind.__name__}'}")
-    return float(value) if kind is float else value
+    if kind is not float:
+        return value
+    try:
+        return float(value)
+    except OverflowError as error:  # an integer past float range, e.g. 1 followed by 400 zeros
+        raise RequestError(422, f"{name} must be a finite number") from error
 
 
 def _base64_bytes(text: str, limits: Limits) -> bytes:
@@ -180,12 +183,12 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     seed = _typed(body, "seed", int, None)
     chat = _typed(body, "chat", bool, False)
     vocab = engine.manifest["graphs"]["prefill"]["outputs"][0]["shape"][-1]
-    if do_sample and not temperature > 0:
-        raise RequestError(422, "temperature must be > 0 when do_sample is true")
     if not 0 <= top_k <= vocab:
         raise RequestError(422, f"top_k must be between 0 (all tokens) and the vocabulary size {vocab}")
-    if seed is not None and seed < 0:
-        raise RequestError(422, "seed must be a non-negative integer")
+    try:  # temperature: finite, and > 0 when sampling; seed: none or >= 0
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
+    except ValueError as error:
+        raise RequestError(422, str(error)) from error
     stops = body.get("stop_token_ids")
     if stops is not None and not (
         isinstance(stops, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stops)
@@ -199,10 +202,7 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     return Prepared(
         feeds=feeds,
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        seed=seed,
+        sampling=sampling,
         stops=frozenset(engine.default_stops() if stops is None else stops),
     )
 
@@ -223,10 +223,8 @@ def run_batch(engine: Engine, items: list[Prepared]) -> list[dict]:
             ids, timings = engine.generate_ids(
                 feeds,
                 max(items[i].max_new_tokens for i in chunk),
-                first.do_sample,
-                first.temperature,
-                first.top_k,
-                np.random.default_rng(first.seed),
+                first.sampling,
+                first.sampling.rng(),
                 first.stops,
             )
             for index, tokens in zip(chunk, ids):

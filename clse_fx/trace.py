@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx, nn
@@ -39,14 +42,43 @@ def example_args(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[tor
     return tuple(graph_inputs(model, inputs).values())
 
 
-def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Export the prefill with batch and sequence dynamic; returns the unlifted graph with plain codegen.
+# model -> (its weights key, {input geometry: traced graph}); entries go with their model.
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
 
-    Dynamic dims give every batch- and sequence-sized dimension a symbol of its own, which the passes use
-    to find what to gather and which shape arguments to re-bind. Plain codegen drops the pytree output
-    spec so passes may add outputs.
+
+def _geometry_key(named: dict[str, torch.Tensor]) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype, t.device.type) for name, t in named.items())
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (its autograd version counter),
+    so caches of what was traced or exported from ``model`` never serve stale weights."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The prefill exported with batch and sequence dynamic, as an unlifted graph with plain codegen; a fresh
+    copy of the graph on every call, so passes may rewrite it.
+
+    Tracing costs seconds to minutes and does not depend on the prune config or on input values, so it runs
+    once per model, weights and input geometry (names, shapes, dtypes, device of the graph inputs); the
+    copies share the model's parameters. Dynamic dims give every batch- and sequence-sized dimension a symbol
+    of its own, which the passes use to find what to gather and which shape arguments to re-bind. Plain
+    codegen drops the pytree output spec so passes may add outputs.
     """
     named = graph_inputs(model, inputs)
+    weights = weights_key(model)
+    if model not in _TRACES or _TRACES[model][0] != weights:
+        _TRACES[model] = (weights, {})  # traces of other weights are stale for good
+    traces = _TRACES[model][1]
+    key = _geometry_key(named)
+    if key not in traces:
+        traces[key] = _export_dynamic(model, named)
+    traced = traces[key]
+    return fx.GraphModule(traced, copy.deepcopy(traced.graph))
+
+
+def _export_dynamic(model: nn.Module, named: dict[str, torch.Tensor]) -> fx.GraphModule:
     adapter = adapter_for(model)
     dims = {"batch": torch.export.Dim("batch", min=1, max=4096), "seq": torch.export.Dim("seq", min=2, max=1 << 20)}
     extra = tuple(named)[2:]

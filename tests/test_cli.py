@@ -26,7 +26,16 @@ def test_compile_end_to_end(tiny_llava_dir, tmp_path, capsys):
     manifest = read_manifest(out_dir)  # verifies every file's hash
     assert manifest["architecture"] == "LlavaForConditionalGeneration"
     assert manifest["plan"]["stages"] == [[1, 14], [2, 9], [3, 3]]
-    assert manifest["geometry"] | {} == manifest["geometry"] and manifest["geometry"]["batch"] == 2
+    assert manifest["geometry"] == {
+        "batch": 2,
+        "text_len": 12,
+        "images": 1,
+        "num_visual": 36,
+        "grid": [1, 6, 6],
+        "sequence_length": 48,
+        "pruned_length": 15,
+        "image_size": 48,
+    }
     assert manifest["geometry"]["sequence_length"] == 12 + 36 and manifest["geometry"]["pruned_length"] == 15
     assert manifest["parity"]["reference_max_abs_logits"] <= 1e-5 and manifest["parity"]["reference_kept_identical"]
     assert (
@@ -84,6 +93,9 @@ def unsupported_dir(tmp_path):
         (lambda d, u, t: [str(d)], "give a budget"),
         (lambda d, u, t: [str(d), "--keep", "8", "--image-size", "64"], "fixed 48px"),
         (lambda d, u, t: [str(d), "--keep", "8", "--text-len", "0"], "must be >= 1"),
+        (lambda d, u, t: [str(d), "--keep", "8", "--stages", "1:4"], "--keep and --stages both given"),
+        # Arguments are checked before the model is looked at: a missing model dir is not reported first.
+        (lambda d, u, t: [str(t / "missing"), "--stages", "1-4"], "LAYER:KEEP"),
     ],
 )
 def test_bad_input_one_line_error_and_no_output(tiny_llava_dir, unsupported_dir, tmp_path, capsys, make_args, message):

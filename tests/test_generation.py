@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import LlamaConfig
 
 import clse_fx
 from clse_fx.cli import run_main
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate
-from clse_fx.runtime import Engine
+from clse_fx.runtime import Engine, SamplingConfig
 
 from .conftest import prompt_ids
 
@@ -44,6 +45,7 @@ def bundles(tiny_llava, tiny_llava_dir, tmp_path_factory):
             text_len=TEXT_LEN,
             output_dir=out,
             processor=processor,
+            verify=False,  # this file checks the bundles against the reference itself
         )
         made[(batch, policy, stages)] = out
     return made
@@ -110,11 +112,10 @@ def test_generate_api_batches_any_number_of_prompts(bundles):
     assert len(results) == 3 and all(1 <= len(r.token_ids) <= 5 and isinstance(r.text, str) for r in results)
     # The odd prompt out ran in a padded chunk; alone it answers the same.
     assert engine.generate([image], prompts[2:], max_new_tokens=5)[0].token_ids == results[2].token_ids
-    sampled = engine.generate([image], prompts[:1], max_new_tokens=5, do_sample=True, top_k=5, seed=3)
-    assert (
-        sampled[0].token_ids
-        == engine.generate([image], prompts[:1], max_new_tokens=5, do_sample=True, top_k=5, seed=3)[0].token_ids
-    )
+    sampling = SamplingConfig(do_sample=True, top_k=5, seed=3)
+    sampled = engine.generate([image], prompts[:1], max_new_tokens=5, sampling=sampling)
+    again = engine.generate([image], prompts[:1], max_new_tokens=5, sampling=sampling)
+    assert sampled[0].token_ids == again[0].token_ids
     # A stop token ends the answer, and is kept as its last id.
     first = results[0].token_ids[0]
     stopped = engine.generate([image], prompts[:1], max_new_tokens=5, stop_token_ids=[first])
@@ -125,8 +126,9 @@ def test_llava15_uniform_kv_ratio():
     """Uniform policy at LLaVA-1.5 geometry, plan 192: every layer keeps text + 62 visual tokens."""
     plan = plan_budget(192, 32, 576)
     text = 50
-    pruned = kv_cache_bytes(kv_cache_tokens(plan, text, "uniform"), 1, 32, 128, 2)
-    unpruned = kv_cache_bytes([text + 576] * 32, 1, 32, 128, 2)
+    vicuna = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32)
+    pruned = kv_cache_bytes(vicuna, kv_cache_tokens(plan, text, "uniform"), 1, 2)
+    unpruned = kv_cache_bytes(vicuna, kv_cache_tokens(plan, text, "unpruned"), 1, 2)
     assert pruned == 2 * 32 * 32 * (text + 62) * 128 * 2
     assert unpruned / pruned == pytest.approx((text + 576) / (text + 62))  # 5.59x at 50 text tokens (paper: 5.59x)
 
@@ -143,6 +145,8 @@ def test_bad_input(tiny_llava, bundles, tmp_path):
         engine.generate([image], ["what"], chat=True)
     with pytest.raises(ValueError, match=r"runs past the model's 4096 positions .* ask for at most 4052"):
         engine.generate([image], ["what"], max_new_tokens=5000)
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig, got bool"):
+        engine.generate([image], ["what"], 4, True)  # the old positional do_sample
     ids, pixels = _feeds(tiny_llava, 2)
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
     with pytest.raises(ValueError, match=r"input_ids has shape \[2, 44\] but prefill.onnx was compiled for \[1, 44\]"):
@@ -187,3 +191,19 @@ def test_clse_run_cli(bundles, tmp_path, capsys):
     assert run_main([bundle, "--image", str(tmp_path / "missing.png"), "--prompt", "what"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read image") and len(err.strip().splitlines()) == 1
+    for flags, message in (
+        (["--sample", "--temperature", "0"], "temperature must be > 0 when sampling"),
+        (["--temperature", "1e309"], "temperature must be a finite number"),
+        (["--top-k", "-1"], "top_k must be >= 0"),
+        (["--sample", "--seed", "-2"], "seed must be a non-negative integer"),
+    ):
+        assert run_main([bundle, "--image", str(image), "--prompt", "what", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    sampled = [bundle, "--image", str(image), "--prompt", "what", "--max-new-tokens", "4", "--json"]
+    sampled += ["--sample", "--top-k", "5", "--seed", "3"]
+    assert run_main(sampled) == 0
+    answer = json.loads(capsys.readouterr().out)["results"][0]["token_ids"]
+    sampling = SamplingConfig(do_sample=True, top_k=5, seed=3)  # the flags reach the engine as this config
+    rgb = Image.open(image).convert("RGB")
+    assert answer == Engine.load(bundle).generate([rgb], ["what"], max_new_tokens=4, sampling=sampling)[0].token_ids

@@ -5,7 +5,7 @@ import torch
 from clse_fx.compiler import pass_settings
 from clse_fx.passes import run_passes
 from clse_fx.passes.layer_boundaries import attention_node, layer_input, layer_nodes, module_path
-from clse_fx.passes.ops import gather_sequence, masked_scatter_static
+from clse_fx.passes.ops import gather_sequence, masked_scatter_static, stage_nodes
 from clse_fx.passes.static_masked_scatter import static_masked_scatter
 from clse_fx.passes.strip_asserts import strip_asserts
 from clse_fx.plan import PruneConfig, plan_budget
@@ -22,6 +22,10 @@ def _traced(model):
     return trace_prefill(model, inputs), inputs
 
 
+def _settings(model, inputs, stages="2:9", **prune):
+    return pass_settings(model, PruneConfig(plan=plan_budget(None, 4, 36, stages=stages), **prune), inputs)
+
+
 def _targets(gm):
     return {node.target for node in gm.graph.nodes if node.op == "call_function"}
 
@@ -31,7 +35,7 @@ def test_strip_asserts_removes_checks_and_keeps_outputs(tiny_llava):
     args = example_args(tiny_llava, inputs)
     before = gm(*args)
     assert torch.ops.aten._is_all_true.default in _targets(gm)
-    gm = strip_asserts(gm)
+    gm = strip_asserts(gm, _settings(tiny_llava, inputs))
     targets = _targets(gm)
     assert not {torch.ops.aten._is_all_true.default, torch.ops.aten._assert_scalar.default} & targets
     assert torch.ops.aten._assert_tensor_metadata.default not in targets
@@ -52,7 +56,8 @@ def test_static_masked_scatter_pass(tiny_llava):
     gm, inputs = _traced(tiny_llava)
     args = example_args(tiny_llava, inputs)
     before = gm(*args)
-    gm = static_masked_scatter(strip_asserts(gm))
+    settings = _settings(tiny_llava, inputs)
+    gm = static_masked_scatter(strip_asserts(gm, settings), settings)
     assert torch.ops.aten.masked_scatter.default not in _targets(gm)
     assert torch.equal(gm(*args)[0], before[0])
 
@@ -85,6 +90,7 @@ def test_run_passes_dumps_graph_before_and_after(tiny_llava, tmp_path):
     dump = tmp_path / "graph.txt"
     prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="2:9"))
     settings = pass_settings(tiny_llava, prune, inputs, dump_graph=str(dump))
+    assert [(spec.layer, spec.keep, spec.num_current) for spec in settings.stages] == [(2, 9, 36)]
     gm = run_passes(gm, settings)
     text = dump.read_text()
     for title in ("before strip_asserts", "before static_masked_scatter", "before insert_clse_stages", "after all"):
@@ -103,14 +109,43 @@ def test_expose_kv_cache_policies(tiny_llava):
     caches = {}
     for policy in ("per-layer", "uniform"):
         gm, inputs = _traced(tiny_llava)
-        prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:5"), kv_policy=policy)
-        settings = pass_settings(tiny_llava, prune, inputs)
-        gm = expose_kv_cache(insert_clse_stages(static_masked_scatter(strip_asserts(gm)), settings), settings)
+        settings = _settings(tiny_llava, inputs, stages="1:20,3:5", kv_policy=policy)
+        gm = static_masked_scatter(strip_asserts(gm, settings), settings)
+        gm = expose_kv_cache(insert_clse_stages(gm, settings), settings)
         logits, positions, kept_0, kept_1, *cache = gm(*example_args(tiny_llava, inputs))
         caches[policy] = cache
         s = inputs["input_ids"].shape[1]
         lengths = [s, s - 16, s - 16, s - 31] if policy == "per-layer" else [s - 31] * 4
         assert [t.shape[2] for t in cache] == [n for n in lengths for _ in range(2)]
         assert all(t.shape[1] == tiny_llava.config.text_config.num_key_value_heads for t in cache)
+        # The stages are read back from the graph: each one's spec and its survivor index.
+        assert [(spec.layer, spec.keep) for spec, _ in stage_nodes(gm.graph)] == [(1, 20), (3, 5)]
     # Both policies agree on the last layer, which ran on the final set.
     assert torch.equal(caches["uniform"][-1], caches["per-layer"][-1])
+
+
+def test_trace_runs_once_per_geometry_and_weights(tiny_llava, monkeypatch):
+    """Compiles of one model and geometry share a trace (each gets its own copy to rewrite); new weights or a new
+    geometry trace again."""
+    import copy
+
+    import clse_fx.trace
+
+    model = copy.deepcopy(tiny_llava)
+    exports = []
+    real = clse_fx.trace._export_dynamic
+    monkeypatch.setattr(clse_fx.trace, "_export_dynamic", lambda *a: exports.append(1) or real(*a))
+    _, inputs = _traced(model)
+    first, second = trace_prefill(model, inputs), trace_prefill(model, inputs)
+    assert len(exports) == 1 and first.graph is not second.graph
+    strip_asserts(first, _settings(model, inputs))  # rewriting one copy leaves the next untouched
+    assert torch.ops.aten._is_all_true.default in _targets(trace_prefill(model, inputs))
+    single = {name: tensor[:1] for name, tensor in inputs.items()}
+    trace_prefill(model, single)
+    assert len(exports) == 2
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # in place: the cached graphs would serve stale weights
+    logits = trace_prefill(model, inputs)(*example_args(model, inputs))[0]
+    assert len(exports) == 3
+    with torch.no_grad():
+        assert torch.allclose(logits, model(**inputs).logits, atol=1e-5)

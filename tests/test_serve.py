@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from PIL import Image
 
 import clse_fx
 from clse_fx.cli import serve_main
-from clse_fx.runtime import Engine
+from clse_fx.runtime import Engine, SamplingConfig
 from clse_fx.serve import Limits, RequestError, max_new_tokens_limit, parse_request, run_batch
 
 TEXT_LEN = 12
@@ -48,7 +47,7 @@ def bundle(tiny_llava, tiny_llava_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("serve") / "bundle"
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    clse_fx.compile(tiny_llava, 8, batch=2, text_len=TEXT_LEN, output_dir=out, processor=processor)
+    clse_fx.compile(tiny_llava, keep=8, batch=2, text_len=TEXT_LEN, output_dir=out, processor=processor)
     return out
 
 
@@ -97,6 +96,7 @@ def _bad_requests(image_root) -> list[tuple[object, int, str]]:
         ({"prompt": "describe", "image": ok, "max_new_tokens": 0}, 422, "between 1 and 16"),
         ({"prompt": "describe", "image": ok, "max_new_tokens": "4"}, 422, "max_new_tokens must be a JSON int"),
         ({"prompt": "describe", "image": ok, "do_sample": True, "temperature": 0}, 422, "temperature must be > 0"),
+        ({"prompt": "describe", "image": ok, "temperature": 10**400}, 422, "temperature must be a finite number"),
         ({"prompt": "describe", "image": ok, "top_k": 1000}, 422, "top_k must be between 0"),
         ({"prompt": "describe", "image": ok, "seed": -1}, 422, "seed must be a non-negative"),
         ({"prompt": "describe", "image": ok, "stop_token_ids": "2"}, 422, "stop_token_ids must be a list"),
@@ -109,9 +109,39 @@ def test_bad_requests_are_refused_with_a_status_and_a_message(engine, image_root
         with pytest.raises(RequestError) as caught:
             parse_request(body, engine, limits)
         assert caught.value.status == status and message in str(caught.value), (status, str(caught.value))
+        assert "\n" not in str(caught.value)
     with pytest.raises(RequestError, match="server-side image paths are disabled") as caught:
         parse_request({"prompt": "describe", "image_path": "ok.png"}, engine, Limits())
     assert caught.value.status == 403
+
+
+@pytest.mark.parametrize("temperature", [b"1e309", b"-1e309", b"NaN", b"Infinity"])
+@pytest.mark.parametrize("do_sample", [b"true", b"false"])
+def test_a_non_finite_temperature_is_refused(engine, image_root, temperature, do_sample):
+    """JSON's 1e309 parses to inf (and Python's parser, as the service's, takes NaN and Infinity): each is a 422,
+    sampling or not, before any image is decoded."""
+    raw = b'{"prompt": "describe", "image": "%s", "do_sample": %s, "temperature": %s}' % (
+        _b64(_images()[0]).encode(),
+        do_sample,
+        temperature,
+    )
+    body = json.loads(raw)
+    assert not np.isfinite(body["temperature"])
+    with pytest.raises(RequestError, match="temperature must be a finite number") as caught:
+        parse_request(body, engine, _limits(image_root))
+    assert caught.value.status == 422
+    finite = dict(body, temperature=0.5)  # the same request with a finite temperature is accepted
+    assert parse_request(finite, engine, _limits(image_root)).sampling.temperature == 0.5
+
+
+def test_parsed_settings_become_one_sampling_config(engine, image_root):
+    limits = _limits(image_root)
+    body = {"prompt": "describe", "image": _b64(_images()[0])}
+    assert parse_request(body, engine, limits).sampling == SamplingConfig()
+    settings = {"do_sample": True, "temperature": 2, "top_k": 4, "seed": 0}
+    sampling = parse_request(dict(body, **settings), engine, limits).sampling
+    assert sampling == SamplingConfig(do_sample=True, temperature=2.0, top_k=4, seed=0)
+    assert isinstance(sampling.temperature, float)
 
 
 def test_accepted_image_forms_and_the_new_token_limit(engine, image_root):
@@ -134,6 +164,7 @@ def test_batched_requests_answer_as_engine_generate(engine, image_root):
     images = _images()
     cases = [(0, 0, 8), (1, 1, 8), (2, 2, 3), (0, 3, 8), (1, 2, 5)]
     sampled = {"do_sample": True, "top_k": 5, "seed": 3}
+    sampling = SamplingConfig(**sampled)
     items = [
         parse_request({"prompt": PROMPTS[p], "image": _b64(images[i]), "max_new_tokens": n}, engine, limits)
         for i, p, n in cases
@@ -143,7 +174,7 @@ def test_batched_requests_answer_as_engine_generate(engine, image_root):
     for (i, p, n), result in zip(cases, results):
         (expected,) = engine.generate([images[i]], [PROMPTS[p]], max_new_tokens=n)
         assert (result["token_ids"], result["text"]) == (expected.token_ids, expected.text)
-    (expected,) = engine.generate([images[0]], [PROMPTS[1]], max_new_tokens=16, **sampled)  # the limit
+    (expected,) = engine.generate([images[0]], [PROMPTS[1]], max_new_tokens=16, sampling=sampling)  # the limit
     assert results[-1]["token_ids"] == expected.token_ids
     assert [r["batch_size"] for r in results] == [2, 2, 2, 2, 1, 1]
 
@@ -190,16 +221,13 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
     bodies = [
         {"prompt": PROMPTS[p], "image": _b64(images[i]), "max_new_tokens": 8} for i, p in cases * (64 // len(cases))
     ]
-    start = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda body: _call(f"{service}/generate", body), bodies))
-    elapsed = time.monotonic() - start
     assert [status for status, _ in answers] == [200] * 64, [a for s, a in answers if s != 200][:3]
     for (i, p), (_, answer) in zip(cases * 8, answers):
         assert (answer["token_ids"], answer["text"]) == (expected[i, p].token_ids, expected[i, p].text)
         assert {"prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "total_ms"} <= set(answer["timings"])
     assert any(answer["batch_size"] == 2 for _, answer in answers)  # @serve.batch filled the compiled batch
-    assert elapsed < 60
 
 
 def test_ray_serve_bad_requests_get_4xx_and_the_service_keeps_answering(service, engine, image_root):
@@ -220,10 +248,13 @@ def test_ray_serve_bad_requests_get_4xx_and_the_service_keeps_answering(service,
 
 
 def test_clse_serve_cli_refuses_bad_arguments(tmp_path, capsys):
-    assert serve_main([str(tmp_path / "nope")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "compile one with clse-compile" in err and len(err.strip().splitlines()) == 1
     assert serve_main([str(tmp_path), "--replicas", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     assert serve_main([str(tmp_path), "--image-root", str(tmp_path / "none")]) == 2
     assert "none is not a directory" in capsys.readouterr().err
+    # A missing bundle is found by serve.start, after the Ray check: without Ray the message is the install hint.
+    if importlib.util.find_spec("ray") is None:  # not imported here, as in the service fixture
+        pytest.skip("needs Ray Serve: pip install 'clse-fx[serve]'")
+    assert serve_main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "compile one with clse-compile" in err and len(err.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ from clse_fx.cli import compile_main
 from clse_fx.export.bundle import write_manifest
 from clse_fx.export.onnxruntime import graph_signature
 from clse_fx.export.triton import onnx_config, write_triton_repo
-from clse_fx.runtime import Engine
+from clse_fx.runtime import Engine, SamplingConfig
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -240,12 +240,16 @@ def test_generation_model_equals_engine(compiled, monkeypatch):
         backend.request(dict(feeds, max_new_tokens=np.array([12], np.int32))),
         backend.request(dict(feeds, max_new_tokens=np.array([9999], np.int32))),  # over the limit: an error
         backend.request(dict(feeds, max_new_tokens=np.array([6], np.int32), **sampled)),
+        backend.request(dict(feeds, do_sample=np.array([True]), temperature=np.array([np.inf], np.float32))),
+        backend.request(dict(feeds, seed=np.array([-1], np.int64))),
     ]
-    greedy, too_many, sample = model.execute(requests)
+    greedy, too_many, sample, infinite, negative = model.execute(requests)
     assert _answers(backend, greedy) == engine.generate_ids(feeds, 12, stops=stops)[0]
     assert too_many.has_error() and "max_new_tokens must be between 1 and 256" in too_many.error().message()
-    expected = engine.generate_ids(feeds, 6, True, 1.0, 5, np.random.default_rng(3), stops)[0]
+    expected = engine.generate_ids(feeds, 6, SamplingConfig(do_sample=True, top_k=5, seed=3), stops=stops)[0]
     assert _answers(backend, sample) == expected
+    assert infinite.has_error() and "temperature must be a finite number" in infinite.error().message()
+    assert negative.has_error() and "seed must be a non-negative integer" in negative.error().message()
     assert backend.calls["clse_prefill"] == 2 and backend.calls["clse_decode"] >= 1
 
 

@@ -32,8 +32,8 @@ def _widen_and_reload(model, model_class, path):
     return model_class.from_pretrained(path, attn_implementation="sdpa").eval()
 
 
-def save_tiny_qwen(path, family: str):
-    config_class, model_class = QWEN_FAMILIES[family]
+def tiny_qwen_config(family: str):
+    config_class, _ = QWEN_FAMILIES[family]
     text = dict(
         vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
@@ -47,15 +47,19 @@ def save_tiny_qwen(path, family: str):
         vision.update(hidden_size=32, intermediate_size=64, fullatt_block_indexes=[1], out_hidden_size=64)
         vision.update(window_size=16, tokens_per_second=2)
         vision.pop("embed_dim"), vision.pop("mlp_ratio")
-    config = config_class(
+    return config_class(
         text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END,
     )  # fmt: skip
+
+
+def save_tiny_qwen(path, family: str):
+    model_class = QWEN_FAMILIES[family][1]
     torch.manual_seed(0)
-    return _widen_and_reload(model_class(config).eval(), model_class, path)
+    return _widen_and_reload(model_class(tiny_qwen_config(family)).eval(), model_class, path)
 
 
-def save_tiny_llava_next_video(path):
+def tiny_llava_next_video_config() -> LlavaNextVideoConfig:
     """48 px frames, 8 px patches, pooled by 2: a 3x3 grid per frame; 4 GQA decoder layers."""
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48,
@@ -65,13 +69,16 @@ def save_tiny_llava_next_video(path):
         vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    config = LlavaNextVideoConfig(
+    return LlavaNextVideoConfig(
         vision_config=vision, text_config=text, image_token_id=90, video_token_id=VIDEO_TOKEN,
         spatial_pool_stride=2, spatial_pool_mode="average", vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )  # fmt: skip
+
+
+def save_tiny_llava_next_video(path):
     torch.manual_seed(0)
-    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    model = LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config()).eval()
     return _widen_and_reload(model, LlavaNextVideoForConditionalGeneration, path)
 
 

@@ -36,12 +36,17 @@ def checkpoint_hash(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_output_dir(target: str | Path, force: bool) -> None:
+    """An existing output directory is only replaced with ``force``."""
+    if Path(target).exists() and not force:
+        raise FileExistsError(f"output directory {target} already exists; pass --force to replace it")
+
+
 @contextlib.contextmanager
 def staged_directory(target: str | Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory next to ``target`` and move it to ``target`` only if the block succeeds."""
     target = Path(target)
-    if target.exists() and not force:
-        raise FileExistsError(f"output directory {target} already exists; pass --force to replace it")
+    check_output_dir(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
-import time
 import warnings
+import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
-from clse_fx.export.bundle import staged_directory, write_manifest
+from clse_fx.export.manifest import TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
-from clse_fx.models import adapter_for
+from clse_fx.models import adapter_for, deploy_recipe_for
 from clse_fx.models.base import InputGraph
-from clse_fx.trace import graph_inputs
+from clse_fx.trace import graph_inputs, weights_key
+
+if TYPE_CHECKING:
+    from clse_fx.api import BuildContext
 
 OPSET = 18
 # Ops TensorRT's ONNX parser rejects or that make shapes data-dependent; the compiled graph must have none.
@@ -204,73 +208,58 @@ def run_input_graphs(
     return produced, parity
 
 
-def write_bundle(
-    model,
-    pruned: PrunedPrefill,
-    manifest: dict,
-    output_dir: Path,
-    force,
-    processor,
-    timings,
-    step,
-    fp16=False,
-    inputs: dict[str, torch.Tensor] | None = None,
-    input_graphs: list[InputGraph] = (),
-):
-    """Export the adapter's input graphs, prefill and decode, check them against PyTorch (the prefill fed by
-    the exported input graphs) and for TensorRT readiness, and write the bundle atomically; for the tensorrt
-    target also build the TensorRT engine of the prefill."""
-    with staged_directory(output_dir, force) as staging:
-        start = time.perf_counter()
-        with step("ONNX export and check"):
-            pre_paths = {g.name: export_input_graph(g, inputs, staging / f"{g.name}.onnx") for g in input_graphs}
-            prefill_path = export_onnx(pruned, staging / "prefill.onnx")
-            device_out = pruned()  # on the model's device; parity is measured on the CPU
-            torch_out = device_out.cpu()
-            decode_program = export_decode(model, device_out.cache)
-            decode_path = export_program(decode_program, staging / "decode.onnx", *decode_names(len(torch_out.cache)))
-        timings["onnx_export"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with step("ONNX Runtime sessions and parity"):
-            produced, parity = run_input_graphs(model, list(input_graphs), pre_paths, inputs) if pre_paths else ({}, {})
-            feeds = dict(zip(input_names(pruned), pruned.example_args)) | produced
-            engine = OnnxSession(prefill_path).run(**feeds)
-            engine_out = PrefillOutputs.from_flat([torch.from_numpy(a) for a in engine], len(pruned.settings.stages))
-            parity.update(prefill_parity(engine_out, torch_out))
-            step_args = decode_example(device_out.cache)
-            decode_session = OnnxSession(decode_path)
-            decode_engine = decode_session.run(**dict(zip(decode_session.inputs, step_args)))
-            with torch.no_grad():
-                decode_torch = decode_program.module()(*step_args)
-            parity["onnxruntime_decode_max_abs"] = max(
-                float(np.abs(e - t.cpu().numpy()).max()) for e, t in zip(decode_engine, decode_torch)
-            )
-            manifest["parity"] = dict(manifest.get("parity", {}), **parity)
-        timings["session_build+run"] = time.perf_counter() - start
-        paths = {**pre_paths, "prefill": prefill_path, "decode": decode_path}
-        findings = {name: check_tensorrt_ready(path) for name, path in paths.items()}
-        manifest["tensorrt_readiness"] = {name: [str(f) for f in found] for name, found in findings.items()}
-        graphs = {name: {"file": path.name, **graph_signature(path)} for name, path in paths.items()}
-        if manifest.get("target") == "tensorrt":
-            from clse_fx.export.tensorrt import build_engine
+# model -> {per-layer cache layout: (decode program, decode.onnx bytes)}. The decode step does not depend on the
+# prune config (every layer's past length is a dynamic dimension), so sweeps over budgets, scores and KV
+# policies export it once per batch size, dtype and device.
+_DECODE_EXPORTS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 
-            if any(findings.values()):
-                raise RuntimeError(
-                    f"the graph is not TensorRT-ready: {next(f for fs in findings.values() for f in fs)}"
-                )
-            start = time.perf_counter()
-            with step("TensorRT engine build"):
-                engine_path = build_engine(pruned, staging / "prefill.trt.ep", fp16=fp16)
-            graphs["prefill_tensorrt"] = {"file": engine_path.name, "precision": "fp16" if fp16 else "fp32"}
-            timings["tensorrt_build"] = time.perf_counter() - start
-        if processor is not None:
-            processor.save_pretrained(staging)
-        manifest.update(
-            target=manifest.get("target", "onnxruntime"),
-            opset=OPSET,
-            graphs=graphs,
-            pipeline=list(pre_paths),  # graphs the runtime runs, in order, before the prefill
-            timings_s=timings,
+
+def export_decode_onnx(
+    model: torch.nn.Module, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]], path: Path
+) -> tuple[torch.export.ExportedProgram, Path]:
+    """Export the decode step for caches shaped like ``prefill_cache`` to ``path`` (checked ONNX)."""
+    layout = tuple((t.shape[0], t.shape[1], t.shape[3], t.dtype, t.device) for pair in prefill_cache for t in pair)
+    layout += weights_key(model)  # the ONNX file holds the weights: modified weights need a new export
+    exports = _DECODE_EXPORTS.setdefault(model, {})
+    if layout not in exports:
+        program = export_decode(model, prefill_cache)
+        export_program(program, path, *decode_names(len(prefill_cache)))
+        exports[layout] = (program, path.read_bytes())
+    program, onnx_bytes = exports[layout]
+    path.write_bytes(onnx_bytes)
+    return program, path
+
+
+def build(context: BuildContext, bundle: Path) -> TargetSection:
+    """The ONNX Runtime bundle: export the adapter's input graphs, the prefill and the decode step, check them
+    against PyTorch (the prefill fed by the exported input graphs) and for TensorRT readiness."""
+    model, pruned, inputs = context.model, context.pruned, context.inputs
+    input_graphs = deploy_recipe_for(model).input_graphs(inputs)
+    with context.phase("ONNX export and check", "onnx_export"):
+        pre_paths = {g.name: export_input_graph(g, inputs, bundle / f"{g.name}.onnx") for g in input_graphs}
+        prefill_path = export_onnx(pruned, bundle / "prefill.onnx")
+        device_out = pruned()  # on the model's device; parity is measured on the CPU
+        torch_out = device_out.cpu()
+        decode_program, decode_path = export_decode_onnx(model, device_out.cache, bundle / "decode.onnx")
+    with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
+        produced, parity = run_input_graphs(model, input_graphs, pre_paths, inputs) if pre_paths else ({}, {})
+        feeds = dict(zip(input_names(pruned), pruned.example_args)) | produced
+        engine = OnnxSession(prefill_path).run(**feeds)
+        engine_out = PrefillOutputs.from_flat([torch.from_numpy(a) for a in engine], len(pruned.settings.stages))
+        parity.update(prefill_parity(engine_out, torch_out))
+        step_args = decode_example(device_out.cache)
+        decode_session = OnnxSession(decode_path)
+        decode_engine = decode_session.run(**dict(zip(decode_session.inputs, step_args)))
+        with torch.no_grad():
+            decode_torch = decode_program.module()(*step_args)
+        parity["onnxruntime_decode_max_abs"] = max(
+            float(np.abs(e - t.cpu().numpy()).max()) for e, t in zip(decode_engine, decode_torch)
         )
-        write_manifest(staging, manifest)
-    return output_dir
+    paths = {**pre_paths, "prefill": prefill_path, "decode": decode_path}
+    return TargetSection(
+        graphs={name: {"file": path.name, **graph_signature(path)} for name, path in paths.items()},
+        pipeline=list(pre_paths),
+        parity=parity,
+        tensorrt_readiness={name: [str(f) for f in check_tensorrt_ready(path)] for name, path in paths.items()},
+        opset=OPSET,
+    )

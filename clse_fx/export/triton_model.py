@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from clse_runtime import generation_loop
+from clse_runtime import SamplingConfig, generation_loop
 
 
 class TritonPythonModel:
@@ -62,6 +62,13 @@ class TritonPythonModel:
         limit = settings["max_new_tokens_limit"]
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit}")
+        seed = scalar("seed", None)
+        sampling = SamplingConfig(  # raises ValueError, answered as this request's error, on a bad setting
+            do_sample=bool(scalar("do_sample", False)),
+            temperature=float(scalar("temperature", 1.0)),
+            top_k=int(scalar("top_k", 0)),
+            seed=None if seed is None else int(seed),
+        )
         feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in settings["inputs"]}
         for graph in settings["pipeline"]:  # as Engine.run_input_graphs: each adds its outputs to the feeds
             feeds.update(zip(graph["outputs"], self._infer(graph, feeds)))
@@ -71,10 +78,8 @@ class TritonPythonModel:
             feeds,
             settings["num_stages"],
             max_new_tokens,
-            bool(scalar("do_sample", False)),
-            float(scalar("temperature", 1.0)),
-            int(scalar("top_k", 0)),
-            np.random.default_rng(scalar("seed", None)),
+            sampling,
+            sampling.rng(),
             set(settings["stop_token_ids"]),
         )
         lengths = np.array([len(row) for row in ids], dtype=np.int64)

@@ -1,6 +1,28 @@
 """Model-family adapters; importing this package registers every supported family."""
 
 from clse_fx.models import llava, llava_next_video, qwen2_vl  # noqa: F401  (registers the adapters)
-from clse_fx.models.base import ModelAdapter, adapter_for, register_adapter, supported_architectures
+from clse_fx.models.base import (
+    DeployRecipe,
+    ExampleInputs,
+    Family,
+    ModelAdapter,
+    adapter_for,
+    deploy_recipe_for,
+    examples_for,
+    register_family,
+    registered_families,
+    supported_architectures,
+)
 
-__all__ = ["ModelAdapter", "adapter_for", "register_adapter", "supported_architectures"]
+__all__ = [
+    "DeployRecipe",
+    "ExampleInputs",
+    "Family",
+    "ModelAdapter",
+    "adapter_for",
+    "deploy_recipe_for",
+    "examples_for",
+    "register_family",
+    "registered_families",
+    "supported_architectures",
+]

@@ -1,11 +1,20 @@
-"""What clse-fx needs to know about a model family, and the registry of supported families.
+"""What clse-fx needs to know about a model family, split by concern, and the registry of supported families.
 
-One adapter per family (as HF Optimum keeps one export config per architecture): everything
-model-specific lives in the adapter, so passes, the reference pruner and exporters stay generic.
+One file per family (as HF Optimum keeps one export config per architecture) defines up to three small
+classes, so passes, the reference pruner and exporters stay generic:
+
+- :class:`ModelAdapter`: structure and token layout (where the decoder layers are, which tokens are visual,
+  their grid, the graph inputs and positions): what tracing, the passes and the reference need;
+- :class:`ExampleInputs`: processor-style inputs of a compiled geometry, to trace and verify with;
+- :class:`DeployRecipe`: what a bundle needs beyond the prefill (graphs run before it, the geometry the
+  runtime checks processor outputs against).
+
+Every method a family must provide is abstract, so an incomplete family cannot be instantiated.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,7 +22,8 @@ import torch
 from torch import nn
 
 from clse_fx.plan import LLAVA_SCHEDULE, ReferenceSchedule
-from clse_fx.scoring import Grid, visual_mask
+from clse_fx.scoring import Grid
+from clse_fx.static_ops import visual_mask
 
 
 @dataclass
@@ -29,10 +39,9 @@ class InputGraph:
     traced: bool = False
 
 
-class ModelAdapter:
-    """Per-family knowledge. Subclasses set ``architectures`` and implement the accessors."""
+class ModelAdapter(ABC):
+    """A family's structure and token layout. Subclasses set the class attributes and the abstract methods."""
 
-    architectures: ClassVar[tuple[str, ...]] = ()
     schedule: ClassVar[ReferenceSchedule] = LLAVA_SCHEDULE
     # Module path of the decoder-layer list inside the top-level model, as named in nn_module_stack.
     layers_path: ClassVar[str] = ""
@@ -49,55 +58,22 @@ class ModelAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    @abstractmethod
     def visual_token_ids(self) -> tuple[int, ...]:
         """Token ids that mark visual positions in ``input_ids``."""
-        raise NotImplementedError
 
-    def tokens_per_image(self) -> int:
-        """Visual tokens one image becomes at the compiled resolution."""
-        raise NotImplementedError
+    @abstractmethod
+    def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens one image (one video frame) becomes at ``image_size`` (H, W) pixels, or at the family's
+        default resolution."""
 
+    @abstractmethod
     def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
         """The (T, H, W) grid of one row's ``num_visual`` visual tokens (several images stack along T)."""
-        raise NotImplementedError
 
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Processor outputs -> the tensors the traced prefill takes (e.g. precomputed position ids)."""
         return inputs
-
-    def input_graphs(self, inputs: dict[str, torch.Tensor]) -> list[InputGraph]:
-        """Graphs a bundle runs before the prefill, in order, for prompts like ``inputs`` (none by default:
-        the prefill takes the processor's tensors)."""
-        return []
-
-    def example_inputs(
-        self,
-        batch: int,
-        text_len: int,
-        images: int,
-        generator: torch.Generator,
-        frames: int = 1,
-        image_size: tuple[int, int] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Processor-style inputs of the compiled shape: per row ``text_len`` text tokens with ``images`` image
-        (or video) blocks after the first token. Only shapes are baked into engines; image positions are data.
-        ``frames``: frames per video (video models); ``image_size``: (H, W) pixels where the resolution varies."""
-        raise NotImplementedError
-
-    def example_rows(self, batch: int, text_len: int, block: list[int], generator: torch.Generator) -> torch.Tensor:
-        """[batch, text_len + len(block)] ids: random text with ``block`` (visual placeholders) after token 0."""
-        text_config = self.model.config.get_text_config()
-        special = set(self.visual_token_ids()) | {text_config.pad_token_id}
-        vocab = torch.tensor([i for i in range(text_config.vocab_size) if i not in special])
-        rows = []
-        for _ in range(batch):
-            text = vocab[torch.randint(len(vocab), (text_len,), generator=generator)].tolist()
-            rows.append(text[:1] + block + text[1:])
-        return torch.tensor(rows)
-
-    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
-        """Manifest entries that pin the visual input's shape (the runtime checks processor outputs against them)."""
-        return {}
 
     def decode_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
         """[B, 1] decode positions -> what the decoder's rotary embedding takes (e.g. one id per M-RoPE axis)."""
@@ -105,7 +81,7 @@ class ModelAdapter:
 
     def rope_deltas(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B] offset of each row's decode positions from the prompt length (non-zero under M-RoPE)."""
-        return torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)
+        return torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=inputs["input_ids"].device)
 
     def graph_input_dims(self, name: str) -> dict[int, str] | None:
         """Which dims of an extra graph input are the "batch" and "seq" dims (None: fully static)."""
@@ -135,22 +111,99 @@ class ModelAdapter:
         return count
 
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+class ExampleInputs(ABC):
+    """Processor-style inputs of a compiled geometry for one family."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter, self.model = adapter, adapter.model
+
+    @abstractmethod
+    def example_inputs(
+        self,
+        batch: int,
+        text_len: int,
+        images: int,
+        generator: torch.Generator,
+        frames: int = 1,
+        image_size: tuple[int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Processor-style inputs of the compiled shape: per row ``text_len`` text tokens with ``images`` image
+        (or video) blocks after the first token. Only shapes are baked into engines; image positions are data.
+        ``frames``: frames per video (video models); ``image_size``: (H, W) pixels where the resolution varies."""
+
+    def example_rows(self, batch: int, text_len: int, block: list[int], generator: torch.Generator) -> torch.Tensor:
+        """[batch, text_len + len(block)] ids: random text with ``block`` (visual placeholders) after token 0."""
+        text_config = self.model.config.get_text_config()
+        special = set(self.adapter.visual_token_ids()) | {text_config.pad_token_id}
+        vocab = torch.tensor([i for i in range(text_config.vocab_size) if i not in special])
+        rows = []
+        for _ in range(batch):
+            text = vocab[torch.randint(len(vocab), (text_len,), generator=generator)].tolist()
+            rows.append(text[:1] + block + text[1:])
+        return torch.tensor(rows)
 
 
-def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    for arch in cls.architectures:
-        _ADAPTERS[arch] = cls
-    return cls
+class DeployRecipe(ABC):
+    """What a family's bundle needs besides the prefill and decode graphs."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter, self.model = adapter, adapter.model
+
+    def input_graphs(self, inputs: dict[str, torch.Tensor]) -> list[InputGraph]:
+        """Graphs a bundle runs before the prefill, in order, for prompts like ``inputs`` (none by default:
+        the prefill takes the processor's tensors)."""
+        return []
+
+    @abstractmethod
+    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
+        """Manifest entries that pin the visual input's shape (the runtime checks processor outputs against them)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One supported model family: the architectures (transformers class names) and its three classes."""
+
+    architectures: tuple[str, ...]
+    adapter: type[ModelAdapter]
+    examples: type[ExampleInputs]
+    deploy: type[DeployRecipe]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for arch in family.architectures:
+        _FAMILIES[arch] = family
+    return family
+
+
+def registered_families() -> list[Family]:
+    return list({id(family): family for family in _FAMILIES.values()}.values())
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted(_FAMILIES)
+
+
+def _family(model: nn.Module) -> Family:
+    name = type(model).__name__
+    if name not in _FAMILIES:
+        raise ValueError(f"unsupported architecture {name}; clse-fx supports: {', '.join(supported_architectures())}")
+    return _FAMILIES[name]
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``'s class; unsupported classes raise a ValueError naming the supported ones."""
-    name = type(model).__name__
-    if name not in _ADAPTERS:
-        raise ValueError(f"unsupported architecture {name}; clse-fx supports: {', '.join(supported_architectures())}")
-    return _ADAPTERS[name](model)
+    """The structure/layout adapter for ``model``'s class; unsupported classes raise a ValueError naming the
+    supported ones."""
+    return _family(model).adapter(model)
+
+
+def examples_for(model: nn.Module) -> ExampleInputs:
+    """Example-input builder for ``model``'s family."""
+    return _family(model).examples(adapter_for(model))
+
+
+def deploy_recipe_for(model: nn.Module) -> DeployRecipe:
+    """Deploy recipe for ``model``'s family."""
+    return _family(model).deploy(adapter_for(model))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clse_fx.models.base import ModelAdapter, register_adapter
+from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
 from clse_fx.plan import LLAVA_SCHEDULE
 from clse_fx.scoring import Grid
 
@@ -17,16 +17,15 @@ def fixed_resolution(model, image_size: tuple[int, int] | None) -> int:
     return size
 
 
-@register_adapter
 class LlavaAdapter(ModelAdapter):
-    architectures = ("LlavaForConditionalGeneration",)
     schedule = LLAVA_SCHEDULE
     layers_path = "model.language_model.layers"
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id,)
 
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
+        fixed_resolution(self.model, image_size)
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         # The "full" strategy keeps CLS, which is not on the patch grid; only "default" is a clean grid.
@@ -41,16 +40,23 @@ class LlavaAdapter(ModelAdapter):
         side = int(round(per_image**0.5))
         return (num_visual // per_image, side, side)
 
+
+class LlavaExamples(ExampleInputs):
     def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
         if frames != 1:
             raise ValueError("LLaVA takes still images; drop --frames")
         size = fixed_resolution(self.model, image_size)
-        block = [self.visual_token_ids()[0]] * self.tokens_per_image() * images
+        block = [self.adapter.visual_token_ids()[0]] * self.adapter.tokens_per_image() * images
         input_ids = self.example_rows(batch, text_len, block, generator)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if images:
             inputs["pixel_values"] = torch.randn(batch * images, 3, size, size, generator=generator)
         return inputs
 
+
+class LlavaDeploy(DeployRecipe):
     def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
         return {"image_size": self.model.config.vision_config.image_size}
+
+
+register_family(Family(("LlavaForConditionalGeneration",), LlavaAdapter, LlavaExamples, LlavaDeploy))

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from clse_fx.models.base import ModelAdapter, register_adapter
+from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
 from clse_fx.models.llava import fixed_resolution
 from clse_fx.plan import LLAVA_SCHEDULE
 from clse_fx.scoring import Grid
 
 
-@register_adapter
 class LlavaNextVideoAdapter(ModelAdapter):
-    architectures = ("LlavaNextVideoForConditionalGeneration",)
     schedule = LLAVA_SCHEDULE
     layers_path = "model.language_model.layers"
     graph_inputs = ("pixel_values_videos",)
@@ -29,7 +27,8 @@ class LlavaNextVideoAdapter(ModelAdapter):
             raise ValueError("only vision_feature_select_strategy='default' (CLS dropped) has a patch grid")
         return config.vision_config.image_size // config.vision_config.patch_size // config.spatial_pool_stride
 
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
+        fixed_resolution(self.model, image_size)
         return self.frame_side() ** 2
 
     def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
@@ -43,15 +42,26 @@ class LlavaNextVideoAdapter(ModelAdapter):
             raise ValueError("LLaVA-NeXT-Video still images (tiles with newline tokens) are not supported; pass videos")
         return inputs
 
+
+class LlavaNextVideoExamples(ExampleInputs):
     def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
         if images != 1:
             raise ValueError("LLaVA-NeXT-Video bundles take one video per prompt; use --images 1 and --frames N")
         size = fixed_resolution(self.model, image_size)
-        block = [self.visual_token_ids()[0]] * self.tokens_per_image() * frames
+        block = [self.adapter.visual_token_ids()[0]] * self.adapter.tokens_per_image() * frames
         input_ids = self.example_rows(batch, text_len, block, generator)
         pixels = torch.randn(batch, frames, 3, size, size, generator=generator)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": pixels}
 
+
+class LlavaNextVideoDeploy(DeployRecipe):
     def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
         frames = inputs["pixel_values_videos"].shape[1]
         return {"image_size": self.model.config.vision_config.image_size, "frames": frames}
+
+
+register_family(
+    Family(
+        ("LlavaNextVideoForConditionalGeneration",), LlavaNextVideoAdapter, LlavaNextVideoExamples, LlavaNextVideoDeploy
+    )
+)

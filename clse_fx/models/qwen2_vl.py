@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from clse_fx.models.base import InputGraph, ModelAdapter, register_adapter
+from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, InputGraph, ModelAdapter, register_family
 from clse_fx.plan import QWEN2_VL_SCHEDULE
-from clse_fx.scoring import Grid, running_count, visual_mask
+from clse_fx.scoring import Grid
+from clse_fx.static_ops import running_count, visual_mask
 
 # Processor outputs per modality: (pixels, grid, graph input holding the vision tower's output).
 MODALITIES = {
@@ -69,9 +70,7 @@ class VisionEncoder(nn.Module):
         return torch.cat(encode(pixels, self.grid_thw, return_dict=True).pooler_output, dim=0)
 
 
-@register_adapter
 class Qwen2VLAdapter(ModelAdapter):
-    architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     schedule = QWEN2_VL_SCHEDULE
     layers_path = "model.language_model.layers"
     graph_inputs = ("position_ids", "image_embeds", "video_embeds")
@@ -79,14 +78,14 @@ class Qwen2VLAdapter(ModelAdapter):
     def visual_token_ids(self) -> tuple[int, ...]:
         return (self.model.config.image_token_id, self.model.config.video_token_id)
 
-    def _modality(self, inputs: dict) -> str | None:
+    def modality(self, inputs: dict) -> str | None:
         present = [name for name, (pixels, grid, _) in MODALITIES.items() if inputs.get(grid) is not None]
         if len(present) > 1:
             raise ValueError("a prompt with both images and a video has no single grid; compile one modality")
         return present[0] if present else None
 
     def visual_grid(self, num_visual: int, **inputs) -> Grid:
-        modality = self._modality(inputs)
+        modality = self.modality(inputs)
         if modality is None:
             raise ValueError("Qwen2-VL needs image_grid_thw or video_grid_thw (from its processor) to know the grid")
         merge = self.model.config.vision_config.spatial_merge_size
@@ -101,7 +100,7 @@ class Qwen2VLAdapter(ModelAdapter):
         return (num_visual // per_item * t, h // merge, w // merge)
 
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        modality = self._modality(inputs)
+        modality = self.modality(inputs)
         if modality is None:
             return {}
         pixels, grid, embeds = MODALITIES[modality]
@@ -114,67 +113,32 @@ class Qwen2VLAdapter(ModelAdapter):
             features = encode(inputs[pixels], inputs[grid], return_dict=True)
         return {"position_ids": position_ids, embeds: torch.cat(features.pooler_output, dim=0)}
 
-    def _time_interval(self, modality: str, inputs: dict) -> float:
-        """Temporal M-RoPE step of a video's grid steps (Qwen2.5-VL scales it by the frame timing)."""
-        tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", None)
-        if modality != "video" or tokens_per_second is None:
-            return 1.0
-        seconds = inputs.get("second_per_grid_ts")
-        values = {1.0} if seconds is None else {float(x) for x in torch.as_tensor(seconds).flatten().tolist()}
-        if len(values) != 1:
-            raise ValueError(f"videos of different frame timings {sorted(values)}; compile one timing at a time")
-        return tokens_per_second * values.pop()
+    def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
+        height, width = self.resolution(image_size)
+        return height * width // self.merge_step() ** 2
 
-    def input_graphs(self, inputs: dict[str, torch.Tensor]) -> list[InputGraph]:
-        modality = self._modality(inputs)
-        if modality is None:
-            return []
-        pixels, grid_name, embeds = MODALITIES[modality]
-        t, h, w = self.visual_grid(self.merged_tokens(inputs[grid_name][:1]), **{grid_name: inputs[grid_name]})
-        rope = MRopeIndex(self.visual_token_ids(), (t, h, w), self._time_interval(modality, inputs))
-        return [
-            InputGraph("vision", VisionEncoder(self.model, modality, inputs[grid_name]), (pixels,), (embeds,), True),
-            InputGraph("rope", rope, ("input_ids", "attention_mask"), ("position_ids", "rope_deltas")),
-        ]
+    def merge_step(self) -> int:
+        """Pixels per merged token on each side (patch x spatial merge)."""
+        vision = self.model.config.vision_config
+        return vision.patch_size * vision.spatial_merge_size
+
+    def resolution(self, image_size: tuple[int, int] | None) -> tuple[int, int]:
+        """``image_size`` (H, W) checked against the merge step, or the default 16 x 16 merged tokens."""
+        step = self.merge_step()
+        height, width = image_size or (16 * step, 16 * step)
+        if height % step or width % step:
+            raise ValueError(f"--image-size must be a multiple of {step} pixels (patch x merge) on each side")
+        return height, width
 
     def merged_tokens(self, grid_thw: torch.Tensor) -> int:
         """Visual tokens the items of ``grid_thw`` [N, 3] become after the spatial merge."""
         return int(grid_thw.prod(dim=-1).sum()) // self.model.config.vision_config.spatial_merge_size**2
 
-    def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
-        vision = self.model.config.vision_config
-        step = vision.patch_size * vision.spatial_merge_size
-        height, width = image_size or (16 * step, 16 * step)
-        if height % step or width % step:
-            raise ValueError(f"--image-size must be a multiple of {step} pixels (patch x merge) on each side")
-        modality = "video" if frames > 1 else "image"
-        pixels, grid_name, _ = MODALITIES[modality]
-        grid = torch.tensor([[frames, height // vision.patch_size, width // vision.patch_size]] * batch * images)
-        token = self.visual_token_ids()[modality == "video"]
-        config = self.model.config
-        item = [config.vision_start_token_id] + [token] * self.merged_tokens(grid[:1]) + [config.vision_end_token_id]
-        block = item * images
-        input_ids = self.example_rows(batch, text_len, block, generator)
-        channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            pixels: torch.randn(int(grid.prod(dim=-1).sum()), channels, generator=generator),
-            grid_name: grid,
-            "mm_token_type_ids": (input_ids == token).int() * (2 if modality == "video" else 1),
-        }
-
-    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
-        modality = self._modality(inputs)
-        grid = inputs[MODALITIES[modality][1]][0].tolist()
-        patch = self.model.config.vision_config.patch_size
-        return {"modality": modality, "grid_thw": grid, "image_size": [grid[1] * patch, grid[2] * patch]}
-
     def decode_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
         return position_ids[None].expand(3, -1, -1)  # text tokens: one id on every M-RoPE axis
 
     def rope_deltas(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        modality = self._modality(inputs)
+        modality = self.modality(inputs)
         if modality is None:
             return super().rope_deltas(inputs)
         _, deltas = self._rope_index(modality, inputs)
@@ -210,3 +174,68 @@ class Qwen2VLAdapter(ModelAdapter):
             mm_encoder_outputs=encoded or None,
             use_cache=False,
         ).logits
+
+
+class Qwen2VLExamples(ExampleInputs):
+    def example_inputs(self, batch, text_len, images, generator, frames=1, image_size=None):
+        adapter, vision = self.adapter, self.model.config.vision_config
+        height, width = adapter.resolution(image_size)
+        modality = "video" if frames > 1 else "image"
+        pixels, grid_name, _ = MODALITIES[modality]
+        grid = torch.tensor([[frames, height // vision.patch_size, width // vision.patch_size]] * batch * images)
+        token = adapter.visual_token_ids()[modality == "video"]
+        config = self.model.config
+        item = [config.vision_start_token_id] + [token] * adapter.merged_tokens(grid[:1]) + [config.vision_end_token_id]
+        block = item * images
+        input_ids = self.example_rows(batch, text_len, block, generator)
+        channels = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            pixels: torch.randn(int(grid.prod(dim=-1).sum()), channels, generator=generator),
+            grid_name: grid,
+            "mm_token_type_ids": (input_ids == token).int() * (2 if modality == "video" else 1),
+        }
+
+
+class Qwen2VLDeploy(DeployRecipe):
+    def input_graphs(self, inputs: dict[str, torch.Tensor]) -> list[InputGraph]:
+        modality = self.adapter.modality(inputs)
+        if modality is None:
+            return []
+        pixels, grid_name, embeds = MODALITIES[modality]
+        t, h, w = self.adapter.visual_grid(
+            self.adapter.merged_tokens(inputs[grid_name][:1]), **{grid_name: inputs[grid_name]}
+        )
+        rope = MRopeIndex(self.adapter.visual_token_ids(), (t, h, w), self.time_interval(modality, inputs))
+        return [
+            InputGraph("vision", VisionEncoder(self.model, modality, inputs[grid_name]), (pixels,), (embeds,), True),
+            InputGraph("rope", rope, ("input_ids", "attention_mask"), ("position_ids", "rope_deltas")),
+        ]
+
+    def time_interval(self, modality: str, inputs: dict) -> float:
+        """Temporal M-RoPE step of a video's grid steps (Qwen2.5-VL scales it by the frame timing)."""
+        tokens_per_second = getattr(self.model.config.vision_config, "tokens_per_second", None)
+        if modality != "video" or tokens_per_second is None:
+            return 1.0
+        seconds = inputs.get("second_per_grid_ts")
+        values = {1.0} if seconds is None else {float(x) for x in torch.as_tensor(seconds).flatten().tolist()}
+        if len(values) != 1:
+            raise ValueError(f"videos of different frame timings {sorted(values)}; compile one timing at a time")
+        return tokens_per_second * values.pop()
+
+    def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
+        modality = self.adapter.modality(inputs)
+        grid = inputs[MODALITIES[modality][1]][0].tolist()
+        patch = self.model.config.vision_config.patch_size
+        return {"modality": modality, "grid_thw": grid, "image_size": [grid[1] * patch, grid[2] * patch]}
+
+
+register_family(
+    Family(
+        ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+        Qwen2VLAdapter,
+        Qwen2VLExamples,
+        Qwen2VLDeploy,
+    )
+)

@@ -8,7 +8,8 @@ from torch import fx
 
 from clse_fx.passes.dump_graph import dump_graph
 from clse_fx.passes.expose_kv_cache import expose_kv_cache
-from clse_fx.passes.insert_clse_stages import PassSettings, insert_clse_stages
+from clse_fx.passes.insert_clse_stages import insert_clse_stages
+from clse_fx.passes.settings import PassSettings
 from clse_fx.passes.static_masked_scatter import static_masked_scatter
 from clse_fx.passes.strip_asserts import strip_asserts
 

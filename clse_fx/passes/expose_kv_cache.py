@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from clse_fx.passes.insert_clse_stages import PassSettings
 from clse_fx.passes.layer_boundaries import attention_node, layer_nodes
-from clse_fx.passes.ops import gather_sequence
+from clse_fx.passes.ops import gather_sequence, stage_nodes
+from clse_fx.passes.settings import PassSettings
 
 # Ops between a layer's rotated keys and SDPA that only repeat KV heads for GQA (transformers' repeat_kv).
 _REPEAT_OPS = {
@@ -33,10 +33,10 @@ def expose_kv_cache(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModul
     """Append (key, value) [B, Hkv, S_i, D] of every layer to the outputs, keys after RoPE and before GQA repeat.
 
     ``uniform`` re-indexes every earlier layer's cache to the final kept set (as the LLaVA reference does);
-    ``per-layer`` keeps what each layer computed on.
+    ``per-layer`` keeps what each layer computed on. Reads the stages ``insert_clse_stages`` put in the graph.
     """
     graph = gm.graph
-    stage_index: dict[int, fx.Node] = gm.meta.get("clse_stage_index", {})
+    stage_index = {spec.layer: index for spec, index in stage_nodes(graph)}
     output = graph.output_node()
     uniform = settings.prune.kv_policy == "uniform"
     # to_final[j]: indices of the final tokens within the sequence of segment j (layers after j stages).

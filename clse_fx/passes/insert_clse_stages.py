@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -11,21 +10,7 @@ from torch import fx
 from clse_fx.passes.gather_crossing import SequenceInfo, gather_crossing_values
 from clse_fx.passes.layer_boundaries import attention_node, layer_input, layer_nodes
 from clse_fx.passes.ops import clse_stage, place_merged, sequence_positions
-from clse_fx.plan import PruneConfig
-from clse_fx.scoring import Grid
-
-
-@dataclass(frozen=True)
-class PassSettings:
-    """What the passes need to know: the pruning config, the model family's layout, the visual geometry."""
-
-    prune: PruneConfig
-    layers_path: str
-    token_ids: tuple[int, ...]
-    grid: Grid
-    # The stages to insert: the plan's, or none for prompts without visual tokens (left unpruned).
-    stages: tuple[tuple[int, int], ...]
-    dump_graph: str | None = None
+from clse_fx.passes.settings import PassSettings
 
 
 def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
@@ -45,47 +30,30 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
     info = SequenceInfo(graph, batch_symbol, seq_symbol)
     layers = layer_nodes(graph, settings.layers_path)
     hidden_ref = layer_input(layers[0])
-    prune = settings.prune
 
     first = next(n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module"))
     with graph.inserting_before(first):
         positions = graph.call_function(sequence_positions, (input_ids,))
+    kept: fx.Node | None = None
     kept_outputs: list[fx.Node] = []
     sizes: fx.Node | None = None  # merged-token sizes, carried from stage to stage (merge="tome")
-    gm.meta["clse_stage_index"] = {}  # stage layer -> its [B, S'] index node, for later passes
-    num_current = prune.plan.num_visual
-    for stage_index, (layer, keep) in enumerate(settings.stages):
-        cut = layers[layer][0]
-        sdpa = attention_node(layers[layer - 1])
+    for spec in settings.stages:
+        cut = layers[spec.layer][0]
+        sdpa = attention_node(layers[spec.layer - 1])
         query, key, _value = sdpa.args[:3]
         mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-        hidden = layer_input(layers[layer])
-        options = dict(
-            stage_index=stage_index,
-            keep=keep,
-            num_current=num_current,
-            grid=settings.grid,
-            token_ids=settings.token_ids,
-            score=prune.score,
-            cutoff=prune.cutoff,
-            temp=prune.temp,
-            seed=prune.seed,
-            scale=sdpa.kwargs.get("scale"),
-            previous_kept=kept_outputs[-1] if kept_outputs else None,
-            merge=prune.merge,
-            merge_metric=prune.merge_metric,
-            previous_sizes=sizes,
-        )
+        hidden = layer_input(layers[spec.layer])
+        reference = hidden_ref if spec.index == 0 else None
         with graph.inserting_before(cut):
-            args = (input_ids, positions, hidden, hidden_ref if stage_index == 0 else None, query, key, mask)
-            stage = graph.call_function(clse_stage, args, options)
+            args = (input_ids, positions, hidden, reference, query, key, mask, kept, sizes)
+            stage = graph.call_function(clse_stage, args, {"spec": spec._replace(scale=sdpa.kwargs.get("scale"))})
             index, positions, kept, *merge_outputs = (
-                graph.call_function(operator.getitem, (stage, i)) for i in range(5 if prune.merge == "tome" else 3)
+                graph.call_function(operator.getitem, (stage, i)) for i in range(5 if spec.merge == "tome" else 3)
             )
             kept_outputs.append(kept)
             new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
         gathered = gather_crossing_values(graph, cut, index, new_length, info)
-        stage_nodes = [stage, index, positions, kept, *merge_outputs, new_length, *gathered.values()]
+        inserted = [stage, index, positions, kept, *merge_outputs, new_length, *gathered.values()]
         if merge_outputs:
             sizes, merged = merge_outputs
             # The residual stream past the cut carries the merged visual tokens instead of the kept ones.
@@ -95,12 +63,10 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
                     place_merged, (pruned_hidden, input_ids, positions, merged, settings.token_ids)
                 )
             pruned_hidden.replace_all_uses_with(placed, delete_user_cb=lambda user, placed=placed: user is not placed)
-            stage_nodes.append(placed)
-        gm.meta["clse_stage_index"][layer] = index
-        scope = {f"clse_stage_{stage_index}": (f"clse.stage{stage_index}.before_layer{layer}", "clse_fx.clse_stage")}
-        for node in stage_nodes:
-            node.meta["nn_module_stack"] = scope
-        num_current = keep
+            inserted.append(placed)
+        name = f"clse.stage{spec.index}.before_layer{spec.layer}"
+        for node in inserted:
+            node.meta["nn_module_stack"] = {f"clse_stage_{spec.index}": (name, "clse_fx.clse_stage")}
 
     output = graph.output_node()
     (results,) = output.args

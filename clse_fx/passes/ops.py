@@ -7,17 +7,11 @@ data-dependent shapes (no nonzero / masked_select) and FFTs: the engines need fi
 from __future__ import annotations
 
 import torch
+from torch import fx
 
-from clse_fx.scoring import (
-    Grid,
-    compact_true,
-    last_query_attention,
-    merge_into_kept,
-    running_count,
-    score_stage,
-    topk_mask,
-    visual_mask,
-)
+from clse_fx.plan import StageSpec
+from clse_fx.scoring import last_query_attention, merge_into_kept, score_stage
+from clse_fx.static_ops import compact_true, running_count, take_rows, topk_mask, visual_mask
 
 
 def gather_sequence(
@@ -53,11 +47,6 @@ def sequence_positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
 
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, i]] for [B, S] or [B, S, C] x and [B, n] index."""
-    return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def clse_stage(
     input_ids: torch.Tensor,
     positions: torch.Tensor,
@@ -66,39 +55,28 @@ def clse_stage(
     query: torch.Tensor,
     key: torch.Tensor,
     mask: torch.Tensor | None,
-    *,
-    stage_index: int,
-    keep: int,
-    num_current: int,
-    grid: Grid,
-    token_ids: tuple[int, ...],
-    score: str,
-    cutoff: float,
-    temp: float,
-    seed: int,
-    scale: float | None,
     previous_kept: torch.Tensor | None,
-    merge: str = "none",
-    merge_metric: str = "hidden",
-    previous_sizes: torch.Tensor | None = None,
+    previous_sizes: torch.Tensor | None,
+    *,
+    spec: StageSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One CLSE stage on the current sequence.
 
     ``positions`` [B, S] are the original positions of the current tokens; ``hidden_ref`` is the full
-    sequence at the reference layer (only read by spectral scores, on the first stage). Returns the
+    sequence at the reference layer (only read by spectral scores, on the first stage); ``previous_kept`` /
+    ``previous_sizes`` are the previous stage's kept ids and merged sizes (None on the first). Returns the
     [B, S'] current-sequence index of the survivors, their original positions, the kept visual ids
     (0..N-1) [B, keep], and with ``merge="tome"`` the kept tokens' sizes and merged hidden states
     [B, keep, C] (else None twice).
     """
+    keep, num_current = spec.keep, spec.num_current
     current_ids = input_ids.gather(1, positions)
-    is_visual = visual_mask(current_ids, token_ids)
+    is_visual = visual_mask(current_ids, spec.token_ids)
     vis_index = compact_true(is_visual, num_current)  # [B, n] in sequence order
     z_cur = take_rows(hidden, vis_index)
     z_ref = z_cur if hidden_ref is None else take_rows(hidden_ref, vis_index)
-    attn = last_query_attention(query, key, mask, scale).gather(1, vis_index)
-    scores = score_stage(
-        score, stage_index, keep, grid=grid, attn=attn, z_ref=z_ref, z_cur=z_cur, cutoff=cutoff, temp=temp, seed=seed
-    )
+    attn = last_query_attention(query, key, mask, spec.scale).gather(1, vis_index)
+    scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur)
     chosen = topk_mask(scores, keep)
     local = compact_true(chosen, keep)
     vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
@@ -110,9 +88,9 @@ def clse_stage(
     survivors = ~is_visual | (sequence[None, :, None] == kept_positions[:, None, :]).any(dim=-1)
     index = compact_true(survivors, positions.shape[1] - num_current + keep)
     sizes = merged = None
-    if merge == "tome":
+    if spec.merge == "tome":
         pruned = compact_true(~chosen, num_current - keep)
-        metric = z_cur if merge_metric == "hidden" else take_rows(key.mean(dim=1), vis_index)
+        metric = z_cur if spec.merge_metric == "hidden" else take_rows(key.mean(dim=1), vis_index)
         current_sizes = torch.ones_like(attn) if previous_sizes is None else previous_sizes
         z_kept, z_pruned, s_kept, s_pruned, m_kept, m_pruned = (
             take_rows(x, i) for x in (z_cur, current_sizes, metric) for i in (local, pruned)
@@ -145,3 +123,16 @@ def masked_scatter_static(x: torch.Tensor, mask: torch.Tensor, source: torch.Ten
     take = (running_count(tokens, dim=0) - 1).clamp(min=0, max=rows.shape[0] - 1)
     flat = x.reshape(-1, x.shape[-1])
     return torch.where(tokens[:, None], rows[take], flat).reshape(x.shape)
+
+
+def stage_nodes(graph: fx.Graph) -> list[tuple[StageSpec, fx.Node]]:
+    """The stages inserted into ``graph``, in order: each one's spec and its [B, S'] survivor-index node.
+
+    Later passes read the stages from the graph itself, so their only contract with ``insert_clse_stages``
+    is this op and its first output."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is clse_stage:
+            index = next(user for user in node.users if user.args[1] == 0)
+            found.append((node.kwargs["spec"], index))
+    return found

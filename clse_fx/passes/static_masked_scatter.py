@@ -6,9 +6,10 @@ import torch
 from torch import fx
 
 from clse_fx.passes.ops import masked_scatter_static
+from clse_fx.passes.settings import PassSettings
 
 
-def static_masked_scatter(gm: fx.GraphModule, settings: object = None) -> fx.GraphModule:
+def static_masked_scatter(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphModule:
     """masked_scatter exports to NonZero + ScatterND (data-dependent shapes); rewrite it to CumSum + Gather + Where."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.masked_scatter.default:

@@ -1,0 +1,42 @@
+"""The target registry: each target is a list of builders run in order, like a pass list.
+
+A builder is ``build(context: BuildContext, bundle: Path | None) -> TargetSection``: it writes its files into
+the staged bundle directory (None for in-process targets) and returns its typed part of the manifest. Builders
+live one per module under ``clse_fx/export/`` and are imported only when their target is built, so this
+registry (and the CLI that lists it) stays free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    builders: tuple[str, ...]  # modules under clse_fx.export, each with a ``build`` function
+    writes_bundle: bool = True
+    summary: str = ""
+    device: str | None = None  # where the model must be traced (None: where it is)
+
+
+TARGETS: dict[str, Target] = {
+    "onnxruntime": Target(("onnxruntime",), summary="ONNX bundle (prefill + decode) for ONNX Runtime on the CPU"),
+    "onnxruntime-gpu": Target(
+        ("onnxruntime",), summary="the same bundle; loading prefers the TensorRT and CUDA execution providers"
+    ),
+    "tensorrt": Target(
+        ("onnxruntime", "tensorrt"), summary="the bundle plus a torch-tensorrt prefill engine", device="cuda"
+    ),
+    "torch-compile": Target(("torch_compile",), writes_bundle=False, summary="an Inductor-compiled pruned prefill"),
+}
+
+
+def builders(target: str) -> list[Callable]:
+    """The ``build`` functions of ``target``, in order, after each builder module's ``require()`` (if it has
+    one) has checked that what it needs is installed."""
+    modules = [importlib.import_module(f"clse_fx.export.{name}") for name in TARGETS[target].builders]
+    for module in modules:
+        getattr(module, "require", lambda: None)()
+    return [module.build for module in modules]

@@ -1,0 +1,65 @@
+"""``CompileOptions``: every choice of one compile, checked in one place before any model is loaded.
+
+Imports nothing heavy, so the CLI can build and check options (and answer argument errors) at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from clse_fx.export.bundle import check_output_dir
+from clse_fx.export.targets import TARGETS
+from clse_fx.plan import check_budget_given, parse_stages
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to prune (budget, score, merging), the fixed input geometry to compile for, and what to build.
+
+    ``keep``: average visual tokens per layer (e.g. 128) or a ratio of the visual tokens (e.g. 0.25);
+    ``stages``: explicit ``[(layer, keep), ...]`` or ``"1:330,11:210"`` instead of a budget (not both).
+    Geometry: ``batch`` rows of ``text_len`` non-image tokens with ``images`` images (``frames`` frames per
+    video; ``image_size`` (H, W) where the family's resolution varies). ``output_dir``: the bundle to write
+    (None: build and check the pruned program only); ``verify``: measure parity with the reference pruner and
+    FLOPs; ``dump_graph``: a file that receives the graph before and after every pass.
+    """
+
+    keep: float | None = None
+    stages: str | tuple[tuple[int, int], ...] | None = None
+    score: str = "clse_attn"
+    kv_policy: str = "uniform"
+    merge: str = "none"
+    merge_metric: str = "hidden"
+    batch: int = 1
+    text_len: int = 32
+    images: int = 1
+    frames: int = 1
+    image_size: tuple[int, int] | None = None
+    target: str = "onnxruntime"
+    output_dir: Path | None = None
+    force: bool = False
+    fp16: bool = False
+    verify: bool = True
+    dump_graph: str | None = None
+    source: Path | None = None  # the checkpoint directory, recorded (with its hash) in the manifest
+
+    def __post_init__(self) -> None:
+        check_budget_given(self.keep, self.stages)
+        # score, KV policy and merging are checked where they take effect: PruneConfig.
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.batch < 1 or self.text_len < 1 or self.images < 0 or self.frames < 1:
+            raise ValueError("batch, text length and frames must be >= 1 and images >= 0")
+        if self.images == 0:
+            raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
+        if self.output_dir is not None:
+            object.__setattr__(self, "output_dir", Path(self.output_dir))
+            if not TARGETS[self.target].writes_bundle:
+                raise ValueError(f"the {self.target} target builds an in-process module; drop the output dir")
+            check_output_dir(self.output_dir, self.force)
+        if self.source is not None:
+            object.__setattr__(self, "source", Path(self.source).resolve())
+        if self.stages is not None:  # parsed here so a malformed --stages fails before any model is loaded
+            stages = parse_stages(self.stages) if isinstance(self.stages, str) else self.stages
+            object.__setattr__(self, "stages", tuple(tuple(stage) for stage in stages))

@@ -1,0 +1,23 @@
+"""What every pass is given: the pruning config, the model family's layout and the stages to insert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clse_fx.plan import PruneConfig, StageSpec
+from clse_fx.scoring import Grid
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """The passes' one input besides the graph.
+
+    ``stages`` are the plan's stage specs, or none for prompts without visual tokens (left unpruned).
+    """
+
+    prune: PruneConfig
+    layers_path: str
+    token_ids: tuple[int, ...]
+    grid: Grid
+    stages: tuple[StageSpec, ...]
+    dump_graph: str | None = None
