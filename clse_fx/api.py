@@ -73,8 +73,9 @@ class BuildContext:
         return self.reference
 
 
-def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None]:
-    """Load a local transformers checkpoint (never remote code) and its processor, with clear errors."""
+def load_checkpoint(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Module, object | None]:
+    """Load a local transformers checkpoint (never remote code) in ``dtype`` and its processor, with clear errors.
+    Weights load straight into ``dtype``: a 7B model in bfloat16 needs half the memory of float32."""
     import transformers
 
     model_dir = Path(model_dir)
@@ -91,8 +92,17 @@ def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
             f"clse-fx supports: {', '.join(supported_architectures())}"
         )
     model_class = getattr(transformers, supported[0])
-    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=dtype).eval()
+    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=getattr(torch, dtype)).eval()
     return model, load_processor(model_dir)
+
+
+def place_model(model: nn.Module, device: str | None, dtype: str | None) -> nn.Module:
+    """``model`` moved to ``device`` and cast to ``dtype`` (None: as it is), with a clear error without CUDA."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but no CUDA device is visible; run on a GPU machine or use --device cpu")
+    if device is not None:
+        model = model.to(device)
+    return model.to(getattr(torch, dtype)) if dtype is not None else model
 
 
 def load_processor(path: str | Path) -> object | None:
@@ -110,12 +120,13 @@ def load_processor(path: str | Path) -> object | None:
 
 
 def example_inputs(model: nn.Module, options: CompileOptions, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Processor-style inputs of the compiled geometry (see :meth:`ModelAdapter.example_inputs`), seeded, on
+    """Processor-style inputs of the compiled geometry (see :meth:`ExampleInputs.example_inputs`), seeded, on
     the model's device."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = examples_for(model).example_inputs(
-        options.batch, options.text_len, options.images, generator, options.frames, options.image_size
-    )
+    with torch.device("cpu"):  # drawn on the CPU from a CPU generator whatever the default device, then moved
+        inputs = examples_for(model).example_inputs(
+            options.batch, options.text_len, options.images, generator, options.frames, options.image_size
+        )
     device = next(model.parameters()).device
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
@@ -171,6 +182,8 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
         source["sha256"] = checkpoint_hash(options.source)
     return Manifest(
         architecture=type(model).__name__,
+        dtype=str(dtype).removeprefix("torch."),
+        device=next(model.parameters()).device.type,
         source=source,
         target=options.target,
         plan=PlanSection(
@@ -240,8 +253,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     writes_bundle = target.writes_bundle and options.output_dir is not None
     # Import (and check the requirements of) the target's builders first: a missing extra fails before any work.
     steps = builders(options.target) if writes_bundle or not target.writes_bundle else []
-    if target.device is not None:
-        model = model.to(target.device)
+    model = place_model(model, options.device or target.device, options.dtype)
 
     inputs = example_inputs(model, options)
     prune = make_plan(model, options, inputs)

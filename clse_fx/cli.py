@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from clse_fx.export.bundle import check_output_dir
 from clse_fx.export.targets import TARGETS
-from clse_fx.options import CompileOptions
+from clse_fx.options import DEVICES, DTYPES, CompileOptions
 from clse_fx.plan import KV_POLICIES
 from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES
 
@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-metric", choices=MERGE_METRICS, default="hidden", help="similarity for --merge")
     parser.add_argument("--target", choices=TARGETS, default="onnxruntime")
     parser.add_argument("--fp16", action="store_true", help="tensorrt target: allow FP16 kernels")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="load the checkpoint in this dtype")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="trace and verify on this device")
     parser.add_argument(
         "--check",
         choices=["tensorrt"],
@@ -107,7 +109,8 @@ def _report(console, result, bundle: Path | None) -> None:
     m = result.manifest
     plan, geometry = m["plan"], m["geometry"]
     table = Table(title="clse-compile report", show_header=False)
-    table.add_row("architecture", m["architecture"])
+    table.add_row("architecture", f"{m['architecture']} ({m['dtype']} on {m['device']})")
+    table.add_row("target", m["target"])
     table.add_row("plan", ", ".join(f"layer {layer}: keep {keep}" for layer, keep in plan["stages"]))
     table.add_row(
         "visual tokens / layer", f"{geometry['num_visual']} -> avg {plan['avg_visual_tokens']:.1f} ({plan['score']})"
@@ -208,6 +211,8 @@ def compile_main(argv: list[str] | None = None) -> int:
             else None,
             force=args.force,
             fp16=args.fp16,
+            dtype=args.dtype,
+            device=None if args.target == "tensorrt" else args.device,  # TensorRT: CUDA whatever the default
             dump_graph=args.dump_graph,
             source=None if demo else model_dir,
         )
@@ -215,7 +220,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             from clse_fx.api import compile as compile_model
             from clse_fx.api import load_checkpoint
 
-            model, processor = load_checkpoint(model_dir)
+            model, processor = load_checkpoint(model_dir, dtype=args.dtype)
         result = compile_model(model, options, processor=processor, progress=step)
         _report(console, result, result.bundle)
         if args.explain:

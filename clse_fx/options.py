@@ -12,6 +12,9 @@ from clse_fx.export.bundle import check_output_dir
 from clse_fx.export.targets import TARGETS
 from clse_fx.plan import check_budget_given, parse_stages
 
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class CompileOptions:
@@ -19,8 +22,10 @@ class CompileOptions:
 
     ``keep``: average visual tokens per layer (e.g. 128) or a ratio of the visual tokens (e.g. 0.25);
     ``stages``: explicit ``[(layer, keep), ...]`` or ``"1:330,11:210"`` instead of a budget (not both).
-    Geometry: ``batch`` rows of ``text_len`` non-image tokens with ``images`` images (``frames`` frames per
-    video; ``image_size`` (H, W) where the family's resolution varies). ``output_dir``: the bundle to write
+    ``dtype`` / ``device``: cast and move the model (in place, as ``nn.Module.to`` does) before tracing; the
+    scores stay float32 inside the graph whatever the dtype. Geometry: ``batch`` rows of ``text_len``
+    non-image tokens with ``images`` images (``frames`` frames per video; ``image_size`` (H, W) where the
+    family's resolution varies). ``output_dir``: the bundle to write
     (None: build and check the pruned program only); ``verify``: measure parity with the reference pruner and
     FLOPs; ``dump_graph``: a file that receives the graph before and after every pass.
     """
@@ -37,6 +42,8 @@ class CompileOptions:
     frames: int = 1
     image_size: tuple[int, int] | None = None
     target: str = "onnxruntime"
+    dtype: str | None = None  # float32 | float16 | bfloat16; None: the model's own
+    device: str | None = None  # cpu | cuda; None: where the model is
     output_dir: Path | None = None
     force: bool = False
     fp16: bool = False
@@ -49,6 +56,13 @@ class CompileOptions:
         # score, KV policy and merging are checked where they take effect: PruneConfig.
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        required = TARGETS[self.target].device
+        if required is not None and self.device not in (None, required):
+            raise ValueError(f"the {self.target} target runs on {required}; drop --device {self.device}")
         if self.batch < 1 or self.text_len < 1 or self.images < 0 or self.frames < 1:
             raise ValueError("batch, text length and frames must be >= 1 and images >= 0")
         if self.images == 0:

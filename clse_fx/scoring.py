@@ -62,14 +62,14 @@ def _circulant_lowpass_values(n: int, cutoff: float, sigma_extent: int) -> np.nd
     return matrix
 
 
-def circulant_lowpass(n: int, cutoff: float, sigma_extent: int) -> torch.Tensor:
+def circulant_lowpass(n: int, cutoff: float, sigma_extent: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Real n x n circulant C with C x == ifft(ifftshift(g) * fft(x)) for the 1-D Gaussian g.
 
     g is real and symmetric around the centre, so its inverse DFT is real and the filter is an exact
     real matrix; the separable 2-D low-pass is then C_H X C_W^T (docs/graph.md#fft-free-filter). Built once per
     (n, cutoff, sigma extent).
     """
-    return torch.tensor(_circulant_lowpass_values(n, cutoff, sigma_extent))
+    return torch.tensor(_circulant_lowpass_values(n, cutoff, sigma_extent), device=device)
 
 
 def spectral_energy(z: torch.Tensor, grid: Grid, cutoff: float = 0.1, impl: str = "matmul") -> torch.Tensor:
@@ -91,8 +91,8 @@ def spectral_energy(z: torch.Tensor, grid: Grid, cutoff: float = 0.1, impl: str 
     if impl != "matmul":
         raise ValueError(f"impl must be 'matmul' or 'fft', got {impl!r}")
     extent = min(h // 2, w // 2)
-    c_h = circulant_lowpass(h, float(cutoff), extent).to(x.device)
-    c_w = circulant_lowpass(w, float(cutoff), extent).to(x.device)
+    c_h = circulant_lowpass(h, float(cutoff), extent, x.device)
+    c_w = circulant_lowpass(w, float(cutoff), extent, x.device)
     # Two broadcast matmuls, no permutes: mix rows on [BT, H, W*C], then columns on [BTH, W, C].
     low = torch.matmul(c_h, x.reshape(b * t, h, w * c))
     low = torch.matmul(c_w, low.reshape(b * t * h, w, c))

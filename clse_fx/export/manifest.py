@@ -50,6 +50,8 @@ class KVCacheSection:
 @dataclass
 class Manifest:
     architecture: str
+    dtype: str  # the model's parameters (scores are float32 inside the graph whatever it is)
+    device: str  # where the program was traced and verified
     source: dict
     target: str
     plan: PlanSection

@@ -78,8 +78,10 @@ def checked_onnx(path: Path) -> Path:
     """Run the ONNX checker on ``path`` and reject ops that engines cannot run with static shapes."""
     import onnx
 
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model, full_check=True)
+    # By path: models over protobuf's 2 GiB limit keep their weights in external data, which the checker reads
+    # from disk; the op scan needs the graph only.
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
     bad = sorted({node.op_type for node in model.graph.node} & FORBIDDEN_OPS)
     if bad:
         raise RuntimeError(f"the exported graph has ops engines cannot run with static shapes: {', '.join(bad)}")
@@ -208,10 +210,12 @@ def run_input_graphs(
     return produced, parity
 
 
-# model -> {per-layer cache layout: (decode program, decode.onnx bytes)}. The decode step does not depend on the
-# prune config (every layer's past length is a dynamic dimension), so sweeps over budgets, scores and KV
-# policies export it once per batch size, dtype and device.
+# model -> {per-layer cache layout: (decode program, {file name: bytes} or None)}. The decode step does not
+# depend on the prune config (every layer's past length is a dynamic dimension), so sweeps over budgets, scores
+# and KV policies export it once per batch size, dtype and device. Files are kept in memory for small models
+# only; larger ones keep the program and export the file again.
 _DECODE_EXPORTS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
+DECODE_CACHE_MAX_BYTES = 256 << 20
 
 
 def export_decode_onnx(
@@ -221,12 +225,15 @@ def export_decode_onnx(
     layout = tuple((t.shape[0], t.shape[1], t.shape[3], t.dtype, t.device) for pair in prefill_cache for t in pair)
     layout += weights_key(model)  # the ONNX file holds the weights: modified weights need a new export
     exports = _DECODE_EXPORTS.setdefault(model, {})
-    if layout not in exports:
-        program = export_decode(model, prefill_cache)
+    program, files = exports.get(layout) or (export_decode(model, prefill_cache), None)
+    if files is None:
         export_program(program, path, *decode_names(len(prefill_cache)))
-        exports[layout] = (program, path.read_bytes())
-    program, onnx_bytes = exports[layout]
-    path.write_bytes(onnx_bytes)
+        written = [f for f in path.parent.iterdir() if f.name.startswith(path.name)]  # with any external data
+        small = sum(f.stat().st_size for f in written) <= DECODE_CACHE_MAX_BYTES
+        exports[layout] = (program, {f.name: f.read_bytes() for f in written} if small else None)
+    else:
+        for name, data in files.items():
+            (path.parent / name).write_bytes(data)
     return program, path
 
 

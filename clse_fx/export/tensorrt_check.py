@@ -60,7 +60,7 @@ def _layer(node: onnx.NodeProto) -> str:
 def check_tensorrt_ready(model: onnx.ModelProto | str | Path) -> list[Finding]:
     """Every node of ``model`` that TensorRT 10's ONNX parser would reject, with the reason."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+        model = onnx.load(str(model), load_external_data=False)  # the rules read the graph, not the weights
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     types: dict[str, int] = {}

@@ -1,0 +1,59 @@
+"""Device-clean code: every tensor the reference, the pass-built prefill and the decode step create lives on the
+device of its inputs. A CPU stand-in for a GPU run: model and inputs stay on the CPU while the default device is
+"meta", so any tensor created without an explicit device lands on meta and the run fails ("Cannot copy out of
+meta tensor") or returns meta tensors."""
+
+import copy
+
+import pytest
+import torch
+
+from clse_fx.compiler import prune_prefill
+from clse_fx.decode import DecodeStep, decode_example
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.reference import reference_generate, reference_prune
+
+from .conftest import prompt_ids
+
+
+def _flat(*values):
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        else:
+            yield from _flat(*value)
+
+
+@pytest.mark.parametrize(
+    ("score", "merge", "kv_policy"), [("clse_attn", "none", "uniform"), ("uniform", "tome", "per-layer")]
+)
+def test_meta_default_device_changes_nothing(tiny_llava, score, merge, kv_policy):
+    ids = prompt_ids(tiny_llava, [[5, "img", 7, 8, 9], [5, 7, 8, "img", 9]])
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0  # a padded row: the padding mask is gathered too
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:6"), score=score, merge=merge, kv_policy=kv_policy)
+
+    def run(model):
+        reference = reference_prune(model, prune, **inputs)
+        generated = reference_generate(model, prune, ids, pixels, mask, max_new_tokens=3)
+        prefill = prune_prefill(model, prune, inputs)()
+        step = DecodeStep(model)(*decode_example(prefill.cache))
+        return [reference.logits, reference.kept, reference.cache, generated, prefill.logits, prefill.kept] + [
+            prefill.cache,
+            step,
+        ]
+
+    expected = list(_flat(run(tiny_llava)))
+    model = copy.deepcopy(tiny_llava)  # its own trace, made under the meta default
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        got = list(_flat(run(model)))
+    finally:
+        torch.set_default_device(previous)
+    assert len(got) == len(expected)
+    for have, want in zip(got, expected):
+        assert have.device.type == "cpu"
+        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-6)

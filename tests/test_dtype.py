@@ -1,0 +1,70 @@
+"""--dtype / --device: checkpoints load in the asked dtype, scores stay float32 in the graph, the manifest records
+the dtype, and float16 ONNX Runtime bundles stay within the README's parity bounds."""
+
+import pytest
+import torch
+
+import clse_fx
+from clse_fx.api import example_inputs, load_checkpoint
+from clse_fx.cli import compile_main
+from clse_fx.options import CompileOptions
+from clse_fx.runtime import Engine
+
+# The README's float16 bounds (ONNX Runtime vs the float16 PyTorch program, and vs the float32 reference).
+FLOAT16_ORT_MAX_ABS_LOGITS = 5e-2
+FLOAT16_VS_FLOAT32_MAX_ABS_LOGITS = 1e-1
+OPTIONS = dict(stages="1:20,3:6", batch=2, text_len=6)
+
+
+@pytest.fixture(scope="module")
+def half_bundle(tiny_llava_dir, tmp_path_factory):
+    """A float16 bundle written by clse-compile --dtype float16."""
+    out = tmp_path_factory.mktemp("half") / "bundle"
+    argv = [str(tiny_llava_dir), "--stages", "1:20,3:6", "--batch", "2", "--text-len", "6", "--dtype", "float16"]
+    assert compile_main([*argv, "-o", str(out)]) == 0
+    return Engine.load(out)
+
+
+def test_checkpoint_loads_in_the_asked_dtype(tiny_llava_dir):
+    for dtype in ("float16", "bfloat16"):
+        model, _ = load_checkpoint(tiny_llava_dir, dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_manifest_records_the_dtype_and_float16_parity(half_bundle, tiny_llava):
+    manifest = half_bundle.manifest
+    assert (manifest["dtype"], manifest["device"], manifest["kv_cache_bytes"]["dtype"]) == ("float16", "cpu", "float16")
+    float32 = clse_fx.compile(tiny_llava, **OPTIONS, verify=False).manifest
+    assert manifest["kv_cache_bytes"]["pruned"] * 2 == float32["kv_cache_bytes"]["pruned"]
+    assert manifest["parity"]["reference_kept_identical"]
+    assert manifest["parity"]["onnxruntime_max_abs_logits"] <= FLOAT16_ORT_MAX_ABS_LOGITS
+
+
+def test_float16_bundle_runs_in_onnx_runtime_close_to_float32(half_bundle, tiny_llava):
+    assert half_bundle.manifest["graphs"]["prefill"]["outputs"][0]["dtype"] == "float16"
+    inputs = example_inputs(tiny_llava, CompileOptions(**OPTIONS))  # the compile's own (seeded) inputs
+    feeds = {name: tensor.numpy() for name, tensor in inputs.items()}  # float32 pixels, as processors give
+    logits = torch.from_numpy(half_bundle.prefill.run(**feeds)[0]).float()
+    expected = clse_fx.compile(tiny_llava, **OPTIONS, verify=False).pruned().logits
+    assert (logits - expected).abs().max() <= FLOAT16_VS_FLOAT32_MAX_ABS_LOGITS
+
+
+def test_scores_stay_float32_inside_a_bfloat16_graph(tiny_llava_dir):
+    model, _ = load_checkpoint(tiny_llava_dir, dtype="bfloat16")
+    result = clse_fx.compile(model, stages="1:20,3:6", text_len=6)
+    assert result.manifest["dtype"] == "bfloat16" and result.manifest["parity"]["reference_kept_identical"]
+    # The first stage's comparison-rank top-K compares [1, 36, 1] against [1, 1, 36] scores: float32 ones.
+    compares = [
+        n.args[0].meta["val"]
+        for n in result.pruned.program.graph.nodes
+        if n.target is torch.ops.aten.gt.Tensor and n.args[0].meta["val"].shape[-2:].numel() == 36
+    ]
+    assert compares and {value.dtype for value in compares} == {torch.float32}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tiny_llava_dir, tmp_path, capsys):
+    assert compile_main([str(tiny_llava_dir), "--keep", "8", "--device", "cuda", "-o", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is visible" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
