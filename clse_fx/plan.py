@@ -109,7 +109,8 @@ def _scaled_layers(schedule: ReferenceSchedule, num_layers: int) -> list[int]:
 
 
 def _scheduled_keeps(schedule: ReferenceSchedule, keep: float, num_visual: int) -> list[int]:
-    """Per-stage keep counts for a budget in the schedule's unit, rounded and capped at ``num_visual``."""
+    """Per-stage keep counts for a budget in the schedule's unit, capped at ``num_visual``. Counts are rounded;
+    ratios follow the published Qwen2-VL code, ``max(1, int(num_visual * ratio))`` (floor)."""
     if schedule.unit == "count":
         budget = keep
         per_stage = schedule.table.get(budget) or [budget * m for m in schedule.multipliers]
@@ -117,7 +118,7 @@ def _scheduled_keeps(schedule: ReferenceSchedule, keep: float, num_visual: int) 
     else:
         ratio = keep
         per_stage = schedule.table.get(round(ratio, 3)) or [ratio * m for m in schedule.multipliers]
-        counts = [round(r * num_visual) for r in per_stage]
+        counts = [int(num_visual * r) for r in per_stage]
     return [min(max(c, 1), num_visual) for c in counts]
 
 

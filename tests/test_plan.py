@@ -27,7 +27,14 @@ def test_llava_ratio_budget_maps_to_count_table():
 )
 def test_qwen2_vl_ratio_table(ratio, expected):
     plan = plan_budget(ratio, num_layers=28, num_visual=1000, schedule=QWEN2_VL_SCHEDULE)
-    assert plan.stages == tuple(zip([1, 10, 19], [round(r * 1000) for r in expected]))
+    assert plan.stages == tuple(zip([1, 10, 19], [int(1000 * r) for r in expected]))
+
+
+def test_qwen2_vl_ratios_floor_as_the_published_code():
+    """The official Qwen2-VL code keeps max(1, int(num_visual * ratio)) per stage; rounding kept one more here."""
+    assert plan_budget(0.334, 28, 256, schedule=QWEN2_VL_SCHEDULE).stages == ((1, 145), (10, 92), (19, 25))
+    assert plan_budget(0.112, 28, 576, schedule=QWEN2_VL_SCHEDULE).stages == ((1, 109), (10, 69), (19, 19))
+    assert plan_budget(0.2, 28, 10, schedule=QWEN2_VL_SCHEDULE).stages[-1] == (19, 1)  # at least one token
 
 
 def test_qwen2_vl_count_budget_is_converted_to_ratio():
