@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import clse_fx
 from clse_fx.compiler import prune_prefill
 from clse_fx.models import adapter_for
 from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, plan_budget
@@ -73,9 +72,13 @@ def test_pass_equals_reference(qwen, score, stages):
 
 @pytest.fixture(scope="module")
 def qwen_bundle(qwen, tmp_path_factory):
+    """A bundle written by clse-compile from the saved checkpoint."""
+    from clse_fx.cli import compile_main
+
     out = tmp_path_factory.mktemp("bundle") / "b"
-    result = clse_fx.compile(qwen, stages=STAGES, batch=2, text_len=8, image_size=(56, 72), output_dir=out)
-    return out, result.manifest
+    argv = [qwen.name_or_path, "--stages", STAGES, "--batch", "2", "--text-len", "8", "--image-size", "56x72"]
+    assert compile_main([*argv, "-o", str(out)]) == 0
+    return out, json.loads((out / "manifest.json").read_text())
 
 
 STAGES = "1:40,2:20,3:8"
@@ -120,14 +123,18 @@ def test_bundle_greedy_generation_equals_reference(qwen, qwen_bundle, padded):
     assert generated == expected.tolist()
 
 
-def test_clse_compile_cli_for_qwen(qwen, tmp_path, capsys):
+def test_clse_compile_cli_for_qwen(qwen, qwen_bundle, tmp_path, capsys):
+    """The CLI bundle (the fixture) records the compiled resolution; a ratio budget plans on the image's merged
+    grid; a resolution off the merge step is a one-line error that leaves nothing behind."""
+    from clse_fx.api import example_inputs, make_plan
     from clse_fx.cli import compile_main
+    from clse_fx.options import CompileOptions
 
-    model_dir = qwen.name_or_path
-    bad = compile_main([model_dir, "--keep", "0.334", "--image-size", "50x72", "-o", str(tmp_path / "bad")])
-    assert bad == 2 and "multiple of 8 pixels" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    out = tmp_path / "b"
-    assert compile_main([model_dir, "--keep", "0.334", "--image-size", "56x72", "--text-len", "8", "-o", str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    _, manifest = qwen_bundle
     assert manifest["pipeline"] == ["vision", "rope"] and manifest["geometry"]["image_size"] == [56, 72]
-    assert manifest["plan"]["stages"] == [[1, 35], [2, 22], [3, 6]]
+    options = CompileOptions(keep=0.334, image_size=(56, 72), text_len=8)
+    assert make_plan(qwen, options, example_inputs(qwen, options)).plan.stages == ((1, 35), (2, 22), (3, 6))
+    bad = compile_main([qwen.name_or_path, "--keep", "0.334", "--image-size", "50x72", "-o", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert bad == 2 and "multiple of 8 pixels" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
