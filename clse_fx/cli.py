@@ -14,8 +14,7 @@ from rich.markup import escape
 from clse_fx.export.bundle import check_output_dir
 from clse_fx.export.targets import TARGETS
 from clse_fx.options import DEVICES, DTYPES, CompileOptions
-from clse_fx.plan import KV_POLICIES
-from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES
+from clse_fx.plan import KV_POLICIES, MERGE_METRICS, MERGE_MODES, SCORE_TYPES
 
 
 def _quiet_transformers() -> None:
@@ -173,8 +172,6 @@ def compile_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
 
-    _quiet_transformers()
-
     console = Console(stderr=False)
     errors = Console(stderr=True)
 
@@ -216,6 +213,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             dump_graph=args.dump_graph,
             source=None if demo else model_dir,
         )
+        _quiet_transformers()  # only now: every argument has been checked without importing torch or transformers
         with step("loading the checkpoint"):
             from clse_fx.api import compile as compile_model
             from clse_fx.api import load_checkpoint
@@ -260,7 +258,6 @@ def run_main(argv: list[str] | None = None) -> int:
 
     from PIL import Image, UnidentifiedImageError
 
-    _quiet_transformers()
     try:
         if len(args.image) != len(args.prompt):
             raise ValueError(
@@ -275,6 +272,7 @@ def run_main(argv: list[str] | None = None) -> int:
         from clse_fx.runtime import Engine, SamplingConfig
 
         sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        _quiet_transformers()  # only now: the arguments are checked (the processor needs transformers)
         engine = Engine.load(args.bundle)
         results = engine.generate(
             images, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat

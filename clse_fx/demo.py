@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 WORDS = (
@@ -108,6 +106,7 @@ def tiny_llava_config(
 
 def save_tiny_llava(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
     """Build a random tiny LLaVA with tokenizer and processor, save it to ``path``, return the path."""
+    import torch  # here, not at module level: the CLI resolves --demo without importing torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     config = tiny_llava_config(**config_kwargs)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from clse_fx.scoring import MERGE_METRICS, MERGE_MODES, SCORE_TYPES, Grid
+# The choices a plan is made of; plain data here (no torch), so the CLI can list them without importing torch.
+SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
+MERGE_MODES = ("none", "tome")
+MERGE_METRICS = ("hidden", "keys")
+Grid = tuple[int, int, int]  # (T, H, W) of one row's visual tokens
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clse_fx.plan import SCORE_TYPES, Grid
+
 if TYPE_CHECKING:
     from clse_fx.plan import StageSpec
 
-SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
 # Score types that need the intact spectral grid; later stages fall back to "attn" (docs/method.md#score-types).
 SPECTRAL_SCORE_TYPES = ("clse_attn", "clse")
-
-Grid = tuple[int, int, int]
 
 
 def _check_grid(z: torch.Tensor, grid: Grid) -> tuple[int, int, int]:
@@ -196,10 +195,6 @@ def combine_scores(
     if score_type == "uniform":
         return uniform_score(batch, n, keep, grid).to(hidden.device)
     raise ValueError(f"unknown score type {score_type!r}; choose one of {', '.join(SCORE_TYPES)}")
-
-
-MERGE_MODES = ("none", "tome")
-MERGE_METRICS = ("hidden", "keys")
 
 
 def merge_into_kept(

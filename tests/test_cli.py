@@ -131,3 +131,30 @@ def test_failure_mid_compile_leaves_nothing_behind(tiny_llava_dir, tmp_path, cap
     code, _, err = _run(capsys, str(tiny_llava_dir), "--keep", "8", "-o", str(out_dir))
     assert code == 2 and "simulated exporter failure" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--demo", "--keep", "8", "--stages", "1:4"],
+        ["missing-dir", "--stages", "1-4"],
+        ["--demo", "--keep", "8", "--text-len", "0"],
+        ["--demo", "--keep", "8", "--target", "torch-compile", "--triton-repo", "x"],
+    ],
+)
+def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv):
+    """--help and every argument error answer before the heavy imports (seconds on a loaded machine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom clse_fx.cli import compile_main\n"
+        "try:\n    rc = compile_main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+        "heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
+        "print(rc, heavy, file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    rc, heavy = done.stderr.strip().splitlines()[-1].split(" ", 1)
+    assert heavy == "[]", done.stderr
+    assert rc == ("0" if argv == ["--help"] else "2")

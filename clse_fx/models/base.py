@@ -21,8 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from clse_fx.plan import LLAVA_SCHEDULE, ReferenceSchedule
-from clse_fx.scoring import Grid
+from clse_fx.plan import LLAVA_SCHEDULE, Grid, ReferenceSchedule
 from clse_fx.static_ops import visual_mask
 
 

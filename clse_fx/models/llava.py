@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
-from clse_fx.plan import LLAVA_SCHEDULE
-from clse_fx.scoring import Grid
+from clse_fx.plan import LLAVA_SCHEDULE, Grid
 
 
 def fixed_resolution(model, image_size: tuple[int, int] | None) -> int:

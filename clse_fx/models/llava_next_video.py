@@ -8,8 +8,7 @@ import torch
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
 from clse_fx.models.llava import fixed_resolution
-from clse_fx.plan import LLAVA_SCHEDULE
-from clse_fx.scoring import Grid
+from clse_fx.plan import LLAVA_SCHEDULE, Grid
 
 
 class LlavaNextVideoAdapter(ModelAdapter):

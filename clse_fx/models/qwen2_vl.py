@@ -14,8 +14,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, InputGraph, ModelAdapter, register_family
-from clse_fx.plan import QWEN2_VL_SCHEDULE
-from clse_fx.scoring import Grid
+from clse_fx.plan import QWEN2_VL_SCHEDULE, Grid
 from clse_fx.static_ops import running_count, visual_mask
 
 # Processor outputs per modality: (pixels, grid, graph input holding the vision tower's output).

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clse_fx.plan import PruneConfig, StageSpec
-from clse_fx.scoring import Grid
+from clse_fx.plan import Grid, PruneConfig, StageSpec
 
 
 @dataclass(frozen=True)
