@@ -1,7 +1,9 @@
 """The decode step: one new token per row against the pruned KV cache, built from the model's own modules.
 
-KV buffers grow: the step takes each layer's past keys/values (any length, a dynamic dimension of the
-graph) and returns only the new token's keys/values, which the runtime appends. Lengths differ per layer
+Two forms share :func:`decoder_step`. :class:`DecodeStep` (the ONNX bundles' ``decode.onnx``): the step takes
+each layer's past keys/values (any length, a dynamic dimension of the graph) and returns only the new token's
+keys/values, which the runtime appends. :class:`StaticDecodeStep` (the torch-compile target): preallocated
+buffers written in place, every shape fixed, so a compiler can capture it as one CUDA graph. Lengths differ per layer
 under the per-layer policy, so every layer's past length is its own dimension. Positions continue after
 the *unpruned* prompt length (pruning removes tokens, it never renumbers them), shifted per row by the prompt's
 rope delta under M-RoPE (the runtime adds it; the adapter spreads the ids over the rotary axes).
@@ -28,6 +30,42 @@ class _StepCache:
         return torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
 
 
+class _SlotCache:
+    """``update`` writes the new token's keys/values into preallocated buffers at each layer's next slot (in
+    place) and returns the whole buffers; the attention mask hides the slots not written yet."""
+
+    def __init__(self, buffers: list[torch.Tensor], slots: list[torch.Tensor]) -> None:
+        self.buffers, self.slots = buffers, slots
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.buffers[2 * layer_idx], self.buffers[2 * layer_idx + 1]
+        keys.index_copy_(2, self.slots[layer_idx], key)
+        values.index_copy_(2, self.slots[layer_idx], value)
+        return keys, values
+
+
+def decoder_step(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, masks: list[torch.Tensor]
+) -> torch.Tensor:
+    """One token per row through the model's own embedding, decoder layers (each with its [B, 1, 1, L_i] bool
+    mask and ``cache``, whose ``update`` returns that layer's keys/values) and LM head: logits [B, 1, V]."""
+    adapter = adapter_for(model)
+    decoder = adapter.decoder()
+    hidden = model.get_input_embeddings()(input_ids)
+    position_ids = adapter.decode_position_ids(position_ids)
+    position_embeddings = decoder.rotary_emb(hidden, position_ids)
+    for layer, mask in zip(decoder.layers, masks):
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+    return adapter.lm_head()(decoder.norm(hidden))
+
+
 class DecodeStep(nn.Module):
     """(input_ids [B,1], position_ids [B,1], pad_counts [B], past key/value per layer) -> (logits [B,1,V],
     new key/value per layer [B,Hkv,1,D]). ``pad_counts`` masks each row's left padding, which sits at the
@@ -36,30 +74,58 @@ class DecodeStep(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.adapter = adapter_for(model)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, pad_counts: torch.Tensor, *past: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        decoder = self.adapter.decoder()
-        hidden = self.model.get_input_embeddings()(input_ids)
-        position_ids = self.adapter.decode_position_ids(position_ids)
-        position_embeddings = decoder.rotary_emb(hidden, position_ids)
         cache = _StepCache(past)
-        for layer_idx, layer in enumerate(decoder.layers):
-            length = past[2 * layer_idx].shape[2] + 1
-            keys = torch.arange(length, device=input_ids.device)
-            mask = (keys[None, :] >= pad_counts[:, None])[:, None, None, :]  # [B, 1, 1, L]
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            )
-        logits = self.adapter.lm_head()(decoder.norm(hidden))
+        masks = []
+        for keys in past[::2]:
+            positions = torch.arange(keys.shape[2] + 1, device=input_ids.device)
+            masks.append((positions[None, :] >= pad_counts[:, None])[:, None, None, :])  # [B, 1, 1, L]
+        logits = decoder_step(self.model, input_ids, position_ids, cache, masks)
         return (logits, *cache.new)
+
+
+class StaticDecodeStep(nn.Module):
+    """The decode step on preallocated KV buffers, for compiled (CUDA-graph) generation: shapes never change.
+
+    Layer i's buffers hold ``lengths[i]`` prompt slots plus ``max_new_tokens`` slots; :meth:`load` fills the
+    prompt slots from a prefill's cache, and step ``t`` (a 0-d tensor, so one compiled graph serves every step)
+    writes its token at slot ``lengths[i] + t`` and attends to ``[pad_counts, lengths[i] + t]``. The buffers are
+    module buffers, so CUDA graphs see fixed addresses."""
+
+    def __init__(self, model: nn.Module, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int):
+        super().__init__()
+        self.model = model
+        self.lengths = [key.shape[2] for key, _ in prefill_cache]
+        for i, (key, _) in enumerate(prefill_cache):
+            shape = (key.shape[0], key.shape[1], key.shape[2] + max_new_tokens, key.shape[3])
+            for kind in ("key", "value"):
+                self.register_buffer(f"{kind}_{i}", key.new_zeros(shape), persistent=False)
+
+    def buffers_in_order(self) -> list[torch.Tensor]:
+        return [getattr(self, f"{kind}_{i}") for i in range(len(self.lengths)) for kind in ("key", "value")]
+
+    @torch.no_grad()
+    def load(self, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a prefill's cache into the prompt slots (in place: compiled graphs keep their addresses)."""
+        for buffer, tensor in zip(self.buffers_in_order(), (t for pair in prefill_cache for t in pair)):
+            buffer.zero_()
+            buffer[:, :, : tensor.shape[2]].copy_(tensor)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: torch.Tensor, pad_counts: torch.Tensor
+    ) -> torch.Tensor:
+        buffers = self.buffers_in_order()
+        slots, masks = [], []
+        for length, keys in zip(self.lengths, buffers[::2]):
+            slot = (step + length).reshape(1)
+            positions = torch.arange(keys.shape[2], device=input_ids.device)
+            visible = (positions[None, :] >= pad_counts[:, None]) & (positions[None, :] <= slot)
+            slots.append(slot)
+            masks.append(visible[:, None, None, :])
+        return decoder_step(self.model, input_ids, position_ids, _SlotCache(buffers, slots), masks)
 
 
 def decode_example(prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:

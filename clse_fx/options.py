@@ -48,6 +48,7 @@ class CompileOptions:
     force: bool = False
     fp16: bool = False
     verify: bool = True
+    max_new_tokens: int = 32  # the torch-compile target's static KV cache: prompt plus this many tokens
     dump_graph: str | None = None
     source: Path | None = None  # the checkpoint directory, recorded (with its hash) in the manifest
 
@@ -63,8 +64,8 @@ class CompileOptions:
         required = TARGETS[self.target].device
         if required is not None and self.device not in (None, required):
             raise ValueError(f"the {self.target} target runs on {required}; drop --device {self.device}")
-        if self.batch < 1 or self.text_len < 1 or self.images < 0 or self.frames < 1:
-            raise ValueError("batch, text length and frames must be >= 1 and images >= 0")
+        if self.batch < 1 or self.text_len < 1 or self.images < 0 or self.frames < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch, text length, frames and max new tokens must be >= 1 and images >= 0")
         if self.images == 0:
             raise ValueError("compiling without an image has nothing to prune; pass --images 1 or more")
         if self.output_dir is not None:

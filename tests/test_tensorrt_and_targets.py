@@ -9,11 +9,15 @@ from onnx import TensorProto, helper
 
 import clse_fx
 from clse_fx.cli import compile_main
+from clse_fx.compiler import prune_prefill
 from clse_fx.export.onnxruntime import select_providers
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
+from clse_fx.export.torch_compile import CompiledEngine
 from clse_fx.plan import PruneConfig, plan_budget
-from clse_fx.reference import reference_prune
+from clse_fx.reference import reference_generate, reference_prune
 from clse_fx.runtime import Engine
+
+from .conftest import prompt_ids
 
 HAVE_TENSORRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None
 NO_TENSORRT = "needs a CUDA device and torch-tensorrt (pip install 'clse-fx[tensorrt]'); this machine has neither"
@@ -97,8 +101,20 @@ def test_emitted_bundle_is_tensorrt_ready(tiny_llava_dir, tmp_path, capsys):
     assert any("language_model.layers.3" in s for s in scopes) and any("clse.stage1.before_layer2" in s for s in scopes)
 
 
+def _padded_prompts(model):
+    """Two rows of the compiled geometry (6 text tokens), the image at different places, row 0 left-padded."""
+    pad = model.config.text_config.pad_token_id
+    ids = prompt_ids(model, [[pad, pad, 5, "img", 7, 8, 9], [5, 7, 8, "img", 9, 10, 11]])
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "pixel_values": pixels}
+
+
 def test_torch_compile_target_equals_reference(tiny_llava):
-    result = clse_fx.compile(tiny_llava, stages="1:20,3:6", target="torch-compile", batch=2, text_len=6)
+    """Inductor-compiled prefill and static-KV decode: prefill within 1e-4 of the reference pruner, and greedy
+    generation token for token equal to it (left padding included)."""
+    result = clse_fx.compile(
+        tiny_llava, stages="1:20,3:6", target="torch-compile", batch=2, text_len=6, max_new_tokens=8
+    )
     out = result.module()
     prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:6"))
     ids, mask, pixels = result.pruned.example_args
@@ -106,6 +122,21 @@ def test_torch_compile_target_equals_reference(tiny_llava):
     assert (out.logits - ref.logits).abs().max() <= 1e-4
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
     assert result.manifest["parity"]["torch_compile_max_abs_logits"] <= 1e-4
+    inputs = _padded_prompts(tiny_llava)
+    expected = reference_generate(tiny_llava, prune, max_new_tokens=8, **inputs).tolist()
+    assert result.module.generate(inputs, 8) == expected
+    assert result.module.generate(inputs, 3) == [row[:3] for row in expected]  # the same buffers, reloaded
+    with pytest.raises(ValueError, match="compiled for 1..8"):
+        result.module.generate(inputs, 9)
+
+
+def test_static_kv_decode_per_layer_policy(tiny_llava):
+    """Per-layer caches have a length each: the static buffers and masks follow every layer's own length."""
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:6"), kv_policy="per-layer")
+    inputs = _padded_prompts(tiny_llava)
+    engine = CompiledEngine(tiny_llava, prune_prefill(tiny_llava, prune, inputs), 8, backend="eager")
+    assert len({buffer.shape[2] for buffer in engine.decode.buffers_in_order()}) == 3  # 42 + 8, 26 + 8, 12 + 8
+    assert engine.generate(inputs, 8) == reference_generate(tiny_llava, prune, max_new_tokens=8, **inputs).tolist()
     with pytest.raises(ValueError, match="drop the output dir"):
         clse_fx.compile(tiny_llava, stages="1:20", target="torch-compile", output_dir="x")
 
