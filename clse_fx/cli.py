@@ -184,8 +184,8 @@ def compile_main(argv: list[str] | None = None) -> int:
         if args.explain and not Path(args.explain).is_file():
             raise FileNotFoundError(f"--explain image {args.explain} does not exist")
         if args.triton_repo:
-            if not TARGETS[args.target].writes_bundle:
-                raise ValueError(f"--triton-repo needs a bundle; the {args.target} target builds none")
+            if not TARGETS[args.target].writes_bundle or TARGETS[args.target].runtime != "onnxruntime":
+                raise ValueError(f"--triton-repo needs an ONNX bundle; the {args.target} target builds none")
             check_output_dir(args.triton_repo, args.force)
         model_dir = _model_dir(args)
         demo = args.demo or args.model == "demo"

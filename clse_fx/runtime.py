@@ -120,12 +120,20 @@ class Engine:
         manifest = read_manifest(bundle, verify=True)
         graphs = manifest["graphs"]
         providers = providers or select_providers(manifest.get("target", "onnxruntime"))
-        prefill = OnnxSession(bundle / graphs["prefill"]["file"], providers, threads)
-        decode = OnnxSession(bundle / graphs["decode"]["file"], providers, threads)
+
+        def session(name: str):
+            path = bundle / graphs[name]["file"]
+            if path.suffix == ".pt2":  # an AOTInductor package (the aot-inductor target): needs torch
+                from clse_fx.export.aot_inductor import AotiSession
+
+                return AotiSession(path, graphs[name], manifest.get("device", "cpu"))
+            return OnnxSession(path, providers, threads)
+
+        prefill, decode = session("prefill"), session("decode")
         has_processor = any(name.endswith("processor_config.json") for name in manifest["files"])
         processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False) if has_processor else None
         pipeline = manifest.get("pipeline", [])
-        input_graphs = {name: OnnxSession(bundle / graphs[name]["file"], providers, threads) for name in pipeline}
+        input_graphs = {name: session(name) for name in pipeline}
         return cls(bundle, manifest, prefill, decode, processor, input_graphs)
 
     def encode(self, images: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:

@@ -165,21 +165,26 @@ class OnnxSession:
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
 
     def run(self, **feeds: torch.Tensor | np.ndarray) -> list[np.ndarray]:
-        arrays = {}
-        for name, shape in self.inputs.items():
-            if name not in feeds:
-                raise ValueError(f"{self.path.name} needs input {name!r} of shape {shape}")
-            value = feeds[name]
-            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            if any(isinstance(want, int) and have != want for have, want in zip(array.shape, shape)) or len(
-                array.shape
-            ) != len(shape):
-                raise ValueError(
-                    f"{name} has shape {list(array.shape)} but {self.path.name} was compiled for {list(shape)}; "
-                    "recompile with matching --batch/--text-len/--image-size"
-                )
-            arrays[name] = array
-        return self.session.run(None, arrays)
+        return self.session.run(None, checked_feeds(self.path.name, self.inputs, feeds))
+
+
+def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str, np.ndarray]:
+    """``feeds`` as arrays in ``inputs`` order, each checked against its compiled shape (a str or None dim is
+    dynamic); a missing input or a shape the graph was not compiled for is a one-line error."""
+    arrays = {}
+    for name, shape in inputs.items():
+        if name not in feeds:
+            raise ValueError(f"{graph} needs input {name!r} of shape {shape}")
+        value = feeds[name]
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        fixed = all(not isinstance(want, int) or have == want for have, want in zip(array.shape, shape))
+        if not fixed or len(array.shape) != len(shape):
+            raise ValueError(
+                f"{name} has shape {list(array.shape)} but {graph} was compiled for {list(shape)}; "
+                "recompile with matching --batch/--text-len/--image-size"
+            )
+        arrays[name] = array
+    return arrays
 
 
 def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[str, float | bool]:

@@ -19,6 +19,7 @@ class Target:
     writes_bundle: bool = True
     summary: str = ""
     device: str | None = None  # where the model must be traced (None: where it is)
+    runtime: str = "onnxruntime"  # what runs the bundle: "onnxruntime" (Engine, Triton) or "torch" (libtorch)
 
 
 TARGETS: dict[str, Target] = {
@@ -29,7 +30,12 @@ TARGETS: dict[str, Target] = {
     "tensorrt": Target(
         ("onnxruntime", "tensorrt"), summary="the bundle plus a torch-tensorrt prefill engine", device="cuda"
     ),
-    "torch-compile": Target(("torch_compile",), writes_bundle=False, summary="an Inductor-compiled pruned prefill"),
+    "aot-inductor": Target(
+        ("aot_inductor",), summary="AOTInductor packages prefill.pt2 and decode.pt2, run with libtorch", runtime="torch"
+    ),
+    "torch-compile": Target(
+        ("torch_compile",), writes_bundle=False, summary="Inductor-compiled prefill and decode", runtime="torch"
+    ),
 }
 
 
