@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from clse_fx.demo import save_tiny_llava
 from clse_fx.models import adapter_for
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: the workers already fill the cores, and oversubscribed threads slow
+    # every matmul down.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +51,16 @@ def prompt_ids(model, layout: list[list[int | str]]) -> torch.Tensor:
             ids.extend([image_token_id] * per_image if item == "img" else [item])
         rows.append(ids)
     return torch.tensor(rows)
+
+
+# The slowest files first (seconds on 2 cores): xdist gives each worker whole files, and a long file started
+# last would leave the other worker idle at the end.
+SLOW_FILES = ["test_video.py", "test_qwen2_vl.py", "test_generation.py", "test_cli.py", "test_tensorrt_and_targets.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file is kept

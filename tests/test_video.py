@@ -89,7 +89,11 @@ def video_bundle(video_model, tmp_path_factory):
     text_len = (
         9 - qwen
     )  # the rows of video_inputs (9 text tokens), Qwen's with vision start/end markers around the video
-    result = clse_fx.compile(video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, **size)
+    # The graph's parity with the reference pruner is test_video_pass_equals_reference's; this bundle is checked
+    # against ONNX Runtime (in the manifest) and by generation.
+    result = clse_fx.compile(
+        video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, verify=False, **size
+    )
     return out, result.manifest, stages
 
 
@@ -98,7 +102,6 @@ def test_video_bundle_generation_equals_reference(video_model, video_bundle):
     bundle, manifest, stages = video_bundle
     parity = manifest["parity"]
     assert parity["onnxruntime_max_abs_logits"] <= 1e-4 and parity["onnxruntime_indices_identical"]
-    assert parity["reference_max_abs_logits"] <= 1e-5 and parity["reference_kept_identical"]
     assert manifest["geometry"]["grid"][0] == 4
     inputs, tokens = video_inputs(video_model, 4)
     if "Qwen" in type(video_model).__name__:  # wrap the video in the vision start/end markers the bundle expects
