@@ -45,6 +45,21 @@ class CompileResult:
 
 
 @dataclass
+class Phases:
+    """Reports each compile phase through ``progress`` while it runs and adds up its seconds in ``timings``."""
+
+    progress: Progress
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, label: str, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.progress(label):
+            yield
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+
+@dataclass
 class BuildContext:
     """What a target builder gets: the model, the compiled program and its example inputs, the options, the
     processor to ship, and :meth:`phase` to time and report its own phases."""
@@ -54,17 +69,12 @@ class BuildContext:
     inputs: dict[str, torch.Tensor]
     options: CompileOptions
     processor: object | None
-    progress: Progress
-    timings: dict[str, float]
+    phases: Phases
     reference: ReferenceOutput | None = None
 
-    @contextlib.contextmanager
-    def phase(self, label: str, key: str) -> Iterator[None]:
+    def phase(self, label: str, key: str) -> contextlib.AbstractContextManager:
         """Report ``label`` while the block runs and record its seconds under ``key``."""
-        start = time.perf_counter()
-        with self.progress(label):
-            yield
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+        return self.phases(label, key)
 
     def reference_output(self) -> ReferenceOutput:
         """The eager reference pruner on the example inputs, computed once per compile."""
@@ -247,8 +257,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     an output dir only the pruned torch program is built and checked.
     """
     options = CompileOptions(**fields) if options is None else dataclasses.replace(options, **fields)
-    progress = progress or (lambda label: contextlib.nullcontext())
-    timings: dict[str, float] = {}
+    phases = Phases(progress or (lambda label: contextlib.nullcontext()))
     target = TARGETS[options.target]
     writes_bundle = target.writes_bundle and options.output_dir is not None
     # Import (and check the requirements of) the target's builders first: a missing extra fails before any work.
@@ -260,12 +269,10 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     if options.output_dir is not None and processor is None:
         processor = load_processor(getattr(model, "name_or_path", "") or "")
 
-    start = time.perf_counter()
-    with progress("trace, passes and static re-export"):
+    with phases("trace, passes and static re-export", "trace+passes+export"):
         pruned = prune_prefill(model, prune, inputs, dump_graph=options.dump_graph)
-    timings["trace+passes+export"] = time.perf_counter() - start
 
-    context = BuildContext(model, pruned, inputs, options, processor, progress, timings)
+    context = BuildContext(model, pruned, inputs, options, processor, phases)
     manifest = build_manifest(model, context, verify(context) if options.verify else None)
     module = None
     with staged_directory(options.output_dir, options.force) if writes_bundle else contextlib.nullcontext() as bundle:
@@ -273,7 +280,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             section = build(context, bundle)
             manifest.add(section)
             module = section.module or module
-        manifest.timings_s = dict(timings)
+        manifest.timings_s = dict(phases.timings)
         if bundle is not None:
             if processor is not None:
                 processor.save_pretrained(bundle)
@@ -282,6 +289,6 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         pruned=pruned,
         bundle=options.output_dir if writes_bundle else None,
         manifest=manifest.to_dict(),
-        timings=timings,
+        timings=phases.timings,
         module=module,
     )
