@@ -1,6 +1,7 @@
 """The aot-inductor target: prefill.pt2 and decode.pt2 equal the PyTorch programs, the runtime generates with them
 token for token like the reference pruner, and the packages load without the model's Python code."""
 
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,10 @@ from clse_fx.runtime import Engine
 from .conftest import prompt_ids
 
 STAGES = "1:20"
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("c++", "g++", "clang++")),
+    reason="AOTInductor compiles C++: no C++ compiler on the PATH",
+)
 
 
 @pytest.fixture(scope="module")
