@@ -102,7 +102,7 @@ def _explain(bundle: Path | None, image_path: str, prompt: str) -> Path:
     return explain_bundle(bundle, image, prompt, bundle.with_name(f"{bundle.name}-explain.png"))
 
 
-def _report(console, result, bundle: Path | None) -> None:
+def _report(console, result, bundle: Path | None, dump_graph: str | None = None) -> None:
     from rich.table import Table
 
     m = result.manifest
@@ -114,6 +114,8 @@ def _report(console, result, bundle: Path | None) -> None:
     table.add_row(
         "visual tokens / layer", f"{geometry['num_visual']} -> avg {plan['avg_visual_tokens']:.1f} ({plan['score']})"
     )
+    merge = plan["merge"] if plan["merge"] == "none" else f"{plan['merge']} (similarity on {plan['merge_metric']})"
+    table.add_row("merge", merge)
     table.add_row("sequence", f"{geometry['sequence_length']} -> {geometry['pruned_length']} tokens")
     if "flops" in m:
         flops = m["flops"]
@@ -147,6 +149,10 @@ def _report(console, result, bundle: Path | None) -> None:
             "parity torch.compile vs reference", f"max |dlogits| {parity['torch_compile_max_abs_logits']:.2e}"
         )
     table.add_row("bundle", str(bundle) if bundle else "(none)")
+    if bundle:
+        table.add_row("files", ", ".join(sorted(p.name for p in bundle.iterdir())))
+    if dump_graph:
+        table.add_row("graph dump", str(Path(dump_graph).resolve()))
     console.print(table)
 
 
@@ -220,7 +226,7 @@ def compile_main(argv: list[str] | None = None) -> int:
 
             model, processor = load_checkpoint(model_dir, dtype=args.dtype)
         result = compile_model(model, options, processor=processor, progress=step)
-        _report(console, result, result.bundle)
+        _report(console, result, result.bundle, args.dump_graph)
         if args.explain:
             console.print(f"explanation: {_explain(result.bundle, args.explain, args.explain_prompt)}")
         if args.triton_repo:

@@ -64,6 +64,7 @@ def test_demo_and_dump_graph(tmp_path, capsys):
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
     assert "insert_clse_stages" in dump.read_text() and "place_merged" in dump.read_text()
+    assert "graph dump" in out and "tome (similarity on hidden)" in out and "manifest.json" in out
     manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
     assert manifest["plan"]["stages"] == [[2, 6]] and manifest["plan"]["merge"] == "tome"
     assert (
