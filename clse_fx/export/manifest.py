@@ -80,5 +80,7 @@ class Manifest:
         self.opset = section.opset or self.opset
 
     def to_dict(self) -> dict:
-        """The JSON form; sections a compile did not produce (e.g. FLOPs without verification) are left out."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        """The JSON form; optional sections a compile did not produce (e.g. FLOPs without verification) are left
+        out, other fields are written as they are (an unknown EOS id is null)."""
+        optional = {"flops", "opset", "tensorrt_readiness"}
+        return {key: value for key, value in asdict(self).items() if value is not None or key not in optional}
