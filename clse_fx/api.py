@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clse_fx.compiler import PrunedPrefill, prune_prefill
+from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
 from clse_fx.export.bundle import checkpoint_hash, staged_directory, write_manifest
 from clse_fx.export.manifest import KVCacheSection, Manifest, PlanSection
 from clse_fx.export.targets import TARGETS, builders
@@ -70,11 +70,18 @@ class BuildContext:
     options: CompileOptions
     processor: object | None
     phases: Phases
+    output: PrefillOutputs | None = None
     reference: ReferenceOutput | None = None
 
     def phase(self, label: str, key: str) -> contextlib.AbstractContextManager:
         """Report ``label`` while the block runs and record its seconds under ``key``."""
         return self.phases(label, key)
+
+    def program_output(self) -> PrefillOutputs:
+        """The compiled program on the example inputs (on the model's device), computed once per compile."""
+        if self.output is None:
+            self.output = self.pruned()
+        return self.output
 
     def reference_output(self) -> ReferenceOutput:
         """The eager reference pruner on the example inputs, computed once per compile."""
@@ -161,7 +168,7 @@ def verify(context: BuildContext) -> dict:
     unpruned figure from the traced prefill before any pass: docs/method.md#cost)."""
     pruned = context.pruned
     with context.phase("parity with the eager reference pruner", "verify"):
-        out = pruned()
+        out = context.program_output()
         ref = context.reference_output()
         parity = {
             "reference_max_abs_logits": float((out.logits - ref.logits).abs().max()),

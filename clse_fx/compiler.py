@@ -30,6 +30,10 @@ class PrefillOutputs:
             [(k.cpu(), v.cpu()) for k, v in self.cache],
         )
 
+    def to_flat(self) -> list[torch.Tensor]:
+        """The graph's flat output order (the inverse of :meth:`from_flat`)."""
+        return [self.logits, self.positions, *self.kept, *(t for pair in self.cache for t in pair)]
+
     @classmethod
     def from_flat(cls, flat, num_stages: int) -> PrefillOutputs:
         logits, positions, *rest = flat

@@ -1,10 +1,10 @@
 """The decode step: one new token per row against the pruned KV cache, built from the model's own modules.
 
 Two forms share :func:`decoder_step`. :class:`DecodeStep` (the ONNX bundles' ``decode.onnx``): the step takes
-each layer's past keys/values (any length, a dynamic dimension of the graph) and returns only the new token's
+each layer's past keys/values (any length, a dynamic dimension of the graph; lengths differ per layer under
+the per-layer policy, so every layer's past length is its own dimension) and returns only the new token's
 keys/values, which the runtime appends. :class:`StaticDecodeStep` (the torch-compile target): preallocated
-buffers written in place, every shape fixed, so a compiler can capture it as one CUDA graph. Lengths differ per layer
-under the per-layer policy, so every layer's past length is its own dimension. Positions continue after
+buffers written in place, every shape fixed, so a compiler can capture it as one CUDA graph. Positions continue after
 the *unpruned* prompt length (pruning removes tokens, it never renumbers them), shifted per row by the prompt's
 rope delta under M-RoPE (the runtime adds it; the adapter spreads the ids over the rotary axes).
 """
@@ -110,8 +110,8 @@ class StaticDecodeStep(nn.Module):
     @torch.no_grad()
     def load(self, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy a prefill's cache into the prompt slots (in place: compiled graphs keep their addresses)."""
+        # Slots past the prompt need no clearing: the mask hides them until a step writes them.
         for buffer, tensor in zip(self.buffers_in_order(), (t for pair in prefill_cache for t in pair)):
-            buffer.zero_()
             buffer[:, :, : tensor.shape[2]].copy_(tensor)
 
     def forward(

@@ -63,7 +63,7 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
             f"the aot-inductor target packages the prefill and decode only; {type(model).__name__} also needs "
             "its input graphs (vision tower, M-RoPE index): use --target onnxruntime"
         )
-    out = pruned()
+    out = context.program_output()
     step_args = decode_example(out.cache)
     names_in, names_out = decode_names(len(out.cache))
     with context.phase("AOTInductor packages", "aot_inductor"):
@@ -77,7 +77,7 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         "prefill": {
             "file": "prefill.pt2",
             "inputs": signature(input_names(pruned), list(pruned.example_args)),
-            "outputs": signature(output_names(pruned), list(pruned.flat())),
+            "outputs": signature(output_names(pruned), out.to_flat()),
         },
         "decode": {
             "file": "decode.pt2",

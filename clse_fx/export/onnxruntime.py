@@ -250,7 +250,7 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
     with context.phase("ONNX export and check", "onnx_export"):
         pre_paths = {g.name: export_input_graph(g, inputs, bundle / f"{g.name}.onnx") for g in input_graphs}
         prefill_path = export_onnx(pruned, bundle / "prefill.onnx")
-        device_out = pruned()  # on the model's device; parity is measured on the CPU
+        device_out = context.program_output()  # on the model's device; parity is measured on the CPU
         torch_out = device_out.cpu()
         decode_program, decode_path = export_decode_onnx(model, device_out.cache, bundle / "decode.onnx")
     with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
