@@ -161,9 +161,13 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
     items = data.make_split("val", 3)
     follow_ups = [data.follow_up_questions(rng, i.shapes, 2) for i in items]
     feeds, (rows, positions), targets, question_words = training_batch(tokenizer, items, follow_ups, 256)
-    expected = [a for item, pairs in zip(items, follow_ups) for a in [item.answer] + [a for _, a in pairs]]
+    answers = [[item.answer] + [a for _, a in pairs] for item, pairs in zip(items, follow_ups)]
+    expected = [token for row in answers for answer in row for token in (answer, "</s>")]
     assert tokenizer.convert_ids_to_tokens(targets.tolist()) == expected
-    assert rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rows.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    # Each EOS is predicted from its answer's position, and the answer token sits there.
+    assert (positions[1::2] == positions[::2] + 1).all()
+    assert (feeds["input_ids"][rows[1::2], positions[1::2]] == targets[::2]).all()
     asked = [[] for _ in items]  # every question's words, found at their recorded positions
     for row, position, word in question_words:
         assert tokenizer.convert_ids_to_tokens([int(feeds["input_ids"][row, position])]) == [word]
@@ -178,9 +182,9 @@ def test_training_batch_first_answer_is_read_in_the_engine_layout():
         for k, v in encode(tokenizer, [i.image for i in items], [i.question for i in items], 256).items()
     }
     with torch.no_grad():
-        first = model(**feeds).logits[rows[::3], positions[::3]]
+        first = model(**feeds).logits[rows[::6], positions[::6]]
         alone = model(**engine_layout).logits[:, -1]
-    assert positions[::3].tolist() == [engine_layout["input_ids"].shape[1] - 1] * 3
+    assert positions[::6].tolist() == [engine_layout["input_ids"].shape[1] - 1] * 3
     assert torch.allclose(first, alone, atol=1e-5)
 
 

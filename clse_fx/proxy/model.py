@@ -19,13 +19,22 @@ PATCH_SIZE = 4
 TEXT_LEN = 16  # non-image tokens per prompt (left padded), the compiled --text-len
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The training prompt layout (:func:`prompt`) as a chat template, so ``clse-run --chat`` and
+# ``apply_chat_template`` produce exactly what the model was trained on.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
 def build_tokenizer():
-    """The demo's word-level fast tokenizer over the proxy's words (LLaVA's special tokens, left padding)."""
+    """The demo's word-level fast tokenizer over the proxy's words (LLaVA's special tokens, left padding), with
+    the training prompt layout as its chat template."""
     from clse_fx.demo import build_tokenizer as word_level_tokenizer
 
-    return word_level_tokenizer(WORDS)
+    tokenizer = word_level_tokenizer(WORDS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_processor():

@@ -39,12 +39,14 @@ def _batch(tokenizer, items: list[data.Item], num_visual: int) -> dict[str, torc
 def training_batch(
     tokenizer, items: list[data.Item], follow_ups: list[list[tuple[str, str]]], num_visual: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[tuple[int, int, str]]]:
-    """Feeds for several questions per image: (feeds, [2, N] (row, position) of every answer to predict, the N
-    answer ids, and (row, position, word) of every question word).
+    """Feeds for several questions per image: (feeds, [2, N] (row, position) of every token to predict (each
+    answer word and the end-of-sequence token after it), the N target ids, and (row, position, word) of every
+    question word).
 
     The first question is laid out exactly as the engines receive it (:func:`encode`); each row goes on with
-    "answer user : question assistant : answer ..." after it, right padded. Causal attention keeps the first
-    answer's logits identical to the engine's, and the follow-ups add supervision for the same image pass.
+    "answer </s> user : question assistant : answer </s> ..." after it, right padded. Causal attention keeps
+    the first answer's logits identical to the engine's, and the follow-ups add supervision for the same image
+    pass. The EOS targets teach the model to stop after its one-word answer, so generation ends on its own.
     """
     base = encode(tokenizer, [i.image for i in items], [i.question for i in items], num_visual)
     length = base["input_ids"].shape[1]
@@ -52,13 +54,15 @@ def training_batch(
     for row, (item, pairs) in enumerate(zip(items, follow_ups)):
         first = item.question.split()
         question_words += [(row, length - 2 - len(first) + i, word) for i, word in enumerate(first)]
-        words, positions = [item.answer], [length - 1]  # the logits before each answer predict it
+        eos = tokenizer.eos_token
+        # The logits before each answer predict it; the answer's own logits predict the EOS after it.
+        words, positions = [item.answer, eos], [length - 1, length]
         for question, answer in pairs:
             asked = question.split()
             words += ["user", ":"]
             question_words += [(row, length + len(words) + i, word) for i, word in enumerate(asked)]
-            words += [*asked, "assistant", ":", answer]
-            positions.append(length + len(words) - 2)
+            words += [*asked, "assistant", ":", answer, eos]
+            positions += [length + len(words) - 3, length + len(words) - 2]
         tails.append(tokenizer.convert_tokens_to_ids(words))
         answer_positions.append(positions)
     input_ids = np.full((len(items), length + max(map(len, tails))), tokenizer.pad_token_id, dtype=np.int64)
@@ -259,7 +263,10 @@ def train(args: argparse.Namespace) -> dict:
         follow_ups = [data.follow_up_questions(rng, i.shapes, args.questions - 1) for i in items]
         feeds, (rows, positions), targets, question_words = training_batch(tokenizer, items, follow_ups, num_visual)
         outputs = model(**feeds, output_hidden_states=bool(args.lookup_weight))
-        loss = torch.nn.functional.cross_entropy(outputs.logits[rows, positions], targets)
+        # Summed over answers and EOS targets, averaged over answers: the (easily learnt) EOS targets add to
+        # the answer loss instead of halving its weight against the auxiliary losses.
+        answers = (targets != tokenizer.eos_token_id).sum()
+        loss = torch.nn.functional.cross_entropy(outputs.logits[rows, positions], targets, reduction="sum") / answers
         if args.lookup_weight:
             lookup = lookup_targets(items, question_words)
             hidden = outputs.hidden_states[args.lookup_layer][lookup["index"][0], lookup["index"][1]]
