@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
+from clse_fx.demo import PROXY_MODEL
 from clse_fx.export.bundle import checkpoint_hash, staged_directory, write_manifest
 from clse_fx.export.manifest import KVCacheSection, Manifest, PlanSection
 from clse_fx.export.targets import TARGETS, builders
@@ -197,6 +198,8 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
     source = {"path": str(options.source) if options.source else None}
     if options.source:
         source["sha256"] = checkpoint_hash(options.source)
+        if options.source == PROXY_MODEL.resolve():
+            source["name"] = "demo"
     return Manifest(
         architecture=type(model).__name__,
         dtype=str(dtype).removeprefix("torch."),
@@ -204,6 +207,7 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
         source=source,
         target=options.target,
         plan=PlanSection(
+            budget=options.keep,
             stages=[list(s) for s in plan.stages],
             avg_visual_tokens=plan.avg_visual_tokens,
             visual_tokens_per_layer=plan.visual_tokens_per_layer(),

@@ -7,6 +7,9 @@ import contextlib
 import importlib.util
 import sys
 import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.markup import escape
@@ -23,6 +26,16 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def _one_line_warnings() -> None:
+    """Show warnings (e.g. a GPU bundle falling back to the CPU) as one ``warning:`` line, without the Python
+    source line the default format appends."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def _budget(text: str) -> float:
@@ -44,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", help="local transformers checkpoint dir, or 'demo' for the built-in model")
     parser.add_argument("--demo", action="store_true", help="use the built-in trained proxy LLaVA (no download)")
-    parser.add_argument("--keep", type=_budget, help="average visual tokens per layer (e.g. 128) or a ratio (0.25)")
+    parser.add_argument(
+        "--keep",
+        type=_budget,
+        help="visual-token budget as the paper names it (192/128/64 for LLaVA-1.5: its stages keep about 1.72x, "
+        "1.09x and 0.32x that many; the report prints the true average per layer), or a ratio (0.25)",
+    )
     parser.add_argument("--stages", help="explicit stages LAYER:KEEP,... (e.g. 1:330,11:210,21:62)")
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
     parser.add_argument("--kv-policy", choices=KV_POLICIES, default="uniform")
@@ -111,8 +129,11 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
     table.add_row("architecture", f"{m['architecture']} ({m['dtype']} on {m['device']})")
     table.add_row("target", m["target"])
     table.add_row("plan", ", ".join(f"layer {layer}: keep {keep}" for layer, keep in plan["stages"]))
+    budget = "explicit stages" if plan["budget"] is None else f"budget {plan['budget']:g}"
     table.add_row(
-        "visual tokens / layer", f"{geometry['num_visual']} -> avg {plan['avg_visual_tokens']:.1f} ({plan['score']})"
+        "visual tokens / layer",
+        f"{geometry['num_visual']} -> {plan['avg_visual_tokens']:.1f} on average over "
+        f"{len(plan['visual_tokens_per_layer'])} layers ({budget}, score {plan['score']})",
     )
     merge = plan["merge"] if plan["merge"] == "none" else f"{plan['merge']} (similarity on {plan['merge_metric']})"
     table.add_row("merge", merge)
@@ -148,12 +169,13 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
         table.add_row(
             "parity torch.compile vs reference", f"max |dlogits| {parity['torch_compile_max_abs_logits']:.2e}"
         )
-    table.add_row("bundle", str(bundle) if bundle else "(none)")
     if bundle:
         table.add_row("files", ", ".join(sorted(p.name for p in bundle.iterdir())))
-    if dump_graph:
-        table.add_row("graph dump", str(Path(dump_graph).resolve()))
     console.print(table)
+    # Paths go below the table, whole (a table cell would crop or fold them), so they can be copied.
+    console.print(f"bundle: {bundle}" if bundle else "bundle: (none)", markup=False, highlight=False, soft_wrap=True)
+    if dump_graph:
+        console.print(f"graph dump: {Path(dump_graph).resolve()}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _report_tensorrt_readiness(console, result) -> int:
@@ -174,17 +196,37 @@ def _report_tensorrt_readiness(console, result) -> int:
     return 1 if findings else 0
 
 
+def phase_progress(console) -> Callable[[str], contextlib.AbstractContextManager]:
+    """Progress per compile phase: on a terminal a spinner with the phase's elapsed time, then a line with its
+    seconds; without one (logs, CI) one plain line as each phase starts, stamped with the seconds so far."""
+    start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        if not console.is_terminal:
+            console.print(f"[{time.perf_counter() - start:6.1f}s] {name}", markup=False, highlight=False)
+            yield
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        begun = time.perf_counter()
+        columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            progress.add_task(name, total=None)
+            yield
+        console.print(f"[green]done[/green] {escape(name)} ({time.perf_counter() - begun:.1f}s)", highlight=False)
+
+    return phase
+
+
 def compile_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _one_line_warnings()
     from rich.console import Console
 
     console = Console(stderr=False)
     errors = Console(stderr=True)
-
-    @contextlib.contextmanager
-    def step(name: str):
-        with console.status(f"[bold]{name}..."):
-            yield
+    step = phase_progress(console)
 
     try:
         if args.explain and not Path(args.explain).is_file():
@@ -217,7 +259,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=None if args.target == "tensorrt" else args.device,  # TensorRT: CUDA whatever the default
             dump_graph=args.dump_graph,
-            source=None if demo else model_dir,
+            source=model_dir,
         )
         _quiet_transformers()  # only now: every argument has been checked without importing torch or transformers
         with step("loading the checkpoint"):
@@ -260,6 +302,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def run_main(argv: list[str] | None = None) -> int:
     args = _run_parser().parse_args(argv)
+    _one_line_warnings()
     import json
 
     from PIL import Image, UnidentifiedImageError
@@ -286,15 +329,18 @@ def run_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    asked = list(zip(args.image, args.prompt))
     if args.json:
-        print(
-            json.dumps(
-                {"results": [{"token_ids": r.token_ids, "text": r.text, "timings": vars(r.timings)} for r in results]}
-            )
-        )
+        rows = [
+            {"image": image, "prompt": prompt, "token_ids": r.token_ids, "text": r.text, "timings": vars(r.timings)}
+            for (image, prompt), r in zip(asked, results)
+        ]
+        print(json.dumps({"results": rows}))
     else:
-        for r in results:
+        for number, ((image, prompt), r) in enumerate(zip(asked, results), 1):
             t = r.timings
+            if len(results) > 1:  # say which answer belongs to which question
+                print(f"[{number}] {image}: {prompt}")
             print(r.text)
             print(
                 f"[prefill {t.prefill_ms:.1f} ms, decode {t.decode_ms_per_token:.2f} ms/token, "
@@ -328,6 +374,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 def serve_main(argv: list[str] | None = None) -> int:
     args = _serve_parser().parse_args(argv)
+    _one_line_warnings()
     import signal
     import time
 

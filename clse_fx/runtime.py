@@ -179,7 +179,9 @@ class Engine:
     def _chat(self, prompt: str) -> str:
         tokenizer = self.processor.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this bundle's tokenizer has no chat template; drop --chat and write the prompt as is")
+            raise ValueError(
+                "this bundle's tokenizer has no chat template; ask without chat, with the prompt in the model's format"
+            )
         messages = [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -77,12 +77,16 @@ class Prepared:
         return (True, sampling.temperature, sampling.top_k, self.stops)
 
 
-def max_new_tokens_limit(manifest: dict, limits: Limits) -> int:
-    """The configured cap, lowered to the positions the model has left when the manifest records them."""
+def max_new_tokens_limit(manifest: dict, limits: Limits) -> tuple[int, str]:
+    """The configured cap, lowered to the positions the model has left when the manifest records them; with
+    what sets it, for error messages."""
+    configured = (limits.max_new_tokens, "the server's --max-new-tokens")
     positions = manifest.get("max_position_embeddings")
     if positions is None:
-        return limits.max_new_tokens
-    return min(limits.max_new_tokens, positions - manifest["geometry"]["sequence_length"])
+        return configured
+    prompt = manifest["geometry"]["sequence_length"]
+    left = (positions - prompt, f"the model's {positions} positions less the {prompt}-token compiled prompt")
+    return min(configured, left)
 
 
 def _typed(body: dict, name: str, kind: type, default):
@@ -147,7 +151,9 @@ def _decode_image(data: bytes, limits: Limits):
         return image.convert("RGB")
     except Image.DecompressionBombError as error:
         raise RequestError(413, too_large) from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:  # its text is the repr of our in-memory buffer: say it plainly
+        raise RequestError(400, "cannot decode the image: not a format Pillow reads; send PNG, JPEG or WebP") from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise RequestError(400, f"cannot decode the image ({error}); send a PNG, JPEG or WebP file") from error
 
 
@@ -173,10 +179,10 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise RequestError(422, "prompt (a string) is required")
-    limit = max_new_tokens_limit(engine.manifest, limits)
+    limit, reason = max_new_tokens_limit(engine.manifest, limits)
     max_new_tokens = _typed(body, "max_new_tokens", int, min(DEFAULT_NEW_TOKENS, limit))
     if not 1 <= max_new_tokens <= limit:
-        raise RequestError(422, f"max_new_tokens must be between 1 and {limit}, the server's limit")
+        raise RequestError(422, f"max_new_tokens must be between 1 and {limit} ({reason})")
     do_sample = _typed(body, "do_sample", bool, False)
     temperature = _typed(body, "temperature", float, 1.0)
     top_k = _typed(body, "top_k", int, 0)

@@ -81,7 +81,7 @@ def _bad_requests(image_root) -> list[tuple[object, int, str]]:
         ({"prompt": "describe", "image": ok, "max_tokens": 4}, 422, "unknown field(s) max_tokens"),
         ({"image": ok}, 422, "prompt (a string) is required"),
         ({"prompt": "describe", "image": "not base64 !!"}, 400, "not valid base64"),
-        ({"prompt": "describe", "image": base64.b64encode(b"GIF? no").decode()}, 400, "cannot decode the image"),
+        ({"prompt": "describe", "image": base64.b64encode(b"GIF? no").decode()}, 400, "not a format Pillow reads"),
         ({"prompt": "describe", "image": _b64(noise)}, 413, "50000-byte limit"),
         ({"prompt": "describe", "image": _b64(Image.new("RGB", (600, 600)))}, 413, "262144 pixels allowed"),
         ({"prompt": "describe", "image_path": "../secret.png"}, 403, "outside the server's image root"),
@@ -92,7 +92,7 @@ def _bad_requests(image_root) -> list[tuple[object, int, str]]:
         ({"prompt": "describe"}, 422, "exactly one of image"),
         ({"prompt": LONG_PROMPT, "image": ok}, 422, "compiled for at most 12; shorten it"),
         ({"prompt": "  ", "image": ok}, 422, "empty prompt"),
-        ({"prompt": "describe", "image": ok, "max_new_tokens": 17}, 422, "between 1 and 16"),
+        ({"prompt": "describe", "image": ok, "max_new_tokens": 17}, 422, "between 1 and 16 (the server's --max-new"),
         ({"prompt": "describe", "image": ok, "max_new_tokens": 0}, 422, "between 1 and 16"),
         ({"prompt": "describe", "image": ok, "max_new_tokens": "4"}, 422, "max_new_tokens must be a JSON int"),
         ({"prompt": "describe", "image": ok, "do_sample": True, "temperature": 0}, 422, "temperature must be > 0"),
@@ -100,6 +100,7 @@ def _bad_requests(image_root) -> list[tuple[object, int, str]]:
         ({"prompt": "describe", "image": ok, "top_k": 1000}, 422, "top_k must be between 0"),
         ({"prompt": "describe", "image": ok, "seed": -1}, 422, "seed must be a non-negative"),
         ({"prompt": "describe", "image": ok, "stop_token_ids": "2"}, 422, "stop_token_ids must be a list"),
+        ({"prompt": "describe", "image": ok, "chat": True}, 422, "ask without chat"),
     ]
 
 
@@ -109,7 +110,8 @@ def test_bad_requests_are_refused_with_a_status_and_a_message(engine, image_root
         with pytest.raises(RequestError) as caught:
             parse_request(body, engine, limits)
         assert caught.value.status == status and message in str(caught.value), (status, str(caught.value))
-        assert "\n" not in str(caught.value)
+        assert "\n" not in str(caught.value) and "object at 0x" not in str(caught.value)
+        assert "--chat" not in str(caught.value)  # HTTP clients have no command-line flags
     with pytest.raises(RequestError, match="server-side image paths are disabled") as caught:
         parse_request({"prompt": "describe", "image_path": "ok.png"}, engine, Limits())
     assert caught.value.status == 403
@@ -152,9 +154,10 @@ def test_accepted_image_forms_and_the_new_token_limit(engine, image_root):
         prepared = parse_request({"prompt": "describe", **image}, engine, limits)
         assert all(np.array_equal(prepared.feeds[k], expected[k]) for k in expected)
     manifest = engine.manifest
-    assert max_new_tokens_limit(manifest, Limits(max_new_tokens=256)) == 256
+    assert max_new_tokens_limit(manifest, Limits(max_new_tokens=256)) == (256, "the server's --max-new-tokens")
     positions = dict(manifest, max_position_embeddings=manifest["geometry"]["sequence_length"] + 10)
-    assert max_new_tokens_limit(positions, Limits(max_new_tokens=256)) == 10
+    limit, reason = max_new_tokens_limit(positions, Limits(max_new_tokens=256))
+    assert limit == 10 and reason.startswith(f"the model's {positions['max_position_embeddings']} positions")
 
 
 def test_batched_requests_answer_as_engine_generate(engine, image_root):

@@ -26,6 +26,10 @@ class TargetSection:
 
 @dataclass
 class PlanSection:
+    """The pruning plan. ``budget`` is ``--keep`` as given (the paper's nominal budget name, or a ratio; null
+    for explicit stages); ``avg_visual_tokens`` is what the decoder layers really run on, on average."""
+
+    budget: float | None
     stages: list[list[int]]
     avg_visual_tokens: float
     visual_tokens_per_layer: list[int]
