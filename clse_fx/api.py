@@ -28,7 +28,7 @@ from clse_fx.export.targets import TARGETS, builders
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
 from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, supported_architectures
 from clse_fx.options import CompileOptions
-from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.plan import PruneConfig, check_layout, layout_grids, plan_budget, scored_count
 from clse_fx.reference import ReferenceOutput, reference_prune
 
 Progress = Callable[[str], contextlib.AbstractContextManager]
@@ -152,7 +152,10 @@ def example_inputs(model: nn.Module, options: CompileOptions, seed: int = 0) -> 
 def make_plan(model: nn.Module, options: CompileOptions, inputs: dict[str, torch.Tensor]) -> PruneConfig:
     """The budget turned into per-stage keeps for this model's visual-token count, plus the score settings."""
     adapter = adapter_for(model)
-    num_visual = int(adapter.visual_mask(inputs["input_ids"][:1]).sum())
+    count = adapter.visual_count(inputs["input_ids"][:1])
+    layout = adapter.visual_layout(count, **{k: v for k, v in inputs.items() if k != "input_ids"})
+    # Budgets count the scored (grid) tokens; extra tokens are kept on top (docs/method.md#token-layouts).
+    num_visual = scored_count(check_layout(layout))
     stages = options.stages
     plan = plan_budget(options.keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
     return PruneConfig(
@@ -188,7 +191,8 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
     plan = prune.plan
     text_config = model.config.get_text_config()
     sequence_length = int(inputs["input_ids"].shape[1])
-    non_visual = sequence_length - plan.num_visual  # text plus any vision start/end markers
+    non_visual = sequence_length - plan.num_visual  # text, vision start/end markers and the layout's extras
+    layout = pruned.settings.layout
     dtype = next(model.parameters()).dtype
     itemsize = dtype.itemsize
 
@@ -224,7 +228,8 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
             "text_len": options.text_len,
             "images": options.images,
             "num_visual": plan.num_visual,
-            "grid": list(pruned.settings.grid),
+            "layout": [list(segment) for segment in layout],
+            **({"grid": list(layout_grids(layout)[0])} if len(layout) == 1 else {}),  # one grid: as before
             "sequence_length": sequence_length,
             "pruned_length": sequence_length - plan.num_visual + plan.stages[-1][1],
             **deploy_recipe_for(model).compiled_geometry(inputs),

@@ -65,15 +65,16 @@ def pass_settings(
     """The :class:`PassSettings` for ``model`` on prompts like ``inputs`` (processor outputs; the input ids
     must be readable, and families with variable grids read theirs, e.g. ``image_grid_thw``)."""
     adapter = adapter_for(model)
-    num_visual = adapter.visual_count(inputs["input_ids"], prune.plan.num_visual)
-    grid = adapter.visual_grid(num_visual, **{k: v for k, v in inputs.items() if k != "input_ids"})
+    num_visual = adapter.visual_count(inputs["input_ids"])
+    extra = {k: v for k, v in inputs.items() if k != "input_ids"}
+    layout = adapter.visual_layout(num_visual, **extra) if num_visual else None
     token_ids = adapter.visual_token_ids()
     return PassSettings(
         prune=prune,
         layers_path=adapter.layers_path,
         token_ids=token_ids,
-        grid=grid,
-        stages=prune.stage_specs(grid, token_ids) if num_visual else (),  # no image: left unpruned
+        layout=layout,
+        stages=prune.stage_specs(layout, token_ids) if num_visual else (),  # no image: left unpruned
         dump_graph=dump_graph,
     )
 

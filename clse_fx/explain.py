@@ -58,6 +58,10 @@ def explain_bundle(bundle: str | Path, image, prompt: str, path: str | Path) -> 
     from clse_fx.runtime import Engine
 
     engine = Engine.load(bundle)
+    if "grid" not in engine.manifest["geometry"]:
+        raise ValueError(
+            "explain draws bundles whose visual tokens form one grid; this one's layout has several segments"
+        )
     grid = tuple(engine.manifest["geometry"]["grid"])[-2:]
     if engine.images_per_prompt != 1:
         raise ValueError("--explain needs a bundle compiled for one image per prompt (--images 1)")

@@ -9,7 +9,56 @@ from typing import NamedTuple
 SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
 MERGE_MODES = ("none", "tome")
 MERGE_METRICS = ("hidden", "keys")
-Grid = tuple[int, int, int]  # (T, H, W) of one row's visual tokens
+Grid = tuple[int, int, int]  # (T, H, W) of one grid of visual tokens
+# How one row's visual tokens are laid out, in sequence order (docs/method.md#token-layouts): a tuple of
+# segments, each ("grid", T, H, W), T frames of H x W tokens that the spectral filter scores frame by frame,
+# or ("extra", n), n tokens (CLS, row newlines, separators) never scored and always kept in their places.
+# Plain tuples, so stage specs holding them stay constants FX can write into graph code.
+Segment = tuple
+Layout = tuple[Segment, ...]
+
+
+def grid_layout(t: int, h: int, w: int) -> Layout:
+    """The layout of visual tokens forming one (T, H, W) grid (every family before segments)."""
+    return (("grid", int(t), int(h), int(w)),)
+
+
+def check_layout(layout: Layout) -> Layout:
+    """``layout`` as a tuple of valid segments with at least one grid; a ValueError says what is wrong."""
+    layout = tuple(tuple(segment) for segment in layout)
+    for segment in layout:
+        kind, *sizes = segment
+        valid = (kind == "grid" and len(sizes) == 3) or (kind == "extra" and len(sizes) == 1)
+        if not valid or not all(isinstance(n, int) and n >= 1 for n in sizes):
+            raise ValueError(f"bad layout segment {segment!r}: use ('grid', T, H, W) or ('extra', n), sizes >= 1")
+    if not any(segment[0] == "grid" for segment in layout):
+        raise ValueError("a visual layout needs at least one grid segment to score")
+    return layout
+
+
+def segment_size(segment: Segment) -> int:
+    """Tokens in one segment."""
+    return segment[1] * segment[2] * segment[3] if segment[0] == "grid" else segment[1]
+
+
+def layout_grids(layout: Layout) -> tuple[Grid, ...]:
+    """The (T, H, W) of each grid segment, in order."""
+    return tuple(tuple(segment[1:]) for segment in layout if segment[0] == "grid")
+
+
+def scored_count(layout: Layout) -> int:
+    """Visual tokens that are scored and pruned (the grids'): what budgets count."""
+    return sum(segment_size(segment) for segment in layout if segment[0] == "grid")
+
+
+def extra_positions(layout: Layout) -> tuple[int, ...]:
+    """Indices, within a row's visual tokens, of the extra (always kept) tokens."""
+    positions, start = [], 0
+    for segment in layout:
+        if segment[0] == "extra":
+            positions += range(start, start + segment[1])
+        start += segment_size(segment)
+    return tuple(positions)
 
 
 @dataclass(frozen=True)
@@ -222,8 +271,15 @@ class PruneConfig:
         if self.temp <= 0:
             raise ValueError(f"temp must be > 0, got {self.temp}")
 
-    def stage_specs(self, grid: Grid, token_ids: tuple[int, ...]) -> tuple[StageSpec, ...]:
-        """One :class:`StageSpec` per planned stage, for visual tokens on ``grid`` marked by ``token_ids``."""
+    def stage_specs(self, layout: Layout, token_ids: tuple[int, ...]) -> tuple[StageSpec, ...]:
+        """One :class:`StageSpec` per planned stage, for visual tokens laid out as ``layout`` and marked by
+        ``token_ids``."""
+        layout = check_layout(layout)
+        if scored_count(layout) != self.plan.num_visual:
+            raise ValueError(
+                f"the plan is for {self.plan.num_visual} scored visual tokens but the prompt's layout has "
+                f"{scored_count(layout)}; compile for this prompt's images"
+            )
         specs, num_current = [], self.plan.num_visual
         for index, (layer, keep) in enumerate(self.plan.stages):
             specs.append(
@@ -232,7 +288,7 @@ class PruneConfig:
                     layer=layer,
                     keep=keep,
                     num_current=num_current,
-                    grid=tuple(grid),
+                    layout=layout,
                     token_ids=tuple(token_ids),
                     score=self.score,
                     cutoff=self.cutoff,
@@ -248,8 +304,9 @@ class PruneConfig:
 
 class StageSpec(NamedTuple):
     """Everything that decides one stage (before decoder layer ``layer``, keep ``keep`` of the ``num_current``
-    visual tokens left): the one argument the inserted stage op and the reference pruner's stage take besides
-    tensors. ``scale`` is the attention's softmax scale, read from the model's attention at the cut.
+    scored visual tokens left, plus every extra token of ``layout``): the one argument the inserted stage op and
+    the reference pruner's stage take besides tensors. ``scale`` is the attention's softmax scale, read from the
+    model's attention at the cut.
 
     Immutable, and a NamedTuple rather than a dataclass because FX's code generation writes namedtuple
     constants of call_function nodes into the graph's Python code with their type in scope."""
@@ -258,7 +315,7 @@ class StageSpec(NamedTuple):
     layer: int
     keep: int
     num_current: int
-    grid: Grid
+    layout: Layout
     token_ids: tuple[int, ...]
     score: str
     cutoff: float
@@ -267,3 +324,18 @@ class StageSpec(NamedTuple):
     merge: str
     merge_metric: str
     scale: float | None = None
+
+    @property
+    def extras(self) -> tuple[int, ...]:
+        """Positions, among the row's visual tokens, of the tokens every stage keeps unscored."""
+        return extra_positions(self.layout)
+
+    @property
+    def visual_in(self) -> int:
+        """Visual positions entering the stage: the scored tokens left plus the extras."""
+        return self.num_current + len(self.extras)
+
+    @property
+    def visual_out(self) -> int:
+        """Visual positions leaving the stage."""
+        return self.keep + len(self.extras)

@@ -153,8 +153,8 @@ def reference_prune(
     batch, seq = input_ids.shape
 
     visual = adapter.visual_mask(input_ids)
-    num_visual = adapter.visual_count(input_ids, plan.num_visual)
-    grid = adapter.visual_grid(num_visual, **model_inputs) if num_visual else None
+    num_visual = adapter.visual_count(input_ids)
+    layout = adapter.visual_layout(num_visual, **model_inputs) if num_visual else None
 
     mask = layer_kwargs.get("attention_mask")
     cos, sin = layer_kwargs["position_embeddings"]
@@ -166,7 +166,7 @@ def reference_prune(
     z_ref = _gather_seq(hidden, vis_index, 1) if num_visual else None
 
     # A prompt without an image is left unpruned.
-    specs = {spec.layer: spec for spec in config.stage_specs(grid, adapter.visual_token_ids())} if num_visual else {}
+    specs = {spec.layer: spec for spec in config.stage_specs(layout, adapter.visual_token_ids())} if num_visual else {}
     sizes = torch.ones(batch, num_visual, device=device)  # tokens each visual token stands for (merge="tome")
     kept: list[torch.Tensor] = []
     layer_positions: list[torch.Tensor] = []
@@ -181,8 +181,9 @@ def reference_prune(
                 query, key, _, layer_mask, scale = records[layer_idx - 1]
                 attn = last_query_attention(query, key, layer_mask, scale).gather(1, vis_index)
                 z_cur = _gather_seq(hidden, vis_index, 1)
-                scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur)
-                local = select_topk(scores, spec.keep)
+                is_extra = torch.isin(vis_id, torch.tensor(spec.extras, device=device)) if spec.extras else None
+                scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra)
+                local = select_topk(scores, spec.visual_out)
                 if config.merge == "tome":
                     metric = z_cur if config.merge_metric == "hidden" else _gather_seq(key.mean(dim=1), vis_index, 1)
                     merged, sizes = _tome_merge(z_cur, metric, sizes, local)

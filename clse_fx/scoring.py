@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clse_fx.plan import SCORE_TYPES, Grid
+from clse_fx.plan import SCORE_TYPES, Grid, Layout, layout_grids, segment_size
 
 if TYPE_CHECKING:
     from clse_fx.plan import StageSpec
@@ -233,16 +233,71 @@ def stage_score_type(score_type: str, stage_index: int) -> str:
     return "attn" if stage_index > 0 and score_type in SPECTRAL_SCORE_TYPES else score_type
 
 
-def score_stage(spec: StageSpec, *, attn: torch.Tensor, z_ref: torch.Tensor, z_cur: torch.Tensor) -> torch.Tensor:
+def grids_spectral_energy(z: torch.Tensor, grids: tuple[Grid, ...], cutoff: float = 0.1) -> torch.Tensor:
+    """:func:`spectral_energy` of tokens holding several grids back to back, each filtered on its own: [B, N]."""
+    if len(grids) == 1:
+        return spectral_energy(z, grids[0], cutoff)
+    parts, start = [], 0
+    for grid in grids:
+        size = math.prod(grid)
+        parts.append(spectral_energy(z[:, start : start + size], grid, cutoff))
+        start += size
+    return torch.cat(parts, dim=1)
+
+
+def score_stage(
+    spec: StageSpec,
+    *,
+    attn: torch.Tensor,
+    z_ref: torch.Tensor,
+    z_cur: torch.Tensor,
+    is_extra: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One stage's [B, n] visual-token scores (docs/method.md#score-types).
 
     ``attn`` is the last-query attention over the current visual tokens, ``z_ref`` / ``z_cur`` their hidden
-    states at the reference layer and now ([B, n, C]); the spectral terms are only computed when used.
+    states at the reference layer and now ([B, n, C]); the spectral terms are only computed when used. Extra
+    tokens of the layout (``is_extra`` [B, n] after the first stage) score +inf, so top-K always keeps them;
+    on the first stage the grids' tokens are scored alone (docs/method.md#token-layouts).
     """
     kind = stage_score_type(spec.score, spec.index)
+    first_with_extras = spec.index == 0 and bool(spec.extras)
+    if first_with_extras:  # the intact layout: take the grids' tokens by static slices
+        attn, z_ref, z_cur = (_grid_tokens(x, spec.layout) for x in (attn, z_ref, z_cur))
+    grids = layout_grids(spec.layout)
     evo = None
     if kind in SPECTRAL_SCORE_TYPES:
-        s_ref, s_cur = (spectral_energy(z, spec.grid, spec.cutoff) for z in (z_ref, z_cur))
+        s_ref, s_cur = (grids_spectral_energy(z, grids, spec.cutoff) for z in (z_ref, z_cur))
         evo = evolution_factor(s_ref, s_cur, spec.temp)
-    intact = spec.grid if spec.index == 0 else None  # later stages score a subset: no longer a grid
-    return combine_scores(kind, spec.keep, attn=attn, evo=evo, hidden=z_cur, seed=spec.seed + spec.index, grid=intact)
+    # Only the first stage sees one intact grid; later stages score a subset, several grids have no one lattice.
+    intact = grids[0] if spec.index == 0 and len(grids) == 1 else None
+    scores = combine_scores(kind, spec.keep, attn=attn, evo=evo, hidden=z_cur, seed=spec.seed + spec.index, grid=intact)
+    if first_with_extras:
+        return _with_extras(scores, spec.layout)
+    if spec.extras:
+        return scores.masked_fill(is_extra, float("inf"))
+    return scores
+
+
+def _grid_tokens(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The grid segments' tokens of an intact layout's [B, N, ...] values, back to back (static slices)."""
+    parts, start = [], 0
+    for segment in layout:
+        size = segment_size(segment)
+        if segment[0] == "grid":
+            parts.append(x[:, start : start + size])
+        start += size
+    return torch.cat(parts, dim=1)
+
+
+def _with_extras(scores: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Grid-token scores [B, n_scored] spread over the intact layout, with +inf at its extra tokens."""
+    parts, start = [], 0
+    for segment in layout:
+        size = segment_size(segment)
+        if segment[0] == "grid":
+            parts.append(scores[:, start : start + size])
+            start += size
+        else:
+            parts.append(scores.new_full((scores.shape[0], size), float("inf")))
+    return torch.cat(parts, dim=1)

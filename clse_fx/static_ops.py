@@ -18,6 +18,12 @@ def visual_mask(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Te
     return mask
 
 
+def member_mask(values: torch.Tensor, members: tuple[int, ...]) -> torch.Tensor:
+    """[B, n] bool: which ``values`` are among ``members`` (one broadcast comparison with a constant, not a
+    chain of ORs, since layouts can hold many extra positions)."""
+    return (values[..., None] == torch.tensor(members, device=values.device)).any(dim=-1)
+
+
 def running_count(mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Inclusive count of True entries along ``dim``, as int64.
 

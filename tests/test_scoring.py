@@ -6,14 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clse_fx import scoring
-from clse_fx.plan import StageSpec
+from clse_fx.plan import StageSpec, grid_layout
 from clse_fx.scoring import evolution_factor, highpass_mask, last_query_attention, spectral_energy
 from clse_fx.static_ops import select_topk
 
 
 def _spec(score, index, keep, grid):
     n = grid[0] * grid[1] * grid[2]
-    return StageSpec(index, 1 + index, keep, n, grid, (0,), score, 0.1, 0.1, 0, "none", "hidden")
+    return StageSpec(index, 1 + index, keep, n, grid_layout(*grid), (0,), score, 0.1, 0.1, 0, "none", "hidden")
 
 
 GRIDS = [(1, 24, 24), (1, 17, 23), (1, 1, 1), (1, 2, 3), (8, 6, 5), (8, 4, 4), (2, 7, 9)]

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from clse_fx.plan import LLAVA_SCHEDULE, Grid, ReferenceSchedule
+from clse_fx.plan import LLAVA_SCHEDULE, Layout, ReferenceSchedule
 from clse_fx.static_ops import visual_mask
 
 
@@ -67,8 +67,9 @@ class ModelAdapter(ABC):
         default resolution."""
 
     @abstractmethod
-    def visual_grid(self, num_visual: int, **inputs: torch.Tensor) -> Grid:
-        """The (T, H, W) grid of one row's ``num_visual`` visual tokens (several images stack along T)."""
+    def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:
+        """How one row's ``num_visual`` visual tokens are laid out: grid segments (T, H, W) the spectral filter
+        scores and extra segments always kept (``clse_fx.plan.Layout``; ``grid_layout(T, H, W)`` for one grid)."""
 
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Processor outputs -> the tensors the traced prefill takes (e.g. precomputed position ids)."""
@@ -98,16 +99,13 @@ class ModelAdapter(ABC):
         """[B, S] bool: which positions hold visual tokens."""
         return visual_mask(input_ids, self.visual_token_ids())
 
-    def visual_count(self, input_ids: torch.Tensor, planned: int) -> int:
-        """Visual tokens per row (0 for text-only prompts): every row must hold the same number, and a
-        prompt with images must hold the ``planned`` number, since engines have fixed shapes."""
+    def visual_count(self, input_ids: torch.Tensor) -> int:
+        """Visual tokens per row (0 for text-only prompts): every row must hold the same number, since engines
+        have fixed shapes (the plan checks the count against its own: ``PruneConfig.stage_specs``)."""
         counts = self.visual_mask(input_ids).sum(dim=1)
         if not bool((counts == counts[0]).all()):
             raise ValueError(f"rows have different visual-token counts {counts.tolist()}; batch rows with equal images")
-        count = int(counts[0])
-        if count and count != planned:
-            raise ValueError(f"the plan is for {planned} visual tokens but the prompt has {count}")
-        return count
+        return int(counts[0])
 
 
 class ExampleInputs(ABC):

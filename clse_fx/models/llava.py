@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
-from clse_fx.plan import LLAVA_SCHEDULE, Grid
+from clse_fx.plan import LLAVA_SCHEDULE, Grid, Layout, grid_layout
 
 
 def fixed_resolution(model, image_size: tuple[int, int] | None) -> int:
@@ -38,6 +38,9 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError(f"{num_visual} image tokens is not a whole number of {per_image}-token images")
         side = int(round(per_image**0.5))
         return (num_visual // per_image, side, side)
+
+    def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:
+        return grid_layout(*self.visual_grid(num_visual, **inputs))
 
 
 class LlavaExamples(ExampleInputs):

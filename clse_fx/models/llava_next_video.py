@@ -8,7 +8,7 @@ import torch
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
 from clse_fx.models.llava import fixed_resolution
-from clse_fx.plan import LLAVA_SCHEDULE, Grid
+from clse_fx.plan import LLAVA_SCHEDULE, Grid, Layout, grid_layout
 
 
 class LlavaNextVideoAdapter(ModelAdapter):
@@ -35,6 +35,9 @@ class LlavaNextVideoAdapter(ModelAdapter):
         if num_visual % per_frame:
             raise ValueError(f"{num_visual} video tokens is not a whole number of {per_frame}-token frames")
         return (num_visual // per_frame, self.frame_side(), self.frame_side())
+
+    def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:
+        return grid_layout(*self.visual_grid(num_visual, **inputs))
 
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if inputs.get("pixel_values") is not None:

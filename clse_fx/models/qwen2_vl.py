@@ -14,7 +14,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, InputGraph, ModelAdapter, register_family
-from clse_fx.plan import QWEN2_VL_SCHEDULE, Grid
+from clse_fx.plan import QWEN2_VL_SCHEDULE, Grid, Layout, grid_layout
 from clse_fx.static_ops import running_count, visual_mask
 
 # Processor outputs per modality: (pixels, grid, graph input holding the vision tower's output).
@@ -97,6 +97,9 @@ class Qwen2VLAdapter(ModelAdapter):
             raise ValueError(f"{num_visual} visual tokens is not a whole number of {per_item}-token {modality}s")
         # Each item's t frames and each further item stack along T; the filter runs per frame.
         return (num_visual // per_item * t, h // merge, w // merge)
+
+    def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:
+        return grid_layout(*self.visual_grid(num_visual, **inputs))
 
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         modality = self.modality(inputs)

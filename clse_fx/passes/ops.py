@@ -11,7 +11,7 @@ from torch import fx
 
 from clse_fx.plan import StageSpec
 from clse_fx.scoring import last_query_attention, merge_into_kept, score_stage
-from clse_fx.static_ops import compact_true, running_count, take_rows, topk_mask, visual_mask
+from clse_fx.static_ops import compact_true, member_mask, running_count, take_rows, topk_mask, visual_mask
 
 
 def gather_sequence(
@@ -69,18 +69,21 @@ def clse_stage(
     (0..N-1) [B, keep], and with ``merge="tome"`` the kept tokens' sizes and merged hidden states
     [B, keep, C] (else None twice).
     """
-    keep, num_current = spec.keep, spec.num_current
+    # Visual positions in and out: the scored tokens plus the layout's extras, which every stage keeps.
+    keep, num_current = spec.visual_out, spec.visual_in
     current_ids = input_ids.gather(1, positions)
     is_visual = visual_mask(current_ids, spec.token_ids)
     vis_index = compact_true(is_visual, num_current)  # [B, n] in sequence order
     z_cur = take_rows(hidden, vis_index)
     z_ref = z_cur if hidden_ref is None else take_rows(hidden_ref, vis_index)
     attn = last_query_attention(query, key, mask, spec.scale).gather(1, vis_index)
-    scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur)
+    vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
+    current = vis_ids if previous_kept is None else previous_kept  # the row's visual ids (0..N-1) of each token
+    is_extra = member_mask(current, spec.extras) if spec.extras else None
+    scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra)
     chosen = topk_mask(scores, keep)
     local = compact_true(chosen, keep)
-    vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
-    kept = (vis_ids if previous_kept is None else previous_kept).gather(1, local)
+    kept = current.gather(1, local)
     # Membership by comparison rather than a scatter of True: TensorRT takes neither a BOOL scatter nor a
     # BOOL ConstantOfShape fill. O(S x keep) compares per row.
     kept_positions = vis_index.gather(1, local)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clse_fx.plan import Grid, PruneConfig, StageSpec
+from clse_fx.plan import Layout, PruneConfig, StageSpec
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,6 @@ class PassSettings:
     prune: PruneConfig
     layers_path: str
     token_ids: tuple[int, ...]
-    grid: Grid
+    layout: Layout | None  # None for prompts without visual tokens
     stages: tuple[StageSpec, ...]
     dump_graph: str | None = None
