@@ -9,12 +9,14 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    VideoLlavaForConditionalGeneration,
 )
 
 from clse_fx.demo import tiny_llava_config
 from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, registered_families
+from clse_fx.plan import check_layout, scored_count, segment_size
 
-from .tiny_models import tiny_llava_next_video_config, tiny_qwen_config
+from .tiny_models import tiny_llava_next_video_config, tiny_qwen_config, tiny_video_llava_config
 
 # Weightless models (the adapters only read configs and shapes), with the example geometry to check.
 MODELS = {
@@ -30,6 +32,10 @@ MODELS = {
     "Qwen2_5_VLForConditionalGeneration": (
         lambda: Qwen2_5_VLForConditionalGeneration(tiny_qwen_config("qwen2_5_vl")),
         {"image_size": (56, 72)},
+    ),
+    "VideoLlavaForConditionalGeneration": (
+        lambda: VideoLlavaForConditionalGeneration(tiny_video_llava_config()),
+        {"frames": 4},
     ),
 }
 
@@ -50,9 +56,10 @@ def test_example_inputs_hold_the_declared_visual_tokens(architecture):
     frames = geometry.get("frames", 1)
     inputs = examples_for(model).example_inputs(2, 5, 1, torch.Generator().manual_seed(0), **geometry)
     per_row = adapter.visual_mask(inputs["input_ids"]).sum(dim=1)
-    expected = adapter.tokens_per_image(geometry.get("image_size")) * frames
-    assert per_row.tolist() == [expected, expected]
-    grid = adapter.visual_grid(expected, **{k: v for k, v in inputs.items() if k != "input_ids"})
-    assert grid[0] * grid[1] * grid[2] == expected
+    assert per_row[0] == per_row[1]
+    layout = adapter.visual_layout(int(per_row[0]), **{k: v for k, v in inputs.items() if k != "input_ids"})
+    # The layout covers every visual token, and its grids hold tokens_per_image per image or frame.
+    assert sum(segment_size(segment) for segment in check_layout(layout)) == per_row[0]
+    assert scored_count(layout) == adapter.tokens_per_image(geometry.get("image_size")) * frames
     geometry_entries = deploy_recipe_for(model).compiled_geometry(inputs)
     assert "image_size" in geometry_entries

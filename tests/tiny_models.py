@@ -98,3 +98,33 @@ def qwen_inputs(model, rows: list[list[int]], grid: tuple[int, int, int], modali
         f"{modality}_grid_thw": torch.tensor([grid] * len(rows)),
         "mm_token_type_ids": (ids == token).int() * (1 if modality == "image" else 2),
     }
+
+
+VIDEO_LLAVA_IMAGE, VIDEO_LLAVA_VIDEO = 92, 93
+
+
+def tiny_video_llava_config():
+    """32 px images and frames, 8 px patches: a 4x4 grid (plus a CLS token per video frame); 4 GQA layers."""
+    from transformers import VideoLlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return VideoLlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=VIDEO_LLAVA_IMAGE,
+        video_token_index=VIDEO_LLAVA_VIDEO, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_seq_length=16, video_seq_length=17 * 4,
+    )  # fmt: skip
+
+
+def save_tiny_video_llava(path):
+    from transformers import VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = VideoLlavaForConditionalGeneration(tiny_video_llava_config()).eval()
+    return _widen_and_reload(model, VideoLlavaForConditionalGeneration, path)
