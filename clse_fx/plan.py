@@ -12,8 +12,9 @@ MERGE_METRICS = ("hidden", "keys")
 Grid = tuple[int, int, int]  # (T, H, W) of one grid of visual tokens
 # How one row's visual tokens are laid out, in sequence order (docs/method.md#token-layouts): a tuple of
 # segments, each ("grid", T, H, W), T frames of H x W tokens that the spectral filter scores frame by frame,
-# or ("extra", n), n tokens (CLS, row newlines, separators) never scored and always kept in their places.
-# Plain tuples, so stage specs holding them stay constants FX can write into graph code.
+# optionally ("grid", T, H, W, r) with r extra tokens after each row (LLaVA-NeXT's row newlines), or
+# ("extra", n), n tokens (CLS, separators) never scored and always kept in their places. Plain tuples, so
+# stage specs holding them stay constants FX can write into graph code.
 Segment = tuple
 Layout = tuple[Segment, ...]
 
@@ -28,37 +29,57 @@ def check_layout(layout: Layout) -> Layout:
     layout = tuple(tuple(segment) for segment in layout)
     for segment in layout:
         kind, *sizes = segment
-        valid = (kind == "grid" and len(sizes) == 3) or (kind == "extra" and len(sizes) == 1)
-        if not valid or not all(isinstance(n, int) and n >= 1 for n in sizes):
-            raise ValueError(f"bad layout segment {segment!r}: use ('grid', T, H, W) or ('extra', n), sizes >= 1")
+        valid = (kind == "grid" and len(sizes) in (3, 4)) or (kind == "extra" and len(sizes) == 1)
+        if not valid or not all(isinstance(n, int) and n >= 1 for n in sizes[:3]) or min(sizes) < 0:
+            raise ValueError(
+                f"bad layout segment {segment!r}: use ('grid', T, H, W[, extras per row]) or ('extra', n), sizes >= 1"
+            )
     if not any(segment[0] == "grid" for segment in layout):
         raise ValueError("a visual layout needs at least one grid segment to score")
     return layout
 
 
+def _row_extras(segment: Segment) -> int:
+    return segment[4] if len(segment) == 5 else 0
+
+
 def segment_size(segment: Segment) -> int:
     """Tokens in one segment."""
-    return segment[1] * segment[2] * segment[3] if segment[0] == "grid" else segment[1]
+    if segment[0] == "extra":
+        return segment[1]
+    return segment[1] * segment[2] * (segment[3] + _row_extras(segment))
 
 
 def layout_grids(layout: Layout) -> tuple[Grid, ...]:
     """The (T, H, W) of each grid segment, in order."""
-    return tuple(tuple(segment[1:]) for segment in layout if segment[0] == "grid")
+    return tuple(tuple(segment[1:4]) for segment in layout if segment[0] == "grid")
 
 
 def scored_count(layout: Layout) -> int:
     """Visual tokens that are scored and pruned (the grids'): what budgets count."""
-    return sum(segment_size(segment) for segment in layout if segment[0] == "grid")
+    return sum(t * h * w for t, h, w in layout_grids(layout))
+
+
+def _is_extra(layout: Layout) -> list[bool]:
+    """For each of a row's visual tokens, in order: whether it is an extra (always kept) token."""
+    flags: list[bool] = []
+    for segment in layout:
+        if segment[0] == "extra":
+            flags += [True] * segment[1]
+        else:
+            row = [False] * segment[3] + [True] * _row_extras(segment)
+            flags += row * (segment[1] * segment[2])
+    return flags
 
 
 def extra_positions(layout: Layout) -> tuple[int, ...]:
     """Indices, within a row's visual tokens, of the extra (always kept) tokens."""
-    positions, start = [], 0
-    for segment in layout:
-        if segment[0] == "extra":
-            positions += range(start, start + segment[1])
-        start += segment_size(segment)
-    return tuple(positions)
+    return tuple(i for i, extra in enumerate(_is_extra(layout)) if extra)
+
+
+def scored_positions(layout: Layout) -> tuple[int, ...]:
+    """Indices, within a row's visual tokens, of the grids' tokens, in order (each grid's row-major order)."""
+    return tuple(i for i, extra in enumerate(_is_extra(layout)) if not extra)
 
 
 @dataclass(frozen=True)

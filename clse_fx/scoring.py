@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clse_fx.plan import SCORE_TYPES, Grid, Layout, layout_grids, segment_size
+from clse_fx.plan import SCORE_TYPES, Grid, Layout, extra_positions, layout_grids, scored_positions
 
 if TYPE_CHECKING:
     from clse_fx.plan import StageSpec
@@ -280,24 +280,16 @@ def score_stage(
 
 
 def _grid_tokens(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The grid segments' tokens of an intact layout's [B, N, ...] values, back to back (static slices)."""
-    parts, start = [], 0
-    for segment in layout:
-        size = segment_size(segment)
-        if segment[0] == "grid":
-            parts.append(x[:, start : start + size])
-        start += size
-    return torch.cat(parts, dim=1)
+    """The grids' tokens of an intact layout's [B, N, ...] values, back to back (a gather at constant indices)."""
+    return x[:, torch.tensor(scored_positions(layout), device=x.device)]
 
 
 def _with_extras(scores: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Grid-token scores [B, n_scored] spread over the intact layout, with +inf at its extra tokens."""
-    parts, start = [], 0
-    for segment in layout:
-        size = segment_size(segment)
-        if segment[0] == "grid":
-            parts.append(scores[:, start : start + size])
-            start += size
-        else:
-            parts.append(scores.new_full((scores.shape[0], size), float("inf")))
-    return torch.cat(parts, dim=1)
+    """Grid-token scores [B, n_scored] spread over the intact layout, with +inf at its extra tokens: each visual
+    position reads its grid score, or an appended +inf column (one gather at constant indices)."""
+    source, scored = [], iter(range(scores.shape[1]))
+    extras = set(extra_positions(layout))
+    for position in range(scores.shape[1] + len(extras)):
+        source.append(scores.shape[1] if position in extras else next(scored))
+    padded = torch.cat([scores, scores.new_full((scores.shape[0], 1), float("inf"))], dim=1)
+    return padded[:, torch.tensor(source, device=scores.device)]

@@ -14,15 +14,20 @@ from clse_fx.models import adapter_for
 
 class PrefillModule(nn.Module):
     """The prefill call as positional tensors -> logits: (input_ids, attention_mask, *the adapter's extra
-    graph inputs present in this compile), the signature every exported graph shares."""
+    graph inputs present in this compile), the signature every exported graph shares. ``constants`` are
+    keyword arguments traced as Python values (``ModelAdapter.graph_constants``)."""
 
-    def __init__(self, model: nn.Module, extra_names: tuple[str, ...] = ("pixel_values",)) -> None:
+    def __init__(
+        self, model: nn.Module, extra_names: tuple[str, ...] = ("pixel_values",), constants: dict | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.extra_names = extra_names
+        self.constants = constants or {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        return adapter_for(self.model).prefill_logits(input_ids, attention_mask, **dict(zip(self.extra_names, extra)))
+        named = dict(zip(self.extra_names, extra))
+        return adapter_for(self.model).prefill_logits(input_ids, attention_mask, **named, **self.constants)
 
 
 def graph_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,18 +72,19 @@ def trace_prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.Graph
     codegen drops the pytree output spec so passes may add outputs.
     """
     named = graph_inputs(model, inputs)
+    constants = adapter_for(model).graph_constants(inputs)
     weights = weights_key(model)
     if model not in _TRACES or _TRACES[model][0] != weights:
         _TRACES[model] = (weights, {})  # traces of other weights are stale for good
     traces = _TRACES[model][1]
-    key = _geometry_key(named)
+    key = (_geometry_key(named), repr(constants))
     if key not in traces:
-        traces[key] = _export_dynamic(model, named)
+        traces[key] = _export_dynamic(model, named, constants)
     traced = traces[key]
     return fx.GraphModule(traced, copy.deepcopy(traced.graph))
 
 
-def _export_dynamic(model: nn.Module, named: dict[str, torch.Tensor]) -> fx.GraphModule:
+def _export_dynamic(model: nn.Module, named: dict[str, torch.Tensor], constants: dict) -> fx.GraphModule:
     adapter = adapter_for(model)
     dims = {"batch": torch.export.Dim("batch", min=1, max=4096), "seq": torch.export.Dim("seq", min=2, max=1 << 20)}
     extra = tuple(named)[2:]
@@ -88,7 +94,7 @@ def _export_dynamic(model: nn.Module, named: dict[str, torch.Tensor]) -> fx.Grap
     dynamic = ({0: dims["batch"], 1: dims["seq"]},) * 2 + ((extra_dims,) if extra else ())
     # Size-oblivious reasoning keeps a batch of 1 symbolic instead of specialising it (0/1 specialisation).
     with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        module = PrefillModule(model, extra)
+        module = PrefillModule(model, extra, constants)
         program = torch.export.export(module, tuple(named.values()), dynamic_shapes=dynamic, strict=False)
     gm = program.module()
     gm.graph._codegen = fx.graph.CodeGen()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import (
     LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
     LlavaNextVideoForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
@@ -16,7 +17,12 @@ from clse_fx.demo import tiny_llava_config
 from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, registered_families
 from clse_fx.plan import check_layout, scored_count, segment_size
 
-from .tiny_models import tiny_llava_next_video_config, tiny_qwen_config, tiny_video_llava_config
+from .tiny_models import (
+    tiny_llava_next_config,
+    tiny_llava_next_video_config,
+    tiny_qwen_config,
+    tiny_video_llava_config,
+)
 
 # Weightless models (the adapters only read configs and shapes), with the example geometry to check.
 MODELS = {
@@ -32,6 +38,10 @@ MODELS = {
     "Qwen2_5_VLForConditionalGeneration": (
         lambda: Qwen2_5_VLForConditionalGeneration(tiny_qwen_config("qwen2_5_vl")),
         {"image_size": (56, 72)},
+    ),
+    "LlavaNextForConditionalGeneration": (
+        lambda: LlavaNextForConditionalGeneration(tiny_llava_next_config()),
+        {"image_size": (40, 64)},
     ),
     "VideoLlavaForConditionalGeneration": (
         lambda: VideoLlavaForConditionalGeneration(tiny_video_llava_config()),

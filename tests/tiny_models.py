@@ -128,3 +128,35 @@ def save_tiny_video_llava(path):
     torch.manual_seed(0)
     model = VideoLlavaForConditionalGeneration(tiny_video_llava_config()).eval()
     return _widen_and_reload(model, VideoLlavaForConditionalGeneration, path)
+
+
+LLAVA_NEXT_IMAGE = 94
+
+
+def tiny_llava_next_config():
+    """32 px tiles of 8 px patches (4x4 grids), tiled up to 64 x 64 px; 4 GQA decoder layers."""
+    from transformers import LlavaNextConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=LLAVA_NEXT_IMAGE,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )  # fmt: skip
+
+
+def save_tiny_llava_next(path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(tiny_llava_next_config()).eval()
+    with torch.no_grad():  # the newline embedding starts at zero; give it a value so misplacing it shows
+        model.model.image_newline.normal_(0.0, 0.2)
+    return _widen_and_reload(model, LlavaNextForConditionalGeneration, path)

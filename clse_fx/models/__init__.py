@@ -1,6 +1,6 @@
 """Model-family adapters; importing this package registers every supported family."""
 
-from clse_fx.models import llava, llava_next_video, qwen2_vl, video_llava  # noqa: F401  (registers the adapters)
+from clse_fx.models import llava, llava_next, llava_next_video, qwen2_vl, video_llava  # noqa: F401  (registers)
 from clse_fx.models.base import (
     DeployRecipe,
     ExampleInputs,

@@ -75,6 +75,11 @@ class ModelAdapter(ABC):
         """Processor outputs -> the tensors the traced prefill takes (e.g. precomputed position ids)."""
         return inputs
 
+    def graph_constants(self, inputs: dict[str, torch.Tensor]) -> dict:
+        """Keyword arguments of the prefill that the compiled geometry fixes, traced as Python values rather
+        than taken as graph inputs (e.g. LLaVA-NeXT's image sizes, which decide its tiled grid's shape)."""
+        return {}
+
     def decode_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
         """[B, 1] decode positions -> what the decoder's rotary embedding takes (e.g. one id per M-RoPE axis)."""
         return position_ids
