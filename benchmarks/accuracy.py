@@ -5,6 +5,7 @@ runs each prefill engine on ONNX Runtime over the procedural VQA test split, and
 benchmarks/results/accuracy/: results.json, table.md, summary.md and PNG plots (accuracy vs budget,
 accuracy by the queried object's grid row, keep frequency per grid position). Engines are cached per
 configuration in --cache, so an interrupted run resumes. Not part of CI (about 12 minutes on one thread).
+`python -m benchmarks.accuracy --plot-only [--out DIR]` only redraws the PNG plots from DIR/results.json (seconds).
 """
 
 from __future__ import annotations
@@ -103,21 +104,45 @@ def findings(results: list[dict], unpruned: float) -> list[str]:
     return lines
 
 
-def plots(results: list[dict], items, grid: int, out: Path) -> None:
-    """accuracy_vs_budget.png, accuracy_by_row.png and keep_heatmap.png."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from clse_fx.proxy.evaluate import GRID_BANDS, accuracy_by_band
+    return plt
 
+
+def _colours(rows: list[dict]) -> dict[str, str]:
+    """One colour per method, the same in every plot."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return dict(zip(methods, _pyplot().rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+
+
+def _legend_outside(fig) -> None:
+    """One legend for the whole figure, right of the panels so it covers no data, naming every line once.
+
+    Collected from every panel: a method drawn in one panel only (CLSE-M has no 1-stage runs) still gets its
+    entry, which a legend of one panel would drop."""
+    handles = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    handles = {label: line for label, line in handles.items() if not label.startswith("_")}  # "_": unlabelled
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
+
+
+def accuracy_vs_budget_figure(results: list[dict], grid: int):
+    """The accuracy_vs_budget.png figure: accuracy against average visual tokens per layer, one panel per plan."""
+    plt = _pyplot()
     unpruned = next(r for r in results if r["budget"] == "unpruned")
     rows = [r for r in results if r["budget"] != "unpruned"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    colours = _colours(rows)
+    methods = list(colours)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    # constrained layout makes room for the figure legend outside the panels ("outside right upper").
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True, layout="constrained")
     for ax, plan in zip(axes, ("3-stage", "1-stage")):
         for method in methods:
             chosen = (r for r in rows if (r["method"], r["plan"]) == (method, plan))
@@ -129,30 +154,52 @@ def plots(results: list[dict], items, grid: int, out: Path) -> None:
         ax.set(title=f"{plan} plans", xlabel="average visual tokens per layer / all visual tokens")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
+    _legend_outside(fig)
     fig.suptitle("Proxy LLaVA (16x16 visual grid): accuracy vs budget (192/128/64 of 576 equivalents)")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_budget.png", dpi=110)
-    plt.close(fig)
+    return fig
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+
+def accuracy_by_row_figure(results: list[dict], items, grid: int):
+    """The accuracy_by_row.png figure: accuracy by the queried object's band of grid rows at the focus budget."""
+    from clse_fx.proxy.evaluate import GRID_BANDS, accuracy_by_band
+
+    plt = _pyplot()
+    unpruned = next(r for r in results if r["budget"] == "unpruned")
+    rows = [r for r in results if r["budget"] != "unpruned"]
+    colours = _colours(rows)
+    methods = list(colours)
+
+    def percent(accuracies: list) -> list[float]:
+        return [np.nan if a is None else 100 * a for a in accuracies]  # None: no question in that band, a gap
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True, layout="constrained")
     bands = [f"rows {b * grid // GRID_BANDS}-{(b + 1) * grid // GRID_BANDS - 1}" for b in range(GRID_BANDS)]
     for ax, plan in zip(axes, ("3-stage", "1-stage")):
         for method in methods:
             run = next((r for r in rows if (r["method"], r["plan"], r["budget"]) == (method, plan, FOCUS_BUDGET)), None)
             if run:
                 acc = accuracy_by_band(run["correct"], items, grid)
-                ax.plot(bands, [100 * a for a in acc], "o-", label=method, color=colours[method])
+                ax.plot(bands, percent(acc), "o-", label=method, color=colours[method])
         acc = accuracy_by_band(unpruned["correct"], items, grid)
-        ax.plot(bands, [100 * a for a in acc], "k--", label="unpruned")
+        ax.plot(bands, percent(acc), "k--", label="unpruned")
         ax.set(title=f"{plan}, budget {FOCUS_BUDGET}", xlabel="queried object's grid rows (0 = top)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), questions about one object")
-    axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_by_row.png", dpi=110)
-    plt.close(fig)
+    _legend_outside(fig)
+    return fig
 
+
+def plots(results: list[dict], items, grid: int, out: Path) -> None:
+    """accuracy_vs_budget.png, accuracy_by_row.png and keep_heatmap.png."""
+    plt = _pyplot()
+    for name, fig in (
+        ("accuracy_vs_budget.png", accuracy_vs_budget_figure(results, grid)),
+        ("accuracy_by_row.png", accuracy_by_row_figure(results, items, grid)),
+    ):
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+    rows = [r for r in results if r["budget"] != "unpruned"]
     focus = [r for r in rows if (r["plan"], r["budget"]) == ("3-stage", FOCUS_BUDGET)]
     fig, axes = plt.subplots(2, len(focus), figsize=(2.2 * len(focus), 5.4), squeeze=False, layout="constrained")
     for col, run in enumerate(focus):
@@ -170,6 +217,21 @@ def plots(results: list[dict], items, grid: int, out: Path) -> None:
     fig.colorbar(image, ax=axes, shrink=0.8, label="share of test questions that keep it")
     fig.savefig(out / "keep_heatmap.png", dpi=110)
     plt.close(fig)
+
+
+def _grid(results: list[dict]) -> int:
+    """Side of the square visual grid, from the length of a run's keep counts."""
+    return int(round(len(results[0]["keep_counts"][0]) ** 0.5))
+
+
+def redraw(out: Path = OUT) -> None:
+    """Redraw the PNG plots from ``out``/results.json without rerunning the sweep."""
+    from clse_fx.proxy.data import make_split
+
+    data = json.loads((out / "results.json").read_text())
+    # The sweep ran the first N questions of the fixed test split (main's --limit); the plots need their positions.
+    items = make_split("test")[: data["questions"]]
+    plots(data["runs"], items, _grid(data["runs"]), out)
 
 
 def cross_checks(model_dir: Path, items, results: list[dict], cache: Path) -> dict:
@@ -220,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="use the first N test questions (default: all 600)")
     parser.add_argument("--cache", default="/tmp/clse-accuracy-cache", help="per-configuration results cache")
     parser.add_argument("--out", default=str(OUT), help="output directory")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUT/results.json")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        redraw(Path(args.out))
+        return 0
     torch.set_num_threads(1)
     from clse_fx.cli import _quiet_transformers
     from clse_fx.demo import proxy_model_dir
@@ -237,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = sweep(model_dir, items, cache)
     checks = cross_checks(model_dir, items, results, cache)
-    grid = int(round(len(results[0]["keep_counts"][0]) ** 0.5))
+    grid = _grid(results)
     unpruned = next(r for r in results if r["budget"] == "unpruned")["accuracy"]
     # Summed per configuration rather than timed here, so a run that reads the cache reports the real cost.
     seconds = sum(r["compile_s"] + r["run_s"] for r in results)

@@ -1,9 +1,10 @@
-"""``clse-compile``: compile a local transformers checkpoint into a pruned, static-shape engine bundle."""
+"""``clse-compile``: compile a local or HF-cached transformers checkpoint into a pruned, static-shape engine bundle."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import sys
 import tempfile
@@ -55,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="clse-compile",
         description="Prune visual tokens inside an MLLM graph with CLSE and export a static-shape engine bundle.",
     )
-    parser.add_argument("model", nargs="?", help="local transformers checkpoint dir, or 'demo' for the built-in model")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="local transformers checkpoint dir, a hub id already in the local Hugging Face cache "
+        "(owner/name[@revision]; never downloaded), or 'demo' for the built-in model",
+    )
     parser.add_argument("--demo", action="store_true", help="use the built-in trained proxy LLaVA (no download)")
     parser.add_argument(
         "--keep",
@@ -96,13 +102,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_dir(args: argparse.Namespace) -> Path:
+    """The checkpoint directory to compile: the demo's, a local one, or a hub id's snapshot in the local HF cache."""
     if args.demo or args.model == "demo":
         from clse_fx.demo import proxy_model_dir
 
         return proxy_model_dir()
-    if not args.model:
-        raise ValueError("name a model directory, or pass --demo for the built-in tiny model")
-    return Path(args.model)
+    from clse_fx.hub import resolve_model  # compile_main has already checked that a model is named
+
+    return resolve_model(args.model)
 
 
 def _explain(bundle: Path | None, image_path: str, prompt: str) -> Path:
@@ -235,8 +242,11 @@ def compile_main(argv: list[str] | None = None) -> int:
             if not TARGETS[args.target].writes_bundle or TARGETS[args.target].runtime != "onnxruntime":
                 raise ValueError(f"--triton-repo needs an ONNX bundle; the {args.target} target builds none")
             check_output_dir(args.triton_repo, args.force)
-        model_dir = _model_dir(args)
         demo = args.demo or args.model == "demo"
+        if not (demo or args.model):
+            raise ValueError("name a model directory, or pass --demo for the built-in tiny model")
+        from clse_fx.hub import model_name
+
         writes_bundle = TARGETS[args.target].writes_bundle
         options = CompileOptions(
             keep=args.keep,
@@ -251,7 +261,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             frames=args.frames,
             image_size=args.image_size,
             target=args.target,
-            output_dir=Path(args.output or Path("clse-out") / ("demo" if demo else model_dir.name))
+            output_dir=Path(args.output or Path("clse-out") / ("demo" if demo else model_name(args.model)))
             if writes_bundle
             else None,
             force=args.force,
@@ -259,8 +269,10 @@ def compile_main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=None if args.target == "tensorrt" else args.device,  # TensorRT: CUDA whatever the default
             dump_graph=args.dump_graph,
-            source=model_dir,
         )
+        # Only now, with every argument checked, is a hub id looked up in the local Hugging Face cache.
+        model_dir = _model_dir(args)
+        options = dataclasses.replace(options, source=model_dir)
         _quiet_transformers()  # only now: every argument has been checked without importing torch or transformers
         with step("loading the checkpoint"):
             from clse_fx.api import compile as compile_model

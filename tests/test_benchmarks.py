@@ -18,3 +18,71 @@ def test_readme_block_is_replaced_not_appended(tmp_path):
     update_readme(readme, "| newer | table |\n")
     text = readme.read_text()
     assert text.count(README_START) == 1 and "newer" in text and "old table" not in text and text.endswith("more\n")
+
+
+def _synthetic_accuracy_results(questions: int, grid: int = 4) -> list[dict]:
+    """A small sweep shaped like benchmarks/results/accuracy/results.json's runs, with one method (like CLSE-M)
+    that has 3-stage runs only."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def run(method: str, plan: str, budget: str, ratio: float) -> dict:
+        return {
+            "method": method,
+            "plan": plan,
+            "budget": budget,
+            "avg_visual_tokens": ratio * grid**2,
+            "accuracy": float(rng.uniform(0.4, 0.9)),
+            "correct": (rng.random(questions) < 0.7).tolist(),
+            "keep_counts": [[questions // 2] * grid**2] * 3,
+            "stages": [[1, 8], [2, 4], [3, 2]],
+        }
+
+    runs = [run("unpruned", "none", "unpruned", 1.0)]
+    for method, plans in (
+        ("CLSE (clse_attn)", ("3-stage", "1-stage")),
+        ("random", ("3-stage", "1-stage")),
+        ("CLSE-M (merge, hidden)", ("3-stage",)),
+    ):
+        for plan in plans:
+            for budget, ratio in (("192/576", 0.42), ("128/576", 0.33), ("64/576", 0.25)):
+                runs.append(run(method, plan, budget, ratio))
+    return runs
+
+
+def test_accuracy_plots_name_every_line_in_a_legend_outside_the_axes():
+    import matplotlib.pyplot as plt
+
+    from benchmarks.accuracy import accuracy_by_row_figure, accuracy_vs_budget_figure
+    from clse_fx.proxy.data import make_split
+
+    items = make_split("test", 64)  # 64: the queried object's row band cycles every 16 questions
+    results = _synthetic_accuracy_results(len(items))
+    for fig in (accuracy_vs_budget_figure(results, 4), accuracy_by_row_figure(results, items, 4)):
+        labels = {line.get_label() for ax in fig.axes for line in ax.get_lines()}
+        assert "CLSE-M (merge, hidden)" in labels and "unpruned" in labels and len(labels) == 4
+        assert all(ax.get_legend() is None for ax in fig.axes)  # one figure legend, none inside a panel
+        [legend] = fig.legends
+        entries = [text.get_text() for text in legend.get_texts()]
+        assert len(entries) == len(labels) and set(entries) == labels
+        fig.canvas.draw()  # runs the constrained layout that places the legend
+        renderer = fig.canvas.get_renderer()
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+        plt.close(fig)
+
+
+def test_accuracy_plot_only_redraws_from_results_json(tmp_path):
+    import json
+
+    from benchmarks.accuracy import main
+
+    results = _synthetic_accuracy_results(64)
+    (tmp_path / "results.json").write_text(json.dumps({"questions": 64, "runs": results}))
+    assert main(["--plot-only", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "accuracy_vs_budget.png",
+        "accuracy_by_row.png",
+        "keep_heatmap.png",
+    }
