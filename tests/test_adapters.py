@@ -8,6 +8,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     VideoLlavaForConditionalGeneration,
@@ -20,6 +21,7 @@ from clse_fx.plan import check_layout, scored_count, segment_size
 from .tiny_models import (
     tiny_llava_next_config,
     tiny_llava_next_video_config,
+    tiny_llava_onevision_config,
     tiny_qwen_config,
     tiny_video_llava_config,
 )
@@ -42,6 +44,10 @@ MODELS = {
     "LlavaNextForConditionalGeneration": (
         lambda: LlavaNextForConditionalGeneration(tiny_llava_next_config()),
         {"image_size": (40, 64)},
+    ),
+    "LlavaOnevisionForConditionalGeneration": (
+        lambda: LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config()),
+        {"frames": 4},
     ),
     "VideoLlavaForConditionalGeneration": (
         lambda: VideoLlavaForConditionalGeneration(tiny_video_llava_config()),
@@ -70,6 +76,7 @@ def test_example_inputs_hold_the_declared_visual_tokens(architecture):
     layout = adapter.visual_layout(int(per_row[0]), **{k: v for k, v in inputs.items() if k != "input_ids"})
     # The layout covers every visual token, and its grids hold tokens_per_image per image or frame.
     assert sum(segment_size(segment) for segment in check_layout(layout)) == per_row[0]
-    assert scored_count(layout) == adapter.tokens_per_image(geometry.get("image_size")) * frames
+    per_item = adapter.tokens_per_frame if frames > 1 else adapter.tokens_per_image
+    assert scored_count(layout) == per_item(geometry.get("image_size")) * frames
     geometry_entries = deploy_recipe_for(model).compiled_geometry(inputs)
     assert "image_size" in geometry_entries

@@ -160,3 +160,36 @@ def save_tiny_llava_next(path):
     with torch.no_grad():  # the newline embedding starts at zero; give it a value so misplacing it shows
         model.model.image_newline.normal_(0.0, 0.2)
     return _widen_and_reload(model, LlavaNextForConditionalGeneration, path)
+
+
+ONEVISION_IMAGE, ONEVISION_VIDEO = 95, 96
+
+
+def tiny_llava_onevision_config():
+    """LLaVA-NeXT's tiny geometry (4x4 grids of 32 px tiles), tiled grids capped at 2 tiles' worth (anyres_max_2)
+    so the shrinking shows; video frames pooled to 2x2; 4 GQA decoder layers."""
+    from transformers import LlavaOnevisionConfig
+
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, image_size=32, patch_size=8,
+    )  # fmt: skip
+    text = dict(
+        model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=ONEVISION_IMAGE, video_token_index=ONEVISION_VIDEO,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 96]], vision_aspect_ratio="anyres_max_2",
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+
+
+def save_tiny_llava_onevision(path):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config()).eval()
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.2)
+    return _widen_and_reload(model, LlavaOnevisionForConditionalGeneration, path)

@@ -1,6 +1,13 @@
 """Model-family adapters; importing this package registers every supported family."""
 
-from clse_fx.models import llava, llava_next, llava_next_video, qwen2_vl, video_llava  # noqa: F401  (registers)
+from clse_fx.models import (  # noqa: F401  (importing a family module registers it)
+    llava,
+    llava_next,
+    llava_next_video,
+    llava_onevision,
+    qwen2_vl,
+    video_llava,
+)
 from clse_fx.models.base import (
     DeployRecipe,
     ExampleInputs,

@@ -63,8 +63,12 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
-        """Visual tokens one image (one video frame) becomes at ``image_size`` (H, W) pixels, or at the family's
+        """Scored visual tokens one image becomes at ``image_size`` (H, W) pixels, or at the family's
         default resolution."""
+
+    def tokens_per_frame(self, image_size: tuple[int, int] | None = None) -> int:
+        """Scored visual tokens of one video frame (the same as an image's unless video frames are pooled)."""
+        return self.tokens_per_image(image_size)
 
     @abstractmethod
     def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:

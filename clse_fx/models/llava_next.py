@@ -27,9 +27,19 @@ class LlavaNextAdapter(ModelAdapter):
     def side(self) -> int:
         """Patch-grid side of the base image and of each tile."""
         config = self.model.config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError("only vision_feature_select_strategy='default' (CLS dropped) has a patch grid")
+        if self.drops_cls() != self.tower_has_cls():
+            raise ValueError(
+                "the vision features are not a patch grid: use vision_feature_select_strategy='default' with a "
+                "CLS-token tower (CLIP) and 'full' with one without (SigLIP)"
+            )
         return config.vision_config.image_size // config.vision_config.patch_size
+
+    def drops_cls(self) -> bool:
+        """transformers drops the first vision token under the "default" strategy, whatever the tower."""
+        return self.model.config.vision_feature_select_strategy == "default"
+
+    def tower_has_cls(self) -> bool:
+        return any(name.endswith("class_embedding") for name, _ in self.model.model.vision_tower.named_parameters())
 
     def default_image_size(self) -> tuple[int, int]:
         """Compiled image size when none is given: the largest square resolution the model tiles to."""
@@ -46,8 +56,12 @@ class LlavaNextAdapter(ModelAdapter):
         if image_size_to_num_patches(size, config.image_grid_pinpoints, tile) == 1:
             return (("grid", 1, side, side), ("extra", 1))
         rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
-        height, width = unpad_image(torch.empty(0, rows * side, cols * side), size).shape[1:]
+        height, width = self.fit_tiled(*unpad_image(torch.empty(0, rows * side, cols * side), size).shape[1:])
         return (("grid", 1, side, side), ("grid", 1, height, width, 1))
+
+    def fit_tiled(self, height: int, width: int) -> tuple[int, int]:
+        """The tiled grid's shape after unpadding; families that cap its size (LLaVA-OneVision) shrink it."""
+        return height, width
 
     def tokens_per_image(self, image_size: tuple[int, int] | None = None) -> int:
         return scored_count(self.image_layout(image_size))
@@ -96,7 +110,7 @@ class LlavaNextAdapter(ModelAdapter):
         hidden = model.vision_tower(pixel_values.flatten(0, 1), output_hidden_states=True).hidden_states
         layers = config.vision_feature_layer
         selected = hidden[layers] if isinstance(layers, int) else torch.cat([hidden[i] for i in layers], dim=-1)
-        features = model.multi_modal_projector(selected[:, 1:])  # "default": CLS dropped
+        features = model.multi_modal_projector(selected[:, 1:] if self.drops_cls() else selected)
         features = features.reshape(images, tiles, side * side, -1)
         base, channels = features[:, 0], features.shape[-1]
         layout = self.image_layout(image_size)
@@ -108,8 +122,10 @@ class LlavaNextAdapter(ModelAdapter):
         grid = features[:, 1:].reshape(images, rows, cols, side, side, channels)
         grid = grid.permute(0, 5, 1, 3, 2, 4).reshape(images * channels, rows * side, cols * side)
         grid = unpad_image(grid, list(image_size))
-        height, width = grid.shape[1:]
-        grid = grid.reshape(images, channels, height, width)
+        grid = grid.reshape(images, channels, *grid.shape[1:])
+        height, width = self.fit_tiled(*grid.shape[2:])
+        if (height, width) != tuple(grid.shape[2:]):  # as transformers shrinks it, image by image
+            grid = torch.nn.functional.interpolate(grid, [height, width], mode="bilinear")
         newline = model.image_newline[None, :, None, None].expand(images, channels, height, 1).to(grid.dtype)
         tiled = torch.cat([grid, newline], dim=-1).flatten(2).transpose(1, 2)
         return torch.cat([base, tiled], dim=1)
