@@ -30,7 +30,7 @@ def video_inputs(model, frames: int, offsets=(2, 5)) -> tuple[dict, int]:
     if isinstance(model, tuple(QWEN_FAMILIES[f][1] for f in QWEN_FAMILIES)):
         tokens, token = frames * 63, QWEN_VIDEO
     else:
-        tokens, token = frames * adapter.tokens_per_image(), VIDEO_TOKEN
+        tokens, token = frames * adapter.tokens_per_frame(), VIDEO_TOKEN
     rows = [[1] + [3 + i for i in range(n)] + [token] * tokens + [40 + i for i in range(8 - n)] for n in offsets]
     if token == QWEN_VIDEO:
         return qwen_inputs(model, rows, (frames, *QWEN_PATCHES), modality="video"), tokens
@@ -43,8 +43,8 @@ def video_inputs(model, frames: int, offsets=(2, 5)) -> tuple[dict, int]:
 @pytest.mark.parametrize("frames", [4, 8])
 def test_video_grid_is_frames_by_spatial_grid(video_model, frames):
     inputs, tokens = video_inputs(video_model, frames)
-    grid = adapter_for(video_model).visual_grid(tokens, **{k: v for k, v in inputs.items() if k != "input_ids"})
-    assert grid == ((frames, 7, 9) if "Qwen" in type(video_model).__name__ else (frames, 3, 3))
+    layout = adapter_for(video_model).visual_layout(tokens, **{k: v for k, v in inputs.items() if k != "input_ids"})
+    assert layout == (("grid", frames, 7, 9) if "Qwen" in type(video_model).__name__ else ("grid", frames, 3, 3),)
 
 
 @pytest.mark.parametrize(
@@ -72,18 +72,12 @@ def test_video_budget_of_all_tokens_equals_unmodified_model(video_model):
     assert (out.logits - plain).abs().max() <= 1e-5
 
 
-def test_llava_next_video_rejects_still_images(tmp_path):
-    model = save_tiny_llava_next_video(tmp_path)
-    with pytest.raises(ValueError, match="still images .* not supported; pass videos"):
-        adapter_for(model).prepare_graph_inputs({"pixel_values": torch.zeros(1, 3, 48, 48)})
-
-
 @pytest.fixture(scope="module")
 def video_bundle(video_model, tmp_path_factory):
     """A batch-2, 4-frame bundle (text_len 8 leaves room for the Qwen vision start/end markers)."""
     out = tmp_path_factory.mktemp("video-bundle") / "b"
     qwen = "Qwen" in type(video_model).__name__
-    tokens = 4 * (63 if qwen else adapter_for(video_model).tokens_per_image())
+    tokens = 4 * (63 if qwen else adapter_for(video_model).tokens_per_frame())
     stages = [(1, tokens // 2), (2, tokens // 4), (3, tokens // 12)]
     size = {"image_size": (56, 72)} if qwen else {}
     text_len = (

@@ -72,13 +72,15 @@ def tiny_llava_next_video_config() -> LlavaNextVideoConfig:
     return LlavaNextVideoConfig(
         vision_config=vision, text_config=text, image_token_id=90, video_token_id=VIDEO_TOKEN,
         spatial_pool_stride=2, spatial_pool_mode="average", vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=-2, image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]],
     )  # fmt: skip
 
 
 def save_tiny_llava_next_video(path):
     torch.manual_seed(0)
     model = LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config()).eval()
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 0.2)
     return _widen_and_reload(model, LlavaNextVideoForConditionalGeneration, path)
 
 

@@ -46,9 +46,18 @@ class ModelAdapter(ABC):
     layers_path: ClassVar[str] = ""
     # Graph inputs after (input_ids, attention_mask), in order; absent ones (no image) are left out.
     graph_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # The pixel input of each modality a family takes (one modality per compile).
+    modalities: ClassVar[dict[str, str]] = {"image": "pixel_values", "video": "pixel_values_videos"}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def modality(self, inputs: dict) -> str | None:
+        """The modality of processor ``inputs`` ("image" or "video"), or None for text only."""
+        present = [modality for modality, name in self.modalities.items() if inputs.get(name) is not None]
+        if len(present) > 1:
+            raise ValueError("a prompt with both images and a video has no single layout; compile one modality")
+        return present[0] if present else None
 
     def decoder(self) -> nn.Module:
         """The text decoder (has ``.layers``, ``.norm`` and ``.rotary_emb``); transformers' MLLMs keep it here."""

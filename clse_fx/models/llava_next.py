@@ -90,13 +90,16 @@ class LlavaNextAdapter(ModelAdapter):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         image_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The model's prefill with the image features packed for all images at once. transformers packs them
         image by image from a Python list as long as the batch, which would fix the batch in the trace; the
-        result is the same (the unmodified model is the oracle in the tests)."""
+        result is the same (the unmodified model is the oracle in the tests). Videos (families that take them)
+        go through transformers' own path, which handles the whole batch at once."""
         if pixel_values is None:
-            return super().prefill_logits(input_ids, attention_mask)
+            videos = {} if pixel_values_videos is None else {"pixel_values_videos": pixel_values_videos}
+            return super().prefill_logits(input_ids, attention_mask, **videos)
         embeds = self.model.get_input_embeddings()(input_ids)
         features = self.packed_image_features(pixel_values, image_size).to(embeds.dtype)
         mask = (input_ids == self.visual_token_ids()[0])[..., None].expand_as(embeds)

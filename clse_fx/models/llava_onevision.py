@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from clse_fx.models.base import Family, ModelAdapter, register_family
+from clse_fx.models.base import Family, register_family
 from clse_fx.models.llava import fixed_resolution
 from clse_fx.models.llava_next import LlavaNextAdapter, LlavaNextDeploy, LlavaNextExamples
 from clse_fx.plan import Layout
@@ -34,16 +34,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """Side of a video frame's grid after the 2x bilinear pooling."""
         return math.ceil(self.side() / 2)
 
-    def modality(self, inputs: dict) -> str | None:
-        present = [
-            m
-            for m, name in (("image", "pixel_values"), ("video", "pixel_values_videos"))
-            if inputs.get(name) is not None
-        ]
-        if len(present) > 1:
-            raise ValueError("a prompt with both an image and a video has no single layout; compile one modality")
-        return present[0] if present else None
-
     def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:
         if self.modality(inputs) != "video":
             return super().visual_layout(num_visual, **inputs)
@@ -51,18 +41,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if num_visual != frames * side * side + 1:
             raise ValueError(f"{num_visual} video tokens, but {frames} frames make {frames * side * side + 1}")
         return (("grid", frames, side, side), ("extra", 1))
-
-    def prefill_logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        image_size: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        if pixel_values_videos is not None:  # transformers' video path handles the whole batch at once
-            return ModelAdapter.prefill_logits(self, input_ids, attention_mask, pixel_values_videos=pixel_values_videos)
-        return super().prefill_logits(input_ids, attention_mask, pixel_values, image_size)
 
 
 class LlavaOnevisionExamples(LlavaNextExamples):

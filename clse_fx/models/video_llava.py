@@ -10,8 +10,6 @@ from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapte
 from clse_fx.models.llava import fixed_resolution
 from clse_fx.plan import LLAVA_SCHEDULE, Layout, grid_layout
 
-MODALITIES = {"image": "pixel_values", "video": "pixel_values_videos"}
-
 
 class VideoLlavaAdapter(ModelAdapter):
     schedule = LLAVA_SCHEDULE
@@ -32,12 +30,6 @@ class VideoLlavaAdapter(ModelAdapter):
         if self.model.config.vision_feature_select_strategy != "default":
             raise ValueError("only vision_feature_select_strategy='default' (CLS dropped from images) is supported")
         return self.side() ** 2
-
-    def modality(self, inputs: dict) -> str | None:
-        present = [name for name, pixels in MODALITIES.items() if inputs.get(pixels) is not None]
-        if len(present) > 1:
-            raise ValueError("a prompt with both images and a video has no single layout; compile one modality")
-        return present[0] if present else None
 
     def visual_layout(self, num_visual: int, **inputs: torch.Tensor) -> Layout:
         side, per_image = self.side(), self.tokens_per_image()
