@@ -8,7 +8,7 @@ from benchmarks import geometry
 from clse_fx.compiler import pass_settings, prune_prefill
 from clse_fx.metrics import count_flops, kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
 from clse_fx.models import adapter_for, examples_for
-from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.plan import PruneConfig, plan_budget, scored_count
 
 PAPER = {"flops_ratio_192": 2.28, "kv_ratio_192": 5.59}
 
@@ -38,8 +38,10 @@ def family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dic
     under both policies, per budget, on weightless graphs; ``cpu_inputs`` are the same prompt with readable ids
     (for the plan)."""
     adapter = adapter_for(model)
-    num_visual = int(adapter.visual_mask(cpu_inputs["input_ids"]).sum())
-    other = cpu_inputs["input_ids"].shape[1] - num_visual  # text and any vision start/end markers
+    count = adapter.visual_count(cpu_inputs["input_ids"])
+    layout = adapter.visual_layout(count, **{k: v for k, v in cpu_inputs.items() if k != "input_ids"})
+    num_visual = scored_count(layout)  # budgets count grid tokens (docs/method.md#token-layouts)
+    other = cpu_inputs["input_ids"].shape[1] - num_visual  # text, vision start/end markers and extra tokens
     text_cfg = model.config.get_text_config()
     unpruned_flops = unpruned_prefill_flops(model, meta_inputs)
     rows = []
@@ -96,25 +98,81 @@ def qwen2_vl_7b(budgets=(0.334, 0.223, 0.112), text_len: int = 40, side: int = 2
     }
 
 
-def llava_next_video_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> dict:
-    """LLaVA-NeXT-Video-7B, ``frames`` frames of 12x12 pooled tokens, budget as average visual tokens per layer
-    (the paper's Video-LLaVA row is at 194; Video-LLaVA itself keeps a CLS token per frame, so has no grid)."""
-    model = geometry.llava_next_video_7b()
-    cpu = examples_for(model).example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), frames=frames)
-    meta = {name: tensor.to("meta") for name, tensor in cpu.items()}
-    video = meta["pixel_values_videos"]
-    vision_flops = count_flops(lambda px: model.model.get_video_features(pixel_values_videos=px), video)
+def example_family(name: str, model, budgets, text_len: int, vision, **geometry_args) -> dict:
+    """FLOP and KV rows for a family's own example prompt (one image or video of ``geometry_args``), with the
+    vision tower's FLOPs (``vision(meta_inputs)``) stated separately and taken out for the LLM-only ratio."""
+    adapter = adapter_for(model)
+    cpu = examples_for(model).example_inputs(1, text_len, 1, torch.Generator().manual_seed(0), **geometry_args)
+    meta = {key: tensor if key == "image_sizes" else tensor.to("meta") for key, tensor in cpu.items()}
+    vision_flops = count_flops(lambda: vision(meta))
     rows = family_rows(model, budgets, cpu, meta)
     for row in rows:
         row["llm_flops_ratio"] = (row["flops_unpruned"] - vision_flops) / (row["flops_pruned"] - vision_flops)
+    count = adapter.visual_count(cpu["input_ids"])
+    layout = adapter.visual_layout(count, **{k: v for k, v in cpu.items() if k != "input_ids"})
     return {
-        "model": f"LLaVA-NeXT-Video-7B geometry (meta device), {frames} frames x 12x12, vision tower included",
+        "model": f"{name} geometry (meta device), vision tower included",
         "text_tokens": text_len,
-        "visual_tokens": frames * 144,
+        "visual_tokens": count,
+        "scored_visual_tokens": scored_count(layout),
+        "layout": [list(segment) for segment in layout],
         "vision_tower_flops": vision_flops,
-        "paper_video_llava_194": {"flops_ratio": 9.35, "kv_ratio": 8.70, "visual_tokens": 2048},
         "rows": rows,
     }
+
+
+def video_family(name: str, model, budgets, text_len: int, frames: int) -> dict:
+    """A video family at ``frames`` frames, its video tower's FLOPs stated separately."""
+    return example_family(
+        name,
+        model,
+        budgets,
+        text_len,
+        lambda meta: model.model.get_video_features(pixel_values_videos=meta["pixel_values_videos"]),
+        frames=frames,
+    )
+
+
+def llava_next_video_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> dict:
+    """LLaVA-NeXT-Video-7B, ``frames`` frames of 12x12 pooled tokens."""
+    name = f"LLaVA-NeXT-Video-7B, {frames} frames x 12x12"
+    return video_family(name, geometry.llava_next_video_7b(), budgets, text_len, frames)
+
+
+def video_llava_7b(budgets=(194,), text_len: int = 40, frames: int = 8) -> dict:
+    """Video-LLaVA-7B, ``frames`` frames of [CLS, 16x16 grid] (2056 video tokens, 2048 scored), beside the
+    paper's Video-LLaVA figures at budget 194."""
+    name = f"Video-LLaVA-7B, {frames} frames x (CLS + 16x16)"
+    result = video_family(name, geometry.video_llava_7b(), budgets, text_len, frames)
+    result["paper_video_llava_194"] = {
+        "flops_ratio": 9.35, "kv_ratio": 8.70, "prefill_speedup": 2.73, "throughput": 2.28, "visual_tokens": 2048
+    }  # fmt: skip
+    return result
+
+
+def anyres_7b(name: str, model, budgets, image_size: tuple[int, int], text_len: int = 40) -> dict:
+    """An any-resolution family (LLaVA-NeXT, LLaVA-OneVision) at one ``image_size``."""
+    adapter = adapter_for(model)
+    return example_family(
+        f"{name} at {image_size[0]}x{image_size[1]} px",
+        model,
+        budgets,
+        text_len,
+        lambda meta: adapter.packed_image_features(meta["pixel_values"], image_size),
+        image_size=image_size,
+    )
+
+
+def llava_next_7b(budgets=(640, 320, 160)) -> dict:
+    """LLaVA-NeXT-7B at 672 x 672 px (576 base + 48x48 tiled tokens + 48 newlines); budgets as the LLaVA-NeXT
+    pruning literature quotes them (about 22%, 11% and 5.6% of its 2880 grid tokens)."""
+    return anyres_7b("LLaVA-NeXT-7B", geometry.llava_next_7b(), budgets, (672, 672))
+
+
+def llava_onevision_7b(budgets=(0.334, 0.223, 0.112)) -> dict:
+    """LLaVA-OneVision-7B at 768 x 768 px (729 base + 54x54 tiled tokens + 54 newlines); budgets as shares of the
+    grid tokens, LLaVA-1.5's 192/128/64 of 576."""
+    return anyres_7b("LLaVA-OneVision-7B", geometry.llava_onevision_7b(), budgets, (768, 768))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,16 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     LlavaNextVideoConfig,
     LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
 )
 
 
@@ -107,3 +113,47 @@ def llava_next_video_7b() -> LlavaNextVideoForConditionalGeneration:
         vision_feature_layer=-2,
     )  # fmt: skip
     return _on_meta(LlavaNextVideoForConditionalGeneration, config)
+
+
+def video_llava_7b() -> VideoLlavaForConditionalGeneration:
+    """Published Video-LLaVA-7B, weightless: LanguageBind ViT-L/14 at 224 px (16x16 patches, a CLS token kept per
+    video frame: 8 x 257 = 2056 video tokens), Vicuna-7B."""
+    base = llava_config(**LLAVA_7B)
+    vision = base.vision_config
+    vision.image_size = 224
+    config = VideoLlavaConfig(
+        vision_config=vision, text_config=base.text_config, image_token_index=32000, video_token_index=32001,
+        vision_feature_select_strategy="default", vision_feature_layer=-2, video_seq_length=2056,
+    )  # fmt: skip
+    return _on_meta(VideoLlavaForConditionalGeneration, config)
+
+
+def llava_next_7b() -> LlavaNextForConditionalGeneration:
+    """Published LLaVA-NeXT-7B (llava-v1.6-vicuna-7b), weightless: CLIP ViT-L/14-336 tiles, Vicuna-7B."""
+    base = llava_config(**LLAVA_7B)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_index=32000,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )  # fmt: skip
+    return _on_meta(LlavaNextForConditionalGeneration, config)
+
+
+def llava_onevision_7b() -> LlavaOnevisionForConditionalGeneration:
+    """Published LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov), weightless: SigLIP so400m/14 at 384 px (27x27
+    per tile, no CLS), anyres_max_9 over 384..2304 px tilings, Qwen2-7B (28 layers, 3584 wide, 4 KV heads)."""
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+        num_attention_heads=16, image_size=384, patch_size=14,
+    )  # fmt: skip
+    text = dict(
+        model_type="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, pad_token_id=0,
+    )  # fmt: skip
+    pinpoints = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=151646, video_token_index=151647,
+        image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )  # fmt: skip
+    return _on_meta(LlavaOnevisionForConditionalGeneration, config)
