@@ -1,6 +1,6 @@
 """clse-compile end to end, and its answers to bad input."""
 
-import json
+import re
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,19 +59,29 @@ def test_compile_end_to_end(tiny_llava_dir, tmp_path, capsys):
         read_manifest(out_dir)
 
 
-def test_demo_and_dump_graph(tmp_path, capsys):
-    dump = tmp_path / "graph.txt"
-    argv = ["--demo", "--stages", "2:6", "-o", str(tmp_path / "demo"), "--dump-graph", str(dump), "--merge", "tome"]
-    code, out, err = _run(capsys, *argv)
-    assert code == 0, err
-    assert "insert_clse_stages" in dump.read_text() and "place_merged" in dump.read_text()
-    assert "graph dump" in out and "tome (similarity on hidden)" in out and "manifest.json" in out
-    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
-    assert manifest["plan"]["stages"] == [[2, 6]] and manifest["plan"]["merge"] == "tome"
-    assert (
-        manifest["parity"]["reference_max_abs_logits"] <= 1e-5
-        and manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4
-    )
+def test_progress_on_a_terminal_shows_each_phase_with_its_seconds():
+    import io
+
+    from rich.console import Console
+
+    from clse_fx.cli import phase_progress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    with phase_progress(console)("tracing the prefill"):
+        pass
+    assert re.search(r"tracing the prefill \(\d+\.\ds\)", console.file.getvalue())
+
+
+def test_warnings_print_as_one_line(capsys):
+    import warnings
+
+    from clse_fx.cli import _one_line_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _one_line_warnings()
+        warnings.warn("running on CPU", stacklevel=1)
+    assert capsys.readouterr().err == "warning: running on CPU\n"
 
 
 @pytest.fixture

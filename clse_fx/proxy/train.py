@@ -83,12 +83,23 @@ def training_batch(
 @torch.no_grad()
 def predict(model, tokenizer, items: list[data.Item], batch: int = 50) -> list[str]:
     """Eager greedy answer word for each item (argmax over the whole vocabulary, decoded)."""
+    return [word for word, _ in predict_with_stop(model, tokenizer, items, batch)]
+
+
+@torch.no_grad()
+def predict_with_stop(model, tokenizer, items: list[data.Item], batch: int = 50) -> list[tuple[str, bool]]:
+    """Eager greedy answer word for each item, and whether the greedy token after it is the EOS token."""
     num_visual = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    words = []
+    answers = []
     for start in range(0, len(items), batch):
-        logits = model(**_batch(tokenizer, items[start : start + batch], num_visual), logits_to_keep=1).logits
-        words += tokenizer.convert_ids_to_tokens(logits[:, -1].argmax(-1).tolist())
-    return words
+        feeds = _batch(tokenizer, items[start : start + batch], num_visual)
+        word = model(**feeds, logits_to_keep=1).logits[:, -1].argmax(-1)
+        feeds["input_ids"] = torch.cat([feeds["input_ids"], word[:, None]], dim=1)
+        feeds["attention_mask"] = torch.cat([feeds["attention_mask"], torch.ones_like(word[:, None])], dim=1)
+        after = model(**feeds, logits_to_keep=1).logits[:, -1].argmax(-1)
+        stops = (after == tokenizer.eos_token_id).tolist()
+        answers += list(zip(tokenizer.convert_ids_to_tokens(word.tolist()), stops))
+    return answers
 
 
 def curriculum(step: int, steps: int) -> tuple[int, int]:
@@ -228,7 +239,10 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
     config = proxy_config(num_layers=args.layers, hidden_size=args.hidden)
-    model = LlavaForConditionalGeneration(config)
+    # --init fine-tunes a trained checkpoint (same config) instead of starting from random weights.
+    model = (
+        LlavaForConditionalGeneration.from_pretrained(args.init) if args.init else LlavaForConditionalGeneration(config)
+    )
     num_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     grid = config.vision_config.image_size // config.vision_config.patch_size
     # Auxiliary head (not saved) on the projector output: per-patch objectness, colour, shape, object
@@ -259,7 +273,8 @@ def train(args: argparse.Namespace) -> dict:
     best, history = -1.0, []
     for step in range(args.steps):
         model.train()
-        items = [data.make_item(rng, objects=curriculum(step, args.steps)) for _ in range(args.batch)]
+        objects = (2, 4) if args.init else curriculum(step, args.steps)  # a trained model sees the test distribution
+        items = [data.make_item(rng, objects=objects) for _ in range(args.batch)]
         follow_ups = [data.follow_up_questions(rng, i.shapes, args.questions - 1) for i in items]
         feeds, (rows, positions), targets, question_words = training_batch(tokenizer, items, follow_ups, num_visual)
         outputs = model(**feeds, output_hidden_states=bool(args.lookup_weight))
@@ -292,7 +307,9 @@ def train(args: argparse.Namespace) -> dict:
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     test = data.make_split("test")
     record = json.loads((out / "training.json").read_text())
-    record["test"] = accuracy_report(predict(model, tokenizer, test), test)
+    answers = predict_with_stop(model, tokenizer, test)
+    record["test"] = accuracy_report([word for word, _ in answers], test)
+    record["test"]["stops_after_answer"] = sum(stop for _, stop in answers) / len(answers)
     record["history"] = history
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -302,6 +319,8 @@ def _write_record(out: Path, args: argparse.Namespace, step: int, start: float, 
     record = {
         "command": "python -m clse_fx.proxy.train " + " ".join(sys.argv[1:]),
         "seed": args.seed,
+        "init": args.init,  # the checkpoint fine-tuned (its own record under "base"), or None from scratch
+        "base": json.loads((Path(args.init) / "training.json").read_text()) if args.init else None,
         "steps_planned": args.steps,
         "checkpoint_step": step,
         "batch": args.batch,
@@ -342,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookup-layer", type=int, default=3, help="hidden state (0 = embeddings) it reads")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = never)")
+    parser.add_argument("--init", help="fine-tune this trained checkpoint instead of training from scratch")
     args = parser.parse_args(argv)
     record = train(args)
     print(json.dumps({k: record[k] for k in ("checkpoint_step", "val", "test")}, indent=2))

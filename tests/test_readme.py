@@ -1,0 +1,85 @@
+"""The README's first command and its sample questions, run exactly as the README writes them."""
+
+import contextlib
+import io
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from clse_fx.cli import compile_main, run_main
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+DEMO_OUTPUT = "clse-out/demo"
+
+
+def _first_compile() -> list[str]:
+    """The arguments of the README's first command's ``clse-compile`` (the last command of its first line)."""
+    line = next(line for line in README.splitlines() if "clse-compile --demo" in line)
+    argv = shlex.split(line.split("&&")[-1])
+    assert argv[0].endswith("clse-compile") and argv[argv.index("-o") + 1] == DEMO_OUTPUT
+    return argv[1:]
+
+
+def _sample_questions() -> list[tuple[list[str], str]]:
+    """Each README ``clse-run`` on the demo bundle: (its arguments, the answer its comment promises)."""
+    samples = re.findall(r"^\S*clse-run (" + DEMO_OUTPUT + r" .*?)\s+# (\w+)$", README, flags=re.MULTILINE)
+    return [(shlex.split(command), answer) for command, answer in samples]
+
+
+def _captured(main, argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's first command, run into a temporary dir with the graph dumped: (bundle, stdout, dump)."""
+    base = tmp_path_factory.mktemp("readme")
+    argv = [str(base / "demo") if arg == DEMO_OUTPUT else arg for arg in _first_compile()]
+    code, out, err = _captured(compile_main, [*argv, "--dump-graph", str(base / "graph.txt")])
+    assert code == 0, err
+    return base / "demo", out, base / "graph.txt"
+
+
+def test_first_command_reports_every_phase_and_the_true_average(demo):
+    bundle, out, dump = demo
+    # Without a terminal, one plain line per phase, stamped with the seconds so far.
+    phases = re.findall(r"^\[\s*(\d+\.\d)s\] (.+)$", out, flags=re.MULTILINE)
+    names = [name for _, name in phases]
+    assert names[0] == "loading the checkpoint" and "parity with the eager reference pruner" in names
+    assert len(names) >= 6 and [float(t) for t, _ in phases] == sorted(float(t) for t, _ in phases)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    plan = manifest["plan"]
+    average = sum(plan["visual_tokens_per_layer"]) / len(plan["visual_tokens_per_layer"])
+    assert plan["avg_visual_tokens"] == average and plan["budget"] == float(
+        _first_compile()[_first_compile().index("--keep") + 1]
+    )
+    report = re.sub(r"[│\s]+", " ", out)  # the table's rows, unwrapped
+    assert f"{average:.1f} on average over 6 layers (budget {plan['budget']:g}, score clse)" in report
+    assert manifest["source"]["name"] == "demo" and Path(manifest["source"]["path"]).is_absolute()
+    assert f"graph dump: {dump}\n" in out and f"bundle: {bundle}\n" in out and "manifest.json" in report
+    assert "insert_clse_stages" in dump.read_text()
+    assert manifest["parity"]["reference_kept_identical"] and manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4
+
+
+def test_sample_questions_get_the_answers_the_readme_shows(demo):
+    bundle = demo[0]
+    samples = _sample_questions()
+    assert len(samples) >= 6
+    for argv, answer in samples:
+        argv = [
+            str(bundle) if arg == DEMO_OUTPUT else str(ROOT / arg) if arg.startswith("examples/") else arg
+            for arg in argv
+        ]
+        code, out, err = _captured(run_main, [*argv, "--json"])
+        assert code == 0, err
+        result = json.loads(out)["results"][0]
+        assert result["text"].strip() == answer, (argv, result)
+        # The demo model stops on its own: the answer word, then EOS.
+        assert len(result["token_ids"]) == 2, result
