@@ -28,7 +28,7 @@ from clse_fx.export.targets import TARGETS, builders
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
 from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, supported_architectures
 from clse_fx.options import CompileOptions
-from clse_fx.plan import PruneConfig, check_layout, layout_grids, plan_budget, scored_count
+from clse_fx.plan import PruneConfig, check_layout, extra_positions, layout_grids, plan_budget, scored_count
 from clse_fx.reference import ReferenceOutput, reference_prune
 
 Progress = Callable[[str], contextlib.AbstractContextManager]
@@ -228,6 +228,7 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
             "text_len": options.text_len,
             "images": options.images,
             "num_visual": plan.num_visual,
+            "visual_tokens_per_prompt": plan.num_visual + len(extra_positions(layout)),  # scored + extras
             "layout": [list(segment) for segment in layout],
             **({"grid": list(layout_grids(layout)[0])} if len(layout) == 1 else {}),  # one grid: as before
             "sequence_length": sequence_length,
@@ -235,6 +236,7 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
             **deploy_recipe_for(model).compiled_geometry(inputs),
         },
         image_token_id=adapter.visual_token_ids()[0],
+        visual_token_ids=list(adapter.visual_token_ids()),
         pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else 0,
         eos_token_id=model.generation_config.eos_token_id,
         max_position_embeddings=getattr(text_config, "max_position_embeddings", None),

@@ -66,6 +66,48 @@ class SamplingConfig:
 GREEDY = SamplingConfig()
 
 
+def check_prompt_feeds(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    shape: tuple[int, int],
+    visual_token_ids: list[int],
+    per_prompt: int,
+) -> None:
+    """Refuse feeds the prefill graph was not built for, with a one-line error: ids or mask not of the compiled
+    ``shape`` [batch, sequence], non-integer ids, a mask that is not 0/1 or not left padded (zeros, then ones) or
+    holds no token, or a row whose visual placeholders are not exactly the compiled ``per_prompt`` or sit in
+    the padding. The graph indexes visual tokens by count, so these would fail deep inside it or answer
+    silently wrong."""
+    for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(
+                f"{name} has shape {list(array.shape)} but the bundle was compiled for {list(shape)}; "
+                "recompile with matching --batch/--text-len"
+            )
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    if not (np.issubdtype(attention_mask.dtype, np.integer) or attention_mask.dtype == np.bool_):
+        raise ValueError(f"attention_mask must be integers 0/1, got {attention_mask.dtype}")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt tokens)")
+    length = input_ids.shape[1]
+    for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+        tokens = int(mask.sum())
+        if tokens == 0:
+            raise ValueError(f"row {row}: the attention mask is all zeros; every row needs its prompt")
+        if not mask[length - tokens :].all():
+            raise ValueError(f"row {row}: the attention mask is not left padded (zeros, then ones); pad on the left")
+        visual = np.isin(ids, visual_token_ids)
+        count = int(visual.sum())
+        if count != per_prompt:
+            raise ValueError(
+                f"row {row} holds {count} visual placeholder tokens but the bundle was compiled for {per_prompt} per "
+                "prompt; give each prompt exactly its compiled images (the processor writes their tokens)"
+            )
+        if (visual & (mask == 0)).any():
+            raise ValueError(f"row {row}: visual placeholder tokens sit in the padding; put them inside the prompt")
+
+
 def _check_sampling(sampling: object) -> None:
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(
@@ -240,6 +282,7 @@ class Engine:
         """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token.
         ``rng`` defaults to ``sampling.rng()``."""
         _check_sampling(sampling)
+        self.check_feeds(feeds)
         decode_names = list(self.decode.inputs)[3:]
 
         def decode(input_ids, position_ids, pad_counts, past):
@@ -262,6 +305,18 @@ class Engine:
         )
         timings.prefill_ms += pipeline_ms
         return rows, timings
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """:func:`check_prompt_feeds` against this bundle's compiled geometry (bundles written before the
+        manifest named every visual token id and count fall back to the image token and ``num_visual``)."""
+        geometry, manifest = self.manifest["geometry"], self.manifest
+        check_prompt_feeds(
+            np.asarray(feeds["input_ids"]),
+            np.asarray(feeds["attention_mask"]),
+            (self.batch, self.sequence_length),
+            manifest.get("visual_token_ids", [manifest["image_token_id"]]),
+            geometry.get("visual_tokens_per_prompt", geometry["num_visual"]),
+        )
 
     def run_input_graphs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the bundle's pre-prefill graphs (e.g. vision tower, M-RoPE index) in order, adding their outputs."""

@@ -31,6 +31,7 @@ def test_compile_end_to_end(tiny_llava_dir, tmp_path, capsys):
         "text_len": 12,
         "images": 1,
         "num_visual": 36,
+        "visual_tokens_per_prompt": 36,
         "layout": [["grid", 1, 6, 6]],
         "grid": [1, 6, 6],
         "sequence_length": 48,

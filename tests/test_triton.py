@@ -3,6 +3,7 @@ the Python-backend generation model, run against a stand-in for Triton's BLS API
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import types
@@ -59,6 +60,40 @@ def _feeds(engine: Engine) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40 + 9 * i, 50, 3), dtype=np.uint8)) for i in range(2)]
     return engine.encode(images, ["describe ?", "how many red star ?"])
+
+
+def bad_feeds(feeds: dict[str, np.ndarray], image_token: int, pad: int) -> list[tuple[dict, str]]:
+    """Compiled-shape feeds the prefill graph was not built for, each with the start of the error it must get."""
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    no_image, extra_image, padded_image = ids.copy(), ids.copy(), ids.copy()
+    no_image[0][no_image[0] == image_token] = pad + 7  # 0 image tokens in row 0
+    text = (extra_image[1] != image_token) & (mask[1] == 1)
+    extra_image[1, np.argmax(text)] = image_token  # one image token too many in row 1
+    first_real = int(np.argmax(mask[0]))
+    if first_real:  # move one of row 0's image tokens into its padding: the right count, in the wrong place
+        padded_image[0, np.argmax(ids[0] == image_token)] = pad + 7
+        padded_image[0, first_real - 1] = image_token
+    holed = mask.copy()
+    holed[0, -1] = 0  # a zero after the ones: not left padded
+    cases = [
+        (dict(feeds, input_ids=no_image), "row 0 holds 0 visual placeholder tokens"),
+        (dict(feeds, input_ids=extra_image), "row 1 holds"),
+        (dict(feeds, attention_mask=np.zeros_like(mask)), "row 0: the attention mask is all zeros"),
+        (dict(feeds, attention_mask=holed), "row 0: the attention mask is not left padded"),
+        (dict(feeds, input_ids=ids.astype(np.float32)), "input_ids must be integer token ids"),
+        (dict(feeds, input_ids=ids[:, 1:], attention_mask=mask[:, 1:]), "input_ids has shape"),
+    ]
+    if first_real:  # the prompt is shorter than the compiled text length: there is padding to misuse
+        cases.append((dict(feeds, input_ids=padded_image), "row 0: visual placeholder tokens sit in the padding"))
+    return cases
+
+
+def test_engine_refuses_feeds_it_was_not_built_for(compiled):
+    engine = Engine.load(compiled[0])
+    feeds = _feeds(engine)
+    for bad, message in bad_feeds(feeds, engine.manifest["image_token_id"], engine.pad_id):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            engine.generate_ids(bad, 4)
 
 
 def test_every_config_parses_and_matches_its_onnx_file(compiled):
@@ -243,7 +278,13 @@ def test_generation_model_equals_engine(compiled, monkeypatch):
         backend.request(dict(feeds, do_sample=np.array([True]), temperature=np.array([np.inf], np.float32))),
         backend.request(dict(feeds, seed=np.array([-1], np.int64))),
     ]
-    greedy, too_many, sample, infinite, negative = model.execute(requests)
+    malformed = bad_feeds(feeds, engine.manifest["image_token_id"], engine.pad_id)
+    requests += [backend.request(bad) for bad, _ in malformed if bad["input_ids"].dtype == np.int64]
+    greedy, too_many, sample, infinite, negative, *refused = model.execute(requests)
+    # Refused before any model ran: an error each, and the prefill is only called for the two good requests.
+    expected_errors = [message for bad, message in malformed if bad["input_ids"].dtype == np.int64]
+    for response, message in zip(refused, expected_errors, strict=True):
+        assert response.has_error() and message in response.error().message(), message
     assert _answers(backend, greedy) == engine.generate_ids(feeds, 12, stops=stops)[0]
     assert too_many.has_error() and "max_new_tokens must be between 1 and 256" in too_many.error().message()
     expected = engine.generate_ids(feeds, 6, SamplingConfig(do_sample=True, top_k=5, seed=3), stops=stops)[0]

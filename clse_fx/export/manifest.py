@@ -61,6 +61,7 @@ class Manifest:
     plan: PlanSection
     geometry: dict  # batch, text_len, images, num_visual, grid, sequence_length, pruned_length + the family's
     image_token_id: int
+    visual_token_ids: list[int]  # every id that marks a visual position (image and video placeholders)
     pad_token_id: int
     eos_token_id: int | list[int] | None
     max_position_embeddings: int | None  # caps prompt + generation

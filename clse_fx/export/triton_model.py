@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from clse_runtime import SamplingConfig, generation_loop
+from clse_runtime import SamplingConfig, check_prompt_feeds, generation_loop
 
 
 class TritonPythonModel:
@@ -70,6 +70,13 @@ class TritonPythonModel:
             seed=None if seed is None else int(seed),
         )
         feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in settings["inputs"]}
+        check_prompt_feeds(  # before any model runs: a bad request is this request's error, never a wrong answer
+            feeds["input_ids"],
+            feeds["attention_mask"],
+            settings["shape"],
+            settings["visual_token_ids"],
+            settings["visual_tokens_per_prompt"],
+        )
         for graph in settings["pipeline"]:  # as Engine.run_input_graphs: each adds its outputs to the feeds
             feeds.update(zip(graph["outputs"], self._infer(graph, feeds)))
         ids, _ = generation_loop(
