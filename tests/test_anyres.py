@@ -78,13 +78,12 @@ def _check_tiled_layout(model, size, tiled):
     [
         ((64, 64), 1, "clse_attn", (2, 4, 10)),
         ((40, 64), 2, "clse", (3,)),
-        ((32, 96), 1, "uniform", (2, 5)),
     ],
 )
 def test_pass_equals_reference(family, size, images, score, fractions):
     name, model = family
-    if images > 1 and name == "llava_onevision":
-        pytest.skip("LLaVA-OneVision bundles take one image per prompt (several images are not tiled)")
+    if images > 1 and name != "llava_next":  # one multi-image case: the packing code is LLaVA-NeXT's for all three
+        pytest.skip("LLaVA-OneVision takes one image per prompt; LLaVA-NeXT-Video's stills run LLaVA-NeXT's code")
     inputs, scored = _inputs(model, size, images)
     stages = [(layer, scored // fraction) for layer, fraction in zip((1, 2, 3), fractions)]
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages), score=score)
@@ -107,8 +106,12 @@ def test_budget_of_all_tokens_equals_unmodified_model(model):
 
 
 def test_bundle_generation_equals_reference(family, tmp_path):
-    """A batch-2 bundle compiled for 40 x 64 images: ONNX Runtime == PyTorch, 16 greedy tokens == reference."""
+    """A batch-2 bundle compiled for 40 x 64 images: ONNX Runtime == PyTorch, 16 greedy tokens == reference.
+    (LLaVA-NeXT-Video's stills run LLaVA-NeXT's adapter code, whose bundle this checks; its graph is checked
+    above, its video bundle in test_video.py.)"""
     name, model = family
+    if name == "llava_next_video":
+        pytest.skip("same image path as LLaVA-NeXT's bundle; kept out for the suite's time budget")
     size = (40, 64)
     inputs, scored = _inputs(model, size)
     stages = [(1, scored // 2), (2, scored // 4), (3, scored // 10)]
@@ -145,7 +148,7 @@ def onevision(tmp_path_factory):
     return save_tiny_llava_onevision(tmp_path_factory.mktemp("onevision"))
 
 
-@pytest.mark.parametrize(("frames", "score"), [(4, "clse_attn"), (8, "clse")])
+@pytest.mark.parametrize(("frames", "score"), [(4, "clse_attn")])
 def test_onevision_video_pass_equals_reference(onevision, frames, score):
     inputs, scored = _video_inputs(onevision, frames)
     layout = adapter_for(onevision).visual_layout(scored + 1, pixel_values_videos=inputs["pixel_values_videos"])

@@ -149,7 +149,7 @@ def test_bad_input(tiny_llava, bundles, tmp_path):
         engine.generate([image], ["what"], 4, True)  # the old positional do_sample
     ids, pixels = _feeds(tiny_llava, 2)
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
-    with pytest.raises(ValueError, match=r"input_ids has shape \[2, 44\] but prefill.onnx was compiled for \[1, 44\]"):
+    with pytest.raises(ValueError, match=r"input_ids has shape \[2, 44\] but the bundle was compiled for \[1, 44\]"):
         engine.generate_ids(feeds, 4)
     with pytest.raises(ValueError, match=r"pixel_values has shape \[1, 3, 40, 40\] but prefill.onnx was compiled"):
         engine.generate_ids(

@@ -75,6 +75,11 @@ def qwen_bundle(qwen, tmp_path_factory):
     """A bundle written by clse-compile from the saved checkpoint."""
     from clse_fx.cli import compile_main
 
+    if "2_5" in type(qwen).__name__:
+        # Qwen2.5-VL's bundle path (its own vision tower, M-RoPE with frame timing) is built by the video bundle
+        # of test_video.py; one bundle per Qwen family keeps the suite within its time budget.
+        pytest.skip("Qwen2.5-VL's bundle is test_video.py's")
+
     out = tmp_path_factory.mktemp("bundle") / "b"
     argv = [qwen.name_or_path, "--stages", STAGES, "--batch", "2", "--text-len", "8", "--image-size", "56x72"]
     assert compile_main([*argv, "-o", str(out)]) == 0

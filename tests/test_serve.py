@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import clse_fx
 from clse_fx.cli import serve_main
 from clse_fx.runtime import Engine, SamplingConfig
 from clse_fx.serve import Limits, RequestError, max_new_tokens_limit, parse_request, run_batch
@@ -42,13 +41,9 @@ def _b64(image: Image.Image) -> str:
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_llava, tiny_llava_dir, tmp_path_factory):
-    from transformers import AutoProcessor
-
-    out = tmp_path_factory.mktemp("serve") / "bundle"
-    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    clse_fx.compile(tiny_llava, keep=8, batch=2, text_len=TEXT_LEN, output_dir=out, processor=processor)
-    return out
+def bundle(cli_bundle):
+    """The shared batch-2 bundle (--keep 8, text length TEXT_LEN)."""
+    return cli_bundle[0]
 
 
 @pytest.fixture(scope="module")

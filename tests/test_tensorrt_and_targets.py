@@ -6,9 +6,10 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from PIL import Image
 
 import clse_fx
-from clse_fx.cli import compile_main
+from clse_fx.cli import compile_main, run_main
 from clse_fx.compiler import prune_prefill
 from clse_fx.export.onnxruntime import select_providers
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
@@ -88,17 +89,36 @@ def test_flags_nonzero_complex_and_integer_cumsum_and_bool_scatter():
     assert "complex tensor" in flagged["complex_value"]
 
 
-def test_emitted_bundle_is_tensorrt_ready(tiny_llava_dir, tmp_path, capsys):
+def test_emitted_bundle_is_tensorrt_ready_and_the_gpu_target_falls_back_to_cpu(tiny_llava_dir, tmp_path, capsys):
+    """One onnxruntime-gpu bundle: every node TensorRT-ready; without a CUDA provider, compiling and loading it
+    say (in one line) that it runs on the CPU."""
+    import onnxruntime
+
     out = tmp_path / "bundle"
     argv = [str(tiny_llava_dir), "--stages", "1:20,2:10,3:4", "--batch", "2", "-o", str(out), "--check", "tensorrt"]
-    assert compile_main(argv) == 0
-    assert "TensorRT readiness: every node accepted (prefill, decode)" in capsys.readouterr().out
+    assert compile_main([*argv, "--target", "onnxruntime-gpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "TensorRT readiness: every node accepted (prefill, decode)" in printed
     for graph in ("prefill.onnx", "decode.onnx"):
         assert check_tensorrt_ready(out / graph) == []
     # Findings name the layer a node was traced from.
     model = onnx.load(str(out / "prefill.onnx"))
     scopes = {p.value for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"}
     assert any("language_model.layers.3" in s for s in scopes) and any("clse.stage1.before_layer2" in s for s in scopes)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return  # the fallback path is not taken
+    image = tmp_path / "image.png"
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(image)
+    assert run_main([str(out), "--image", str(image), "--prompt", "what", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err  # clse-run shows the fallback as one line, without Python's source line
+    assert err.startswith("warning: onnxruntime-gpu bundle") and "running on CPU" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.warns(UserWarning, match="running on CPU. Install the gpu extra"):
+        assert select_providers("onnxruntime-gpu") == ["CPUExecutionProvider"]
+    with pytest.warns(UserWarning, match="running on CPU"):
+        engine = Engine.load(out)
+    assert engine.manifest["target"] == "onnxruntime-gpu"
+    assert engine.prefill.session.get_providers() == ["CPUExecutionProvider"]
 
 
 def _padded_prompts(model):
@@ -149,21 +169,6 @@ def test_torch_compile_target_on_cuda(tiny_llava):
         assert result.manifest["parity"]["torch_compile_max_abs_logits"] <= 1e-3
     finally:
         tiny_llava.to("cpu")
-
-
-def test_onnxruntime_gpu_falls_back_to_cpu_with_a_message(tiny_llava, tmp_path):
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("a CUDA execution provider is present; the fallback path is not taken")
-    with pytest.warns(UserWarning, match="running on CPU. Install the gpu extra"):
-        assert select_providers("onnxruntime-gpu") == ["CPUExecutionProvider"]
-    out = tmp_path / "gpu-bundle"
-    clse_fx.compile(tiny_llava, stages="2:9", target="onnxruntime-gpu", text_len=6, output_dir=out, verify=False)
-    with pytest.warns(UserWarning, match="running on CPU"):
-        engine = Engine.load(out)
-    assert engine.manifest["target"] == "onnxruntime-gpu"
-    assert engine.prefill.session.get_providers() == ["CPUExecutionProvider"]
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is available; the missing-TensorRT error is not reachable")

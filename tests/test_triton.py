@@ -47,13 +47,9 @@ def _config_signature(tensors) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny_llava_dir, tmp_path_factory):
+def compiled(cli_bundle):
     """A batch-2 bundle and its Triton repository, both written by one clse-compile --triton-repo."""
-    out = tmp_path_factory.mktemp("triton")
-    bundle, repo = out / "bundle", out / "repo"
-    argv = [str(tiny_llava_dir), "--keep", "8", "--batch", "2", "--text-len", "12", "-o", str(bundle)]
-    assert compile_main([*argv, "--triton-repo", str(repo)]) == 0
-    return bundle, repo
+    return cli_bundle[:2]
 
 
 def _feeds(engine: Engine) -> dict[str, np.ndarray]:

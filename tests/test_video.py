@@ -49,7 +49,7 @@ def test_video_grid_is_frames_by_spatial_grid(video_model, frames):
 
 @pytest.mark.parametrize(
     ("frames", "score", "three_stage"),
-    [(4, "clse_attn", True), (4, "clse", False), (8, "clse", True), (8, "attn", False)],
+    [(4, "clse_attn", True), (8, "clse", False)],
 )
 def test_video_pass_equals_reference(video_model, frames, score, three_stage):
     inputs, tokens = video_inputs(video_model, frames)
@@ -75,6 +75,10 @@ def test_video_budget_of_all_tokens_equals_unmodified_model(video_model):
 @pytest.fixture(scope="module")
 def video_bundle(video_model, tmp_path_factory):
     """A batch-2, 4-frame bundle (text_len 8 leaves room for the Qwen vision start/end markers)."""
+    if type(video_model).__name__ == "Qwen2VLForConditionalGeneration":
+        # Qwen2.5-VL's video bundle runs the same adapter, vision and M-RoPE graph code plus the frame timing,
+        # and Qwen2-VL's own graphs are exported by test_qwen2_vl.py: one Qwen video bundle keeps the suite short.
+        pytest.skip("covered by the Qwen2.5-VL video bundle and Qwen2-VL's image bundle")
     out = tmp_path_factory.mktemp("video-bundle") / "b"
     qwen = "Qwen" in type(video_model).__name__
     tokens = 4 * (63 if qwen else adapter_for(video_model).tokens_per_frame())

@@ -51,9 +51,7 @@ def test_video_frames_are_cls_then_grid(model):
     [
         ("video", 4, "clse_attn", "1:40,2:20,3:6"),
         ("video", 8, "clse", "1:64,2:32,3:10"),
-        ("video", 4, "uniform", "2:16"),
         ("image", 1, "clse_attn", "1:10,2:6,3:2"),
-        ("image", 2, "clse", "2:12"),
     ],
 )
 def test_pass_equals_reference(model, modality, count, score, stages):
