@@ -61,14 +61,7 @@ def save_tiny_qwen(path, family: str):
 
 def tiny_llava_next_video_config() -> LlavaNextVideoConfig:
     """48 px frames, 8 px patches, pooled by 2: a 3x3 grid per frame; 4 GQA decoder layers."""
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=48,
-        patch_size=8, projection_dim=32,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    vision, text = _clip_and_llama(image_size=48)
     return LlavaNextVideoConfig(
         vision_config=vision, text_config=text, image_token_id=90, video_token_id=VIDEO_TOKEN,
         spatial_pool_stride=2, spatial_pool_mode="average", vision_feature_select_strategy="default",
@@ -105,18 +98,24 @@ def qwen_inputs(model, rows: list[list[int]], grid: tuple[int, int, int], modali
 VIDEO_LLAVA_IMAGE, VIDEO_LLAVA_VIDEO = 92, 93
 
 
-def tiny_video_llava_config():
-    """32 px images and frames, 8 px patches: a 4x4 grid (plus a CLS token per video frame); 4 GQA layers."""
-    from transformers import VideoLlavaConfig
-
+def _clip_and_llama(image_size: int) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    """The tiny CLIP tower (8 px patches) and 4-layer GQA Llama decoder of the LLaVA-family test models."""
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
         patch_size=8, projection_dim=32,
     )  # fmt: skip
     text = LlamaConfig(
         vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
+    return vision, text
+
+
+def tiny_video_llava_config():
+    """32 px images and frames, 8 px patches: a 4x4 grid (plus a CLS token per video frame); 4 GQA layers."""
+    from transformers import VideoLlavaConfig
+
+    vision, text = _clip_and_llama(image_size=32)
     return VideoLlavaConfig(
         vision_config=vision, text_config=text, image_token_index=VIDEO_LLAVA_IMAGE,
         video_token_index=VIDEO_LLAVA_VIDEO, vision_feature_select_strategy="default", vision_feature_layer=-2,
@@ -139,14 +138,7 @@ def tiny_llava_next_config():
     """32 px tiles of 8 px patches (4x4 grids), tiled up to 64 x 64 px; 4 GQA decoder layers."""
     from transformers import LlavaNextConfig
 
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=32,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    vision, text = _clip_and_llama(image_size=32)
     return LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_index=LLAVA_NEXT_IMAGE,
         image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],

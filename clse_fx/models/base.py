@@ -157,6 +157,15 @@ class ExampleInputs(ABC):
             rows.append(text[:1] + block + text[1:])
         return torch.tensor(rows)
 
+    def video_example(
+        self, batch: int, text_len: int, tokens: int, frames: int, size: int, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One ``frames``-frame video of ``size`` px per row, written as ``tokens`` video placeholders."""
+        block = [self.model.config.video_token_id] * tokens
+        input_ids = self.example_rows(batch, text_len, block, generator)
+        pixels = torch.randn(batch, frames, 3, size, size, generator=generator)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": pixels}
+
 
 class DeployRecipe(ABC):
     """What a family's bundle needs besides the prefill and decode graphs."""

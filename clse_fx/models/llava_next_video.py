@@ -45,11 +45,8 @@ class LlavaNextVideoExamples(LlavaNextExamples):
             return super().example_inputs(batch, text_len, images, generator, frames, image_size)
         if images != 1:
             raise ValueError("LLaVA-NeXT-Video bundles take one video per prompt; use --images 1 and --frames N")
-        size = fixed_resolution(self.model, image_size)
-        block = [self.model.config.video_token_id] * self.adapter.tokens_per_frame() * frames
-        input_ids = self.example_rows(batch, text_len, block, generator)
-        pixels = torch.randn(batch, frames, 3, size, size, generator=generator)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": pixels}
+        size, tokens = fixed_resolution(self.model, image_size), self.adapter.tokens_per_frame() * frames
+        return self.video_example(batch, text_len, tokens, frames, size, generator)
 
 
 class LlavaNextVideoDeploy(LlavaNextDeploy):

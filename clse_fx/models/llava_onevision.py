@@ -49,11 +49,8 @@ class LlavaOnevisionExamples(LlavaNextExamples):
             raise ValueError("LLaVA-OneVision bundles take one image or one video per prompt; use --images 1")
         if frames == 1:
             return super().example_inputs(batch, text_len, images, generator, frames, image_size)
-        size, side = fixed_resolution(self.model, image_size), self.adapter.pooled_side()
-        block = [self.model.config.video_token_id] * (frames * side * side + 1)
-        input_ids = self.example_rows(batch, text_len, block, generator)
-        pixels = torch.randn(batch, frames, 3, size, size, generator=generator)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": pixels}
+        size, tokens = fixed_resolution(self.model, image_size), frames * self.adapter.tokens_per_frame() + 1
+        return self.video_example(batch, text_len, tokens, frames, size, generator)
 
 
 class LlavaOnevisionDeploy(LlavaNextDeploy):

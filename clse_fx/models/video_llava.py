@@ -50,11 +50,9 @@ class VideoLlavaExamples(ExampleInputs):
         if frames > 1:
             if images != 1:
                 raise ValueError("Video-LLaVA bundles take one video per prompt; use --images 1 and --frames N")
-            block = [config.video_token_id] * (per_image + 1) * frames
-            pixels = {"pixel_values_videos": torch.randn(batch, frames, 3, size, size, generator=generator)}
-        else:
-            block = [config.image_token_id] * per_image * images
-            pixels = {"pixel_values": torch.randn(batch * images, 3, size, size, generator=generator)} if images else {}
+            return self.video_example(batch, text_len, (per_image + 1) * frames, frames, size, generator)
+        block = [config.image_token_id] * per_image * images
+        pixels = {"pixel_values": torch.randn(batch * images, 3, size, size, generator=generator)} if images else {}
         input_ids = self.example_rows(batch, text_len, block, generator)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
 
