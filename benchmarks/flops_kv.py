@@ -38,9 +38,7 @@ def family_rows(model, budgets, cpu_inputs: dict, meta_inputs: dict) -> list[dic
     under both policies, per budget, on weightless graphs; ``cpu_inputs`` are the same prompt with readable ids
     (for the plan)."""
     adapter = adapter_for(model)
-    count = adapter.visual_count(cpu_inputs["input_ids"])
-    layout = adapter.visual_layout(count, **{k: v for k, v in cpu_inputs.items() if k != "input_ids"})
-    num_visual = scored_count(layout)  # budgets count grid tokens (docs/method.md#token-layouts)
+    num_visual = scored_count(adapter.prompt_layout(cpu_inputs))  # grid tokens (docs/method.md#token-layouts)
     other = cpu_inputs["input_ids"].shape[1] - num_visual  # text, vision start/end markers and extra tokens
     text_cfg = model.config.get_text_config()
     unpruned_flops = unpruned_prefill_flops(model, meta_inputs)
@@ -108,12 +106,11 @@ def example_family(name: str, model, budgets, text_len: int, vision, **geometry_
     rows = family_rows(model, budgets, cpu, meta)
     for row in rows:
         row["llm_flops_ratio"] = (row["flops_unpruned"] - vision_flops) / (row["flops_pruned"] - vision_flops)
-    count = adapter.visual_count(cpu["input_ids"])
-    layout = adapter.visual_layout(count, **{k: v for k, v in cpu.items() if k != "input_ids"})
+    layout = adapter.prompt_layout(cpu)
     return {
         "model": f"{name} geometry (meta device), vision tower included",
         "text_tokens": text_len,
-        "visual_tokens": count,
+        "visual_tokens": adapter.visual_count(cpu["input_ids"]),
         "scored_visual_tokens": scored_count(layout),
         "layout": [list(segment) for segment in layout],
         "vision_tower_flops": vision_flops,

@@ -152,10 +152,9 @@ def example_inputs(model: nn.Module, options: CompileOptions, seed: int = 0) -> 
 def make_plan(model: nn.Module, options: CompileOptions, inputs: dict[str, torch.Tensor]) -> PruneConfig:
     """The budget turned into per-stage keeps for this model's visual-token count, plus the score settings."""
     adapter = adapter_for(model)
-    count = adapter.visual_count(inputs["input_ids"][:1])
-    layout = adapter.visual_layout(count, **{k: v for k, v in inputs.items() if k != "input_ids"})
+    layout = adapter.prompt_layout(inputs)
     # Budgets count the scored (grid) tokens; extra tokens are kept on top (docs/method.md#token-layouts).
-    num_visual = scored_count(check_layout(layout))
+    num_visual = scored_count(check_layout(layout)) if layout else 0  # no image: plan_budget says what to do
     stages = options.stages
     plan = plan_budget(options.keep, adapter.num_layers, num_visual, stages=stages, schedule=adapter.schedule)
     return PruneConfig(

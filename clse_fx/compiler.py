@@ -65,16 +65,14 @@ def pass_settings(
     """The :class:`PassSettings` for ``model`` on prompts like ``inputs`` (processor outputs; the input ids
     must be readable, and families with variable grids read theirs, e.g. ``image_grid_thw``)."""
     adapter = adapter_for(model)
-    num_visual = adapter.visual_count(inputs["input_ids"])
-    extra = {k: v for k, v in inputs.items() if k != "input_ids"}
-    layout = adapter.visual_layout(num_visual, **extra) if num_visual else None
+    layout = adapter.prompt_layout(inputs)
     token_ids = adapter.visual_token_ids()
     return PassSettings(
         prune=prune,
         layers_path=adapter.layers_path,
         token_ids=token_ids,
         layout=layout,
-        stages=prune.stage_specs(layout, token_ids) if num_visual else (),  # no image: left unpruned
+        stages=prune.stage_specs(layout, token_ids) if layout else (),  # no image: left unpruned
         dump_graph=dump_graph,
     )
 

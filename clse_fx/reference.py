@@ -154,7 +154,7 @@ def reference_prune(
 
     visual = adapter.visual_mask(input_ids)
     num_visual = adapter.visual_count(input_ids)
-    layout = adapter.visual_layout(num_visual, **model_inputs) if num_visual else None
+    layout = adapter.prompt_layout({"input_ids": input_ids, **model_inputs})
 
     mask = layer_kwargs.get("attention_mask")
     cos, sin = layer_kwargs["position_embeddings"]

@@ -287,9 +287,9 @@ def _grid_tokens(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 def _with_extras(scores: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Grid-token scores [B, n_scored] spread over the intact layout, with +inf at its extra tokens: each visual
     position reads its grid score, or an appended +inf column (one gather at constant indices)."""
-    source, scored = [], iter(range(scores.shape[1]))
-    extras = set(extra_positions(layout))
-    for position in range(scores.shape[1] + len(extras)):
-        source.append(scores.shape[1] if position in extras else next(scored))
+    n_scored = scores.shape[1]
+    source = [n_scored] * (n_scored + len(extra_positions(layout)))  # the +inf column by default
+    for index, position in enumerate(scored_positions(layout)):
+        source[position] = index
     padded = torch.cat([scores, scores.new_full((scores.shape[0], 1), float("inf"))], dim=1)
     return padded[:, torch.tensor(source, device=scores.device)]

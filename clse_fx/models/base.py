@@ -84,6 +84,13 @@ class ModelAdapter(ABC):
         """How one row's ``num_visual`` visual tokens are laid out: grid segments (T, H, W) the spectral filter
         scores and extra segments always kept (``clse_fx.plan.Layout``; ``grid_layout(T, H, W)`` for one grid)."""
 
+    def prompt_layout(self, inputs: dict[str, torch.Tensor]) -> Layout | None:
+        """The layout of the visual tokens in processor-style ``inputs`` (every row the same), or None without
+        any: :meth:`visual_count` on the ids, then :meth:`visual_layout` from the other inputs."""
+        count = self.visual_count(inputs["input_ids"])
+        extra = {name: value for name, value in inputs.items() if name != "input_ids"}
+        return self.visual_layout(count, **extra) if count else None
+
     def prepare_graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Processor outputs -> the tensors the traced prefill takes (e.g. precomputed position ids)."""
         return inputs
