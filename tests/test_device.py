@@ -10,10 +10,12 @@ import torch
 
 from clse_fx.compiler import prune_prefill
 from clse_fx.decode import DecodeStep, decode_example
-from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.models.llava import LlavaAdapter
+from clse_fx.plan import PruneConfig, plan_budget, scored_count
 from clse_fx.reference import reference_generate, reference_prune
 
 from .conftest import prompt_ids
+from .test_layouts import LAYOUT
 
 
 def _flat(*values):
@@ -25,15 +27,25 @@ def _flat(*values):
 
 
 @pytest.mark.parametrize(
-    ("score", "merge", "kv_policy"), [("clse_attn", "none", "uniform"), ("uniform", "tome", "per-layer")]
+    ("score", "merge", "kv_policy", "segmented"),
+    [
+        ("clse_attn", "none", "uniform", False),
+        ("uniform", "tome", "per-layer", False),
+        ("clse_attn", "none", "uniform", True),
+    ],
 )
-def test_meta_default_device_changes_nothing(tiny_llava, score, merge, kv_policy):
+def test_meta_default_device_changes_nothing(tiny_llava, monkeypatch, score, merge, kv_policy, segmented):
     ids = prompt_ids(tiny_llava, [[5, "img", 7, 8, 9], [5, 7, 8, "img", 9]])
     mask = torch.ones_like(ids)
     mask[0, 0] = 0  # a padded row: the padding mask is gathered too
     pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:6"), score=score, merge=merge, kv_policy=kv_policy)
+    scored = 36
+    if segmented:  # the image tokens read as grids plus extra tokens (tests/test_layouts.py's layout)
+        monkeypatch.setattr(LlavaAdapter, "visual_layout", lambda self, num_visual, **inputs: LAYOUT)
+        scored = scored_count(LAYOUT)
+    plan = plan_budget(None, 4, scored, stages="1:20,3:6")
+    prune = PruneConfig(plan=plan, score=score, merge=merge, kv_policy=kv_policy)
 
     def run(model):
         reference = reference_prune(model, prune, **inputs)
