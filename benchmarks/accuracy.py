@@ -241,11 +241,11 @@ def cross_checks(model_dir: Path, items, results: list[dict], cache: Path) -> di
 
     import clse_fx
     from clse_fx.api import load_checkpoint
+    from clse_fx.deploy.engine import Engine
     from clse_fx.models import adapter_for
     from clse_fx.proxy.evaluate import BUDGETS, accuracy_report, plans
     from clse_fx.proxy.model import TEXT_LEN, prompt
     from clse_fx.proxy.train import predict
-    from clse_fx.runtime import Engine
 
     model, processor = load_checkpoint(model_dir)
     eager = accuracy_report(predict(model, processor.tokenizer, items), items)
@@ -271,7 +271,7 @@ def cross_checks(model_dir: Path, items, results: list[dict], cache: Path) -> di
     return {
         "eager_unpruned": eager,
         "bundle_generate_agreement": f"{agree}/{len(subset)}",
-        "bundle_parity": engine.manifest.get("parity", {}),
+        "bundle_parity": engine.manifest.parity,
     }
 
 

@@ -59,10 +59,10 @@ def _compile(model_name: str) -> dict:
         "phases_s": result.timings,
         "total_s": total,
         # Machine-independent figures, checked against benchmarks/thresholds.json in CI.
-        "flops_ratio": manifest["flops"]["unpruned"] / manifest["flops"]["pruned"],
-        "kv_ratio": manifest["kv_cache_bytes"]["unpruned"] / manifest["kv_cache_bytes"]["pruned"],
+        "flops_ratio": manifest.flops["unpruned"] / manifest.flops["pruned"],
+        "kv_ratio": manifest.kv_cache_bytes.unpruned / manifest.kv_cache_bytes.pruned,
         "onnx_nodes": nodes,
-        "tensorrt_findings": sum(len(v) for v in manifest["tensorrt_readiness"].values()),
+        "tensorrt_findings": sum(len(v) for v in manifest.tensorrt_readiness.values()),
     }
 
 

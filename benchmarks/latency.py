@@ -19,7 +19,9 @@ import torch
 from benchmarks import geometry
 from clse_fx.compiler import pass_settings, prune_prefill
 from clse_fx.decode import export_decode
-from clse_fx.export.onnxruntime import OnnxSession, decode_names, export_onnx, export_program, input_names
+from clse_fx.deploy.manifest import decode_names
+from clse_fx.deploy.session import OnnxSession
+from clse_fx.export.onnxruntime import export_onnx, export_program, input_names
 from clse_fx.metrics import prefill_flops, unpruned_prefill_flops
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_prune

@@ -22,9 +22,10 @@ from torch import nn
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
 from clse_fx.demo import PROXY_MODEL
-from clse_fx.export.bundle import checkpoint_hash, staged_directory, write_manifest
-from clse_fx.export.manifest import KVCacheSection, Manifest, PlanSection
-from clse_fx.export.targets import TARGETS, builders
+from clse_fx.deploy.files import staged_directory
+from clse_fx.deploy.manifest import KVCacheSection, Manifest, PlanSection, RuntimeSection
+from clse_fx.export.bundle import checkpoint_hash, write_manifest
+from clse_fx.export.targets import TARGETS, TargetSection, builders
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
 from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, supported_architectures
 from clse_fx.options import CompileOptions
@@ -40,7 +41,7 @@ class CompileResult:
 
     pruned: PrunedPrefill
     bundle: Path | None
-    manifest: dict
+    manifest: Manifest
     timings: dict[str, float] = field(default_factory=dict)
     module: object | None = None  # the torch-compile target's compiled prefill
 
@@ -198,6 +199,8 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
     def kv_bytes(policy: str) -> int:
         return kv_cache_bytes(text_config, kv_cache_tokens(plan, non_visual, policy), options.batch, itemsize)
 
+    positions = getattr(text_config, "max_position_embeddings", None)
+    pipeline_outputs = {name for graph in deploy_recipe_for(model).input_graphs(inputs) for name in graph.outputs}
     source = {"path": str(options.source) if options.source else None}
     if options.source:
         source["sha256"] = checkpoint_hash(options.source)
@@ -238,13 +241,29 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
         visual_token_ids=list(adapter.visual_token_ids()),
         pad_token_id=text_config.pad_token_id if text_config.pad_token_id is not None else 0,
         eos_token_id=model.generation_config.eos_token_id,
-        max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+        max_position_embeddings=positions,
         kv_cache_bytes=KVCacheSection(
             pruned=kv_bytes(prune.kv_policy), unpruned=kv_bytes("unpruned"), dtype=str(dtype).removeprefix("torch.")
+        ),
+        runtime=RuntimeSection(
+            padding="left",
+            decode_position_start=sequence_length,
+            position_offset_input="rope_deltas" if "rope_deltas" in pipeline_outputs else None,
+            max_new_tokens=positions - sequence_length if positions else None,
         ),
         versions=_versions(),
         **(checks or {}),
     )
+
+
+def add_section(manifest: Manifest, section: TargetSection) -> None:
+    """Merge a target builder's section (builders run in order; later graphs join earlier ones)."""
+    manifest.graphs.update(section.graphs)
+    manifest.pipeline += [name for name in section.pipeline if name not in manifest.pipeline]
+    manifest.parity.update(section.parity)
+    if section.tensorrt_readiness is not None:
+        manifest.tensorrt_readiness = section.tensorrt_readiness
+    manifest.opset = section.opset or manifest.opset
 
 
 def _versions() -> dict[str, str]:
@@ -295,17 +314,17 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
     with staged_directory(options.output_dir, options.force) if writes_bundle else contextlib.nullcontext() as bundle:
         for build in steps:
             section = build(context, bundle)
-            manifest.add(section)
+            add_section(manifest, section)
             module = section.module or module
         manifest.timings_s = dict(phases.timings)
         if bundle is not None:
             if processor is not None:
                 processor.save_pretrained(bundle)
-            write_manifest(bundle, manifest.to_dict())
+            write_manifest(bundle, manifest)
     return CompileResult(
         pruned=pruned,
         bundle=options.output_dir if writes_bundle else None,
-        manifest=manifest.to_dict(),
+        manifest=manifest,
         timings=phases.timings,
         module=module,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from clse_fx.export.bundle import check_output_dir
+from clse_fx.deploy.files import check_output_dir
 from clse_fx.export.targets import TARGETS
 from clse_fx.options import DEVICES, DTYPES, CompileOptions
 from clse_fx.plan import KV_POLICIES, MERGE_METRICS, MERGE_MODES, SCORE_TYPES
@@ -116,7 +116,7 @@ def _explain(bundle: Path | None, image_path: str, prompt: str) -> Path:
     """Write the kept-token overlay of ``bundle`` on ``image_path`` next to the bundle."""
     from PIL import Image, UnidentifiedImageError
 
-    from clse_fx.explain import explain_bundle
+    from clse_fx.deploy.explain import explain_bundle
 
     if bundle is None:
         raise ValueError("--explain needs a bundle; use an ONNX Runtime or TensorRT --target")
@@ -131,34 +131,34 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
     from rich.table import Table
 
     m = result.manifest
-    plan, geometry = m["plan"], m["geometry"]
+    plan, geometry = m.plan, m.geometry
     table = Table(title="clse-compile report", show_header=False)
-    table.add_row("architecture", f"{m['architecture']} ({m['dtype']} on {m['device']})")
-    table.add_row("target", m["target"])
-    table.add_row("plan", ", ".join(f"layer {layer}: keep {keep}" for layer, keep in plan["stages"]))
-    budget = "explicit stages" if plan["budget"] is None else f"budget {plan['budget']:g}"
+    table.add_row("architecture", f"{m.architecture} ({m.dtype} on {m.device})")
+    table.add_row("target", m.target)
+    table.add_row("plan", ", ".join(f"layer {layer}: keep {keep}" for layer, keep in plan.stages))
+    budget = "explicit stages" if plan.budget is None else f"budget {plan.budget:g}"
     table.add_row(
         "visual tokens / layer",
-        f"{geometry['num_visual']} -> {plan['avg_visual_tokens']:.1f} on average over "
-        f"{len(plan['visual_tokens_per_layer'])} layers ({budget}, score {plan['score']})",
+        f"{geometry['num_visual']} -> {plan.avg_visual_tokens:.1f} on average over "
+        f"{len(plan.visual_tokens_per_layer)} layers ({budget}, score {plan.score})",
     )
-    merge = plan["merge"] if plan["merge"] == "none" else f"{plan['merge']} (similarity on {plan['merge_metric']})"
+    merge = plan.merge if plan.merge == "none" else f"{plan.merge} (similarity on {plan.merge_metric})"
     table.add_row("merge", merge)
     table.add_row("sequence", f"{geometry['sequence_length']} -> {geometry['pruned_length']} tokens")
-    if "flops" in m:
-        flops = m["flops"]
+    flops = m.flops
+    if flops is not None:
         table.add_row(
             "prefill FLOPs",
             f"{flops['unpruned'] / 1e6:.2f} M -> {flops['pruned'] / 1e6:.2f} M "
             f"({flops['unpruned'] / max(flops['pruned'], 1):.2f}x lower)",
         )
-    kv = m["kv_cache_bytes"]
+    kv = m.kv_cache_bytes
     table.add_row(
         "KV cache",
-        f"{kv['unpruned'] / 1024:.1f} KiB -> {kv['pruned'] / 1024:.1f} KiB "
-        f"({kv['unpruned'] / kv['pruned']:.2f}x smaller, {plan['kv_policy']})",
+        f"{kv.unpruned / 1024:.1f} KiB -> {kv.pruned / 1024:.1f} KiB "
+        f"({kv.unpruned / kv.pruned:.2f}x smaller, {plan.kv_policy})",
     )
-    parity = m.get("parity", {})
+    parity = m.parity
     if "reference_max_abs_logits" in parity:
         table.add_row(
             "parity vs eager reference",
@@ -187,7 +187,7 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
 
 def _report_tensorrt_readiness(console, result) -> int:
     """Print the readiness findings of the compiled graphs; 1 if TensorRT would reject any node."""
-    readiness = result.manifest.get("tensorrt_readiness")
+    readiness = result.manifest.tensorrt_readiness
     if readiness is None:
         from clse_fx.export.onnxruntime import export_onnx
         from clse_fx.export.tensorrt_check import check_tensorrt_ready
@@ -284,7 +284,7 @@ def compile_main(argv: list[str] | None = None) -> int:
         if args.explain:
             console.print(f"explanation: {_explain(result.bundle, args.explain, args.explain_prompt)}")
         if args.triton_repo:
-            from clse_fx.export.triton import write_triton_repo
+            from clse_fx.deploy.triton import write_triton_repo
 
             with step("Triton model repository"):
                 repo = write_triton_repo(result.bundle, args.triton_repo, force=args.force)
@@ -330,7 +330,7 @@ def run_main(argv: list[str] | None = None) -> int:
                 images.append(Image.open(path).convert("RGB"))
             except (FileNotFoundError, UnidentifiedImageError) as error:
                 raise ValueError(f"cannot read image {path}: {error}") from error
-        from clse_fx.runtime import Engine, SamplingConfig
+        from clse_fx.deploy.engine import Engine, SamplingConfig
 
         sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         _quiet_transformers()  # only now: the arguments are checked (the processor needs transformers)
@@ -362,7 +362,7 @@ def run_main(argv: list[str] | None = None) -> int:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    from clse_fx.serve import Limits
+    from clse_fx.deploy.serve import Limits
 
     parser = argparse.ArgumentParser(
         prog="clse-serve",
@@ -390,7 +390,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     import signal
     import time
 
-    from clse_fx import serve
+    from clse_fx.deploy import serve
 
     _quiet_transformers()
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clse_fx.export.bundle import check_output_dir
+from clse_fx.deploy.files import check_output_dir
 from clse_fx.export.targets import TARGETS
 from clse_fx.plan import check_budget_given, parse_stages
 

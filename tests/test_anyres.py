@@ -8,10 +8,10 @@ import torch
 
 import clse_fx
 from clse_fx.compiler import prune_prefill
+from clse_fx.deploy.engine import Engine
 from clse_fx.models import adapter_for, examples_for
 from clse_fx.plan import PruneConfig, extra_positions, plan_budget, scored_count, segment_size
 from clse_fx.reference import reference_generate, reference_prune
-from clse_fx.runtime import Engine
 
 from .tiny_models import save_tiny_llava_next, save_tiny_llava_next_video, save_tiny_llava_onevision
 
@@ -119,12 +119,10 @@ def test_bundle_generation_equals_reference(family, tmp_path):
         model, stages=stages, batch=2, text_len=9, image_size=size, output_dir=tmp_path / "b", verify=False
     )
     manifest = result.manifest
-    assert (
-        manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4 and manifest["parity"]["onnxruntime_indices_identical"]
-    )
+    assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
     layout = adapter_for(model).image_layout(size)
-    assert manifest["geometry"]["layout"] == [list(segment) for segment in layout]
-    assert manifest["geometry"]["image_size"] == list(size)
+    assert manifest.geometry["layout"] == [list(segment) for segment in layout]
+    assert manifest.geometry["image_size"] == list(size)
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values")}
     generated, _ = Engine.load(tmp_path / "b").generate_ids(feeds, max_new_tokens=16)
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages))
@@ -171,7 +169,7 @@ def test_onevision_video_bundle_generation_equals_reference(onevision, tmp_path)
     result = clse_fx.compile(
         onevision, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False
     )
-    assert result.manifest["parity"]["onnxruntime_indices_identical"]
+    assert result.manifest.parity["onnxruntime_indices_identical"]
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values_videos")}
     generated, _ = Engine.load(tmp_path / "b").generate_ids(feeds, max_new_tokens=16)
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages))

@@ -12,10 +12,10 @@ from transformers import LlavaForConditionalGeneration
 
 import clse_fx
 from clse_fx.demo import save_tiny_llava
-from clse_fx.export.aot_inductor import AotiSession
+from clse_fx.deploy.aoti import AotiSession
+from clse_fx.deploy.engine import Engine
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate
-from clse_fx.runtime import Engine
 
 from .conftest import prompt_ids
 
@@ -54,11 +54,11 @@ def _feeds(model):
 
 def test_packages_equal_pytorch_and_generate_like_the_reference(shallow_llava, aot_bundle):
     engine = Engine.load(aot_bundle)
-    parity = engine.manifest["parity"]
+    parity = engine.manifest.parity
     assert parity["aot_inductor_max_abs_logits"] <= 1e-4 and parity["aot_inductor_indices_identical"]
     assert parity["aot_inductor_decode_max_abs"] <= 1e-4
     assert isinstance(engine.prefill, AotiSession) and isinstance(engine.decode, AotiSession)
-    assert not any(name.endswith(".onnx") for name in engine.manifest["files"])
+    assert not any(name.endswith(".onnx") for name in engine.manifest.files)
     feeds = _feeds(shallow_llava)
     generated, _ = engine.generate_ids(feeds, max_new_tokens=8)
     prune = PruneConfig(plan=plan_budget(None, 2, 36, stages=STAGES))

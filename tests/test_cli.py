@@ -7,7 +7,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clse_fx.cli import compile_main
-from clse_fx.export.bundle import read_manifest
+from clse_fx.deploy.manifest import read_manifest
 
 
 def _run(capsys, *argv):
@@ -24,9 +24,9 @@ def test_compile_end_to_end(cli_bundle, tmp_path):
     for line in ("clse-compile report", "layer 1: keep 14", "parity vs eager reference", "FLOPs", "KV cache"):
         assert line in out
     manifest = read_manifest(out_dir)  # verifies every file's hash
-    assert manifest["architecture"] == "LlavaForConditionalGeneration"
-    assert manifest["plan"]["stages"] == [[1, 14], [2, 9], [3, 3]]
-    assert manifest["geometry"] == {
+    assert manifest.architecture == "LlavaForConditionalGeneration"
+    assert manifest.plan.stages == [[1, 14], [2, 9], [3, 3]]
+    assert manifest.geometry == {
         "batch": 2,
         "text_len": 12,
         "images": 1,
@@ -38,22 +38,20 @@ def test_compile_end_to_end(cli_bundle, tmp_path):
         "pruned_length": 15,
         "image_size": 48,
     }
-    assert manifest["geometry"]["sequence_length"] == 12 + 36 and manifest["geometry"]["pruned_length"] == 15
-    assert manifest["parity"]["reference_max_abs_logits"] <= 1e-5 and manifest["parity"]["reference_kept_identical"]
-    assert (
-        manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4 and manifest["parity"]["onnxruntime_indices_identical"]
-    )
-    assert manifest["flops"]["pruned"] < manifest["flops"]["unpruned"]
-    assert manifest["kv_cache_bytes"]["pruned"] < manifest["kv_cache_bytes"]["unpruned"]
-    assert manifest["source"]["sha256"] and manifest["image_token_id"] == 4
-    prefill = manifest["graphs"]["prefill"]
+    assert manifest.geometry["sequence_length"] == 12 + 36 and manifest.geometry["pruned_length"] == 15
+    assert manifest.parity["reference_max_abs_logits"] <= 1e-5 and manifest.parity["reference_kept_identical"]
+    assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
+    assert manifest.flops["pruned"] < manifest.flops["unpruned"]
+    assert manifest.kv_cache_bytes.pruned < manifest.kv_cache_bytes.unpruned
+    assert manifest.source["sha256"] and manifest.image_token_id == 4
+    prefill = manifest.graphs["prefill"]
     assert prefill["file"] == "prefill.onnx" and prefill["inputs"][0] == {
         "name": "input_ids",
         "dtype": "int64",
         "shape": [2, 48],
     }
-    assert {"tokenizer.json", "processor_config.json", "prefill.onnx"} <= set(manifest["files"])
-    assert {"torch", "transformers", "onnxruntime"} <= set(manifest["versions"])
+    assert {"tokenizer.json", "processor_config.json", "prefill.onnx"} <= set(manifest.files)
+    assert {"torch", "transformers", "onnxruntime"} <= set(manifest.versions)
     # A corrupted file is caught by the manifest hashes.
     (out_dir / "prefill.onnx").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="does not match its manifest hash"):

@@ -7,8 +7,8 @@ import torch
 import clse_fx
 from clse_fx.api import example_inputs, load_checkpoint
 from clse_fx.cli import compile_main
+from clse_fx.deploy.engine import Engine
 from clse_fx.options import CompileOptions
-from clse_fx.runtime import Engine
 
 # The README's float16 bounds (ONNX Runtime vs the float16 PyTorch program, and vs the float32 reference).
 FLOAT16_ORT_MAX_ABS_LOGITS = 5e-2
@@ -33,15 +33,15 @@ def test_checkpoint_loads_in_the_asked_dtype(tiny_llava_dir):
 
 def test_manifest_records_the_dtype_and_float16_parity(half_bundle, tiny_llava):
     manifest = half_bundle.manifest
-    assert (manifest["dtype"], manifest["device"], manifest["kv_cache_bytes"]["dtype"]) == ("float16", "cpu", "float16")
+    assert (manifest.dtype, manifest.device, manifest.kv_cache_bytes.dtype) == ("float16", "cpu", "float16")
     float32 = clse_fx.compile(tiny_llava, **OPTIONS, verify=False).manifest
-    assert manifest["kv_cache_bytes"]["pruned"] * 2 == float32["kv_cache_bytes"]["pruned"]
-    assert manifest["parity"]["reference_kept_identical"]
-    assert manifest["parity"]["onnxruntime_max_abs_logits"] <= FLOAT16_ORT_MAX_ABS_LOGITS
+    assert manifest.kv_cache_bytes.pruned * 2 == float32.kv_cache_bytes.pruned
+    assert manifest.parity["reference_kept_identical"]
+    assert manifest.parity["onnxruntime_max_abs_logits"] <= FLOAT16_ORT_MAX_ABS_LOGITS
 
 
 def test_float16_bundle_runs_in_onnx_runtime_close_to_float32(half_bundle, tiny_llava):
-    assert half_bundle.manifest["graphs"]["prefill"]["outputs"][0]["dtype"] == "float16"
+    assert half_bundle.manifest.graphs["prefill"]["outputs"][0]["dtype"] == "float16"
     inputs = example_inputs(tiny_llava, CompileOptions(**OPTIONS))  # the compile's own (seeded) inputs
     feeds = {name: tensor.numpy() for name, tensor in inputs.items()}  # float32 pixels, as processors give
     logits = torch.from_numpy(half_bundle.prefill.run(**feeds)[0]).float()
@@ -52,7 +52,7 @@ def test_float16_bundle_runs_in_onnx_runtime_close_to_float32(half_bundle, tiny_
 def test_scores_stay_float32_inside_a_bfloat16_graph(tiny_llava_dir):
     model, _ = load_checkpoint(tiny_llava_dir, dtype="bfloat16")
     result = clse_fx.compile(model, stages="1:20,3:6", text_len=6)
-    assert result.manifest["dtype"] == "bfloat16" and result.manifest["parity"]["reference_kept_identical"]
+    assert result.manifest.dtype == "bfloat16" and result.manifest.parity["reference_kept_identical"]
     # The first stage's comparison-rank top-K compares [1, 36, 1] against [1, 1, 36] scores: float32 ones.
     compares = [
         n.args[0].meta["val"]

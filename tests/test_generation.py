@@ -10,10 +10,10 @@ from transformers import LlamaConfig
 
 import clse_fx
 from clse_fx.cli import run_main
+from clse_fx.deploy.engine import Engine, SamplingConfig
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate
-from clse_fx.runtime import Engine, SamplingConfig
 
 from .conftest import prompt_ids
 
@@ -70,7 +70,7 @@ def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
     expected = reference_generate(tiny_llava, prune, ids, pixels, max_new_tokens=16)
     assert generated == expected.tolist()
     # The KV cache the engine actually holds after prefill is the manifest's figure.
-    assert timings.kv_cache_bytes == engine.manifest["kv_cache_bytes"]["pruned"]
+    assert timings.kv_cache_bytes == engine.manifest.kv_cache_bytes.pruned
     assert timings.prefill_ms > 0 and timings.decode_ms_per_token > 0
 
 

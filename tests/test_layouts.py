@@ -77,7 +77,8 @@ def test_segmented_layout_exports_to_onnx_runtime_and_is_tensorrt_ready(tiny_lla
     import numpy as np
 
     from clse_fx.compiler import prune_prefill
-    from clse_fx.export.onnxruntime import OnnxSession, export_onnx
+    from clse_fx.deploy.session import OnnxSession
+    from clse_fx.export.onnxruntime import export_onnx
     from clse_fx.export.tensorrt_check import check_tensorrt_ready
 
     prune = PruneConfig(plan=plan_budget(None, 4, 31, stages="1:20,3:4"), score="clse_attn")

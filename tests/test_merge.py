@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from clse_fx.compiler import prune_prefill
-from clse_fx.export.onnxruntime import OnnxSession, export_onnx, input_names
+from clse_fx.deploy.session import OnnxSession
+from clse_fx.export.onnxruntime import export_onnx, input_names
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import _tome_merge, reference_prune

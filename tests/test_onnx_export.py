@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clse_fx.compiler import prune_prefill
-from clse_fx.export.onnxruntime import OnnxSession, export_decode_onnx, export_onnx, graph_signature
+from clse_fx.deploy.session import OnnxSession
+from clse_fx.export.onnxruntime import export_decode_onnx, export_onnx, graph_signature
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate
 
@@ -110,14 +111,14 @@ def test_graphs_over_the_protobuf_limit_use_external_data(tiny_llava, tmp_path, 
     from torch.onnx._internal.exporter import _onnx_program
 
     import clse_fx
-    from clse_fx.export.bundle import read_manifest
-    from clse_fx.runtime import Engine
+    from clse_fx.deploy.engine import Engine
+    from clse_fx.deploy.manifest import read_manifest
 
     monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
     model = copy.deepcopy(tiny_llava)  # a decode export of its own
     bundle = tmp_path / "bundle"
     result = clse_fx.compile(model, stages="1:20,3:6", text_len=6, output_dir=bundle, verify=False)
-    files = read_manifest(bundle)["files"]  # verifies every hash
+    files = read_manifest(bundle).files  # verifies every hash
     assert {"prefill.onnx.data", "decode.onnx.data"} <= set(files)
     assert onnx.load(str(bundle / "prefill.onnx"), load_external_data=False).graph.initializer[0].data_location
     again = tmp_path / "again" / "decode.onnx"  # served from the decode-export cache: the data file comes along

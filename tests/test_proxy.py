@@ -134,7 +134,7 @@ def test_plans_match_the_budget_at_the_proxy_geometry():
 
 
 def test_explain_writes_a_png_of_the_right_size(tmp_path):
-    from clse_fx.explain import overlay_png
+    from clse_fx.deploy.explain import overlay_png
 
     image = np.random.default_rng(0).random((64, 64, 3))
     path = overlay_png(image, [np.arange(0, 256, 3), np.array([5, 17])], (16, 16), tmp_path / "explain.png")

@@ -1,15 +1,14 @@
 """Qwen2-VL / Qwen2.5-VL through the same passes: M-RoPE ids and the vision tower are graph inputs."""
 
-import json
-
 import pytest
 import torch
 
 from clse_fx.compiler import prune_prefill
+from clse_fx.deploy.engine import Engine
+from clse_fx.deploy.manifest import read_manifest
 from clse_fx.models import adapter_for
 from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
-from clse_fx.runtime import Engine
 
 from .tiny_models import QWEN_END as END
 from .tiny_models import QWEN_FAMILIES, qwen_inputs, save_tiny_qwen
@@ -83,7 +82,7 @@ def qwen_bundle(qwen, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "b"
     argv = [qwen.name_or_path, "--stages", STAGES, "--batch", "2", "--text-len", "8", "--image-size", "56x72"]
     assert compile_main([*argv, "-o", str(out)]) == 0
-    return out, json.loads((out / "manifest.json").read_text())
+    return out, read_manifest(out)
 
 
 STAGES = "1:40,2:20,3:8"
@@ -94,14 +93,14 @@ def test_bundle_runs_vision_and_mrope_graphs_and_matches_pytorch(qwen_bundle):
     the unmodified model's computation (``get_image_features``, ``get_rope_index``), and the prefill fed by
     them equals PyTorch."""
     _, manifest = qwen_bundle
-    parity = manifest["parity"]
-    assert manifest["pipeline"] == ["vision", "rope"]
+    parity = manifest.parity
+    assert manifest.pipeline == ["vision", "rope"]
     assert parity["onnxruntime_vision_image_embeds_max_abs"] <= 1e-4
     assert parity["onnxruntime_rope_position_ids_max_abs"] == 0 and parity["onnxruntime_rope_rope_deltas_max_abs"] == 0
     assert parity["onnxruntime_max_abs_logits"] <= 1e-4 and parity["onnxruntime_indices_identical"]
     assert parity["reference_max_abs_logits"] <= 1e-5 and parity["reference_kept_identical"]
-    assert manifest["geometry"]["grid"] == [1, 7, 9] and manifest["geometry"]["grid_thw"] == [1, 14, 18]
-    assert not any(manifest["tensorrt_readiness"].values())
+    assert manifest.geometry["grid"] == [1, 7, 9] and manifest.geometry["grid_thw"] == [1, 14, 18]
+    assert not any(manifest.tensorrt_readiness.values())
 
 
 def _padded(inputs):
@@ -136,7 +135,7 @@ def test_clse_compile_cli_for_qwen(qwen, qwen_bundle, tmp_path, capsys):
     from clse_fx.options import CompileOptions
 
     _, manifest = qwen_bundle
-    assert manifest["pipeline"] == ["vision", "rope"] and manifest["geometry"]["image_size"] == [56, 72]
+    assert manifest.pipeline == ["vision", "rope"] and manifest.geometry["image_size"] == [56, 72]
     options = CompileOptions(keep=0.334, image_size=(56, 72), text_len=8)
     assert make_plan(qwen, options, example_inputs(qwen, options)).plan.stages == ((1, 35), (2, 22), (3, 6))
     bad = compile_main([qwen.name_or_path, "--keep", "0.334", "--image-size", "50x72", "-o", str(tmp_path / "bad")])

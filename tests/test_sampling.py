@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from clse_fx.runtime import GREEDY, SamplingConfig, generation_loop
+from clse_fx.deploy.loop import GREEDY, SamplingConfig, generation_loop
 
 VOCAB = 7
 
@@ -112,7 +112,7 @@ def _engine(vocab: int = VOCAB, batch: int = 2, seq: int = 4):
     def prefill(feeds):
         logits = np.zeros((batch, seq, vocab), np.float32)
         logits[:, -1] = table[np.arange(batch) + 2]
-        return [logits, np.zeros(1), np.zeros((batch, 1, seq, 2), np.float32)]
+        return logits, [np.zeros((batch, 1, seq, 2), np.float32)]
 
     def decode(input_ids, position_ids, pad_counts, past):
         return [table[input_ids[:, 0]][:, None], np.zeros((batch, 1, 1, 2), np.float32)]
@@ -121,18 +121,21 @@ def _engine(vocab: int = VOCAB, batch: int = 2, seq: int = 4):
     return prefill, decode, feeds
 
 
+START = np.full((2, 1), 4, np.int64)
+
+
 def test_generation_loop_takes_one_sampling_config():
     prefill, decode, feeds = _engine()
-    greedy, _ = generation_loop(prefill, decode, feeds, 0, 6)
-    assert greedy == generation_loop(prefill, decode, feeds, 0, 6, GREEDY, np.random.default_rng(9))[0]
+    greedy, _ = generation_loop(prefill, decode, feeds, START, 6)
+    assert greedy == generation_loop(prefill, decode, feeds, START, 6, GREEDY, np.random.default_rng(9))[0]
     assert all(len(row) == 6 for row in greedy)
     config = SamplingConfig(do_sample=True, temperature=2.0, seed=21)
     # Without a generator the loop draws from sampling.rng(), so a seeded config alone fixes the answer.
-    sampled, _ = generation_loop(prefill, decode, feeds, 0, 6, config)
-    assert sampled == generation_loop(prefill, decode, feeds, 0, 6, config)[0]
-    assert sampled == generation_loop(prefill, decode, feeds, 0, 6, config, config.rng())[0]
-    assert sampled != generation_loop(prefill, decode, feeds, 0, 6, config, np.random.default_rng(22))[0]
+    sampled, _ = generation_loop(prefill, decode, feeds, START, 6, config)
+    assert sampled == generation_loop(prefill, decode, feeds, START, 6, config)[0]
+    assert sampled == generation_loop(prefill, decode, feeds, START, 6, config, config.rng())[0]
+    assert sampled != generation_loop(prefill, decode, feeds, START, 6, config, np.random.default_rng(22))[0]
     # Stop tokens end a row, and are kept as its last id.
     stop = sampled[0][2]
-    cut, _ = generation_loop(prefill, decode, feeds, 0, 6, config, stops={stop})
+    cut, _ = generation_loop(prefill, decode, feeds, START, 6, config, stops={stop})
     assert cut[0] == sampled[0][: sampled[0].index(stop) + 1]

@@ -2,6 +2,7 @@
 on a local loopback cluster under 64 concurrent requests."""
 
 import base64
+import dataclasses
 import importlib.util
 import io
 import json
@@ -15,8 +16,8 @@ import pytest
 from PIL import Image
 
 from clse_fx.cli import serve_main
-from clse_fx.runtime import Engine, SamplingConfig
-from clse_fx.serve import Limits, RequestError, max_new_tokens_limit, parse_request, run_batch
+from clse_fx.deploy.engine import Engine, SamplingConfig
+from clse_fx.deploy.serve import Limits, RequestError, max_new_tokens_limit, parse_request, run_batch
 
 TEXT_LEN = 12
 PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
@@ -150,9 +151,9 @@ def test_accepted_image_forms_and_the_new_token_limit(engine, image_root):
         assert all(np.array_equal(prepared.feeds[k], expected[k]) for k in expected)
     manifest = engine.manifest
     assert max_new_tokens_limit(manifest, Limits(max_new_tokens=256)) == (256, "the server's --max-new-tokens")
-    positions = dict(manifest, max_position_embeddings=manifest["geometry"]["sequence_length"] + 10)
-    limit, reason = max_new_tokens_limit(positions, Limits(max_new_tokens=256))
-    assert limit == 10 and reason.startswith(f"the model's {positions['max_position_embeddings']} positions")
+    runtime = dataclasses.replace(manifest.runtime, max_new_tokens=10)
+    limit, reason = max_new_tokens_limit(dataclasses.replace(manifest, runtime=runtime), Limits(max_new_tokens=256))
+    assert limit == 10 and reason.startswith(f"the model's {manifest.max_position_embeddings} positions")
 
 
 def test_batched_requests_answer_as_engine_generate(engine, image_root):
@@ -198,7 +199,7 @@ def service(bundle, image_root):
     """The bundle deployed with 2 replicas on a local 2-CPU Ray cluster, HTTP on loopback."""
     if importlib.util.find_spec("ray") is None:  # not imported here: serve.start must import Ray first
         pytest.skip("needs Ray Serve: pip install 'clse-fx[serve]'")
-    from clse_fx import serve
+    from clse_fx.deploy import serve
 
     url = serve.start(bundle, _limits(image_root), port=_free_port(), replicas=2, num_cpus=2, threads=1)
     try:
@@ -212,7 +213,7 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
 
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     assert _call(f"{service}/health") == (200, {"status": "ok", "batch": 2})
-    assert _call(f"{service}/metadata") == (200, engine.manifest)
+    assert _call(f"{service}/metadata") == (200, engine.manifest.to_dict())
     images = _images()
     cases = [(i, p) for i in range(len(images)) for p in range(len(PROMPTS))][:8]
     expected = {(i, p): engine.generate([images[i]], [PROMPTS[p]], max_new_tokens=8)[0] for i, p in cases}

@@ -11,12 +11,12 @@ from PIL import Image
 import clse_fx
 from clse_fx.cli import compile_main, run_main
 from clse_fx.compiler import prune_prefill
-from clse_fx.export.onnxruntime import select_providers
+from clse_fx.deploy.engine import Engine
+from clse_fx.deploy.session import select_providers
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
 from clse_fx.export.torch_compile import CompiledEngine
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
-from clse_fx.runtime import Engine
 
 from .conftest import prompt_ids
 
@@ -117,7 +117,7 @@ def test_emitted_bundle_is_tensorrt_ready_and_the_gpu_target_falls_back_to_cpu(t
         assert select_providers("onnxruntime-gpu") == ["CPUExecutionProvider"]
     with pytest.warns(UserWarning, match="running on CPU"):
         engine = Engine.load(out)
-    assert engine.manifest["target"] == "onnxruntime-gpu"
+    assert engine.manifest.target == "onnxruntime-gpu"
     assert engine.prefill.session.get_providers() == ["CPUExecutionProvider"]
 
 
@@ -141,7 +141,7 @@ def test_torch_compile_target_equals_reference(tiny_llava):
     ref = reference_prune(tiny_llava, prune, ids, pixels, mask)
     assert (out.logits - ref.logits).abs().max() <= 1e-4
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
-    assert result.manifest["parity"]["torch_compile_max_abs_logits"] <= 1e-4
+    assert result.manifest.parity["torch_compile_max_abs_logits"] <= 1e-4
     inputs = _padded_prompts(tiny_llava)
     expected = reference_generate(tiny_llava, prune, max_new_tokens=8, **inputs).tolist()
     assert result.module.generate(inputs, 8) == expected
@@ -166,7 +166,7 @@ def test_torch_compile_target_on_cuda(tiny_llava):
     model = tiny_llava.to("cuda")
     try:
         result = clse_fx.compile(model, stages="1:20,3:6", target="torch-compile", text_len=6)
-        assert result.manifest["parity"]["torch_compile_max_abs_logits"] <= 1e-3
+        assert result.manifest.parity["torch_compile_max_abs_logits"] <= 1e-3
     finally:
         tiny_llava.to("cpu")
 
@@ -186,7 +186,7 @@ def test_tensorrt_engine_equals_reference(tiny_llava, tmp_path):
     out = tmp_path / "trt"
     try:
         result = clse_fx.compile(tiny_llava, stages="1:20,3:6", target="tensorrt", text_len=6, output_dir=out)
-        engine = torch_tensorrt.load(str(out / result.manifest["graphs"]["prefill_tensorrt"]["file"])).module()
+        engine = torch_tensorrt.load(str(out / result.manifest.graphs["prefill_tensorrt"]["file"])).module()
         args = [a.cuda() for a in result.pruned.example_args]
         logits = engine(*args)[0]
         ref = reference_prune(tiny_llava, result.pruned.settings.prune, args[0], args[2], args[1])

@@ -15,10 +15,11 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from clse_fx.cli import compile_main
+from clse_fx.deploy.engine import Engine, SamplingConfig
+from clse_fx.deploy.manifest import read_manifest
+from clse_fx.deploy.triton import onnx_config, write_triton_repo
 from clse_fx.export.bundle import write_manifest
 from clse_fx.export.onnxruntime import graph_signature
-from clse_fx.export.triton import onnx_config, write_triton_repo
-from clse_fx.runtime import Engine, SamplingConfig
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -87,7 +88,7 @@ def bad_feeds(feeds: dict[str, np.ndarray], image_token: int, pad: int) -> list[
 def test_engine_refuses_feeds_it_was_not_built_for(compiled):
     engine = Engine.load(compiled[0])
     feeds = _feeds(engine)
-    for bad, message in bad_feeds(feeds, engine.manifest["image_token_id"], engine.pad_id):
+    for bad, message in bad_feeds(feeds, engine.manifest.image_token_id, engine.pad_id):
         with pytest.raises(ValueError, match=re.escape(message)):
             engine.generate_ids(bad, 4)
 
@@ -265,7 +266,7 @@ def test_generation_model_equals_engine(compiled, monkeypatch):
     feeds = _feeds(engine)
     backend = _Backend(repo)
     model = _load_generate_model(repo, backend, monkeypatch)
-    stops = {engine.manifest["eos_token_id"]}
+    stops = {engine.manifest.eos_token_id}
     sampled = {"do_sample": np.array([True]), "top_k": np.array([5], np.int32), "seed": np.array([3], np.int64)}
     requests = [
         backend.request(dict(feeds, max_new_tokens=np.array([12], np.int32))),
@@ -274,7 +275,7 @@ def test_generation_model_equals_engine(compiled, monkeypatch):
         backend.request(dict(feeds, do_sample=np.array([True]), temperature=np.array([np.inf], np.float32))),
         backend.request(dict(feeds, seed=np.array([-1], np.int64))),
     ]
-    malformed = bad_feeds(feeds, engine.manifest["image_token_id"], engine.pad_id)
+    malformed = bad_feeds(feeds, engine.manifest.image_token_id, engine.pad_id)
     requests += [backend.request(bad) for bad, _ in malformed if bad["input_ids"].dtype == np.int64]
     greedy, too_many, sample, infinite, negative, *refused = model.execute(requests)
     # Refused before any model ran: an error each, and the prefill is only called for the two good requests.
@@ -307,9 +308,9 @@ def test_pipeline_graphs_run_before_the_prefill_and_external_weights_travel(comp
     bundle, _ = compiled
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    pixels = manifest["graphs"]["prefill"]["inputs"][2]["shape"]
-    batch, seq = manifest["graphs"]["prefill"]["inputs"][1]["shape"]
+    manifest = read_manifest(copy, verify=False)
+    pixels = manifest.graphs["prefill"]["inputs"][2]["shape"]
+    batch, seq = manifest.graphs["prefill"]["inputs"][1]["shape"]
     float32, int64 = TensorProto.FLOAT, TensorProto.INT64
     identity = [helper.make_node("Identity", ["raw_pixels"], ["pixel_values"])]
     _graph(
@@ -326,9 +327,9 @@ def test_pipeline_graphs_run_before_the_prefill_and_external_weights_travel(comp
     decode = onnx.load(str(copy / "decode.onnx"))
     onnx.save(decode, copy / "decode.onnx", save_as_external_data=True, location="decode.weights")
     for name in ("vision", "rope"):
-        manifest["graphs"][name] = {"file": f"{name}.onnx", **graph_signature(copy / f"{name}.onnx")}
-    manifest["pipeline"] = ["vision", "rope"]
-    write_manifest(copy, {k: v for k, v in manifest.items() if k != "files"})
+        manifest.graphs[name] = {"file": f"{name}.onnx", **graph_signature(copy / f"{name}.onnx")}
+    manifest.pipeline = ["vision", "rope"]
+    write_manifest(copy, manifest)
     repo = write_triton_repo(copy, tmp_path / "repo")
     assert (repo / "clse_decode" / "1" / "decode.weights").is_file()
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
@@ -350,7 +351,7 @@ def test_pipeline_graphs_run_before_the_prefill_and_external_weights_travel(comp
     backend = _Backend(repo)
     model = _load_generate_model(repo, backend, monkeypatch)
     (response,) = model.execute([backend.request(feeds)])
-    stops = {engine.manifest["eos_token_id"]}
+    stops = {engine.manifest.eos_token_id}
     assert _answers(backend, response) == engine.generate_ids(feeds, 32, stops=stops)[0]
     assert backend.calls["clse_vision"] == backend.calls["clse_rope"] == 1
 

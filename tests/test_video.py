@@ -6,10 +6,10 @@ import torch
 
 import clse_fx
 from clse_fx.compiler import prune_prefill
+from clse_fx.deploy.engine import Engine
 from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
-from clse_fx.runtime import Engine
 
 from .tiny_models import QWEN_FAMILIES, QWEN_VIDEO, VIDEO_TOKEN, qwen_inputs, save_tiny_llava_next_video, save_tiny_qwen
 
@@ -98,9 +98,9 @@ def video_bundle(video_model, tmp_path_factory):
 def test_video_bundle_generation_equals_reference(video_model, video_bundle):
     """ONNX Runtime == PyTorch, and 16 greedy tokens from the engines equal the reference, for 4-frame videos."""
     bundle, manifest, stages = video_bundle
-    parity = manifest["parity"]
+    parity = manifest.parity
     assert parity["onnxruntime_max_abs_logits"] <= 1e-4 and parity["onnxruntime_indices_identical"]
-    assert manifest["geometry"]["grid"][0] == 4
+    assert manifest.geometry["grid"][0] == 4
     inputs, tokens = video_inputs(video_model, 4)
     if "Qwen" in type(video_model).__name__:  # wrap the video in the vision start/end markers the bundle expects
         ids = inputs["input_ids"]

@@ -6,10 +6,10 @@ import torch
 
 import clse_fx
 from clse_fx.compiler import prune_prefill
+from clse_fx.deploy.engine import Engine
 from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, extra_positions, plan_budget, scored_count
 from clse_fx.reference import reference_generate, reference_prune
-from clse_fx.runtime import Engine
 
 from .tiny_models import VIDEO_LLAVA_IMAGE, VIDEO_LLAVA_VIDEO, save_tiny_video_llava
 
@@ -84,11 +84,9 @@ def test_video_bundle_generation_equals_reference(model, tmp_path):
         model, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False
     )
     manifest = result.manifest
-    assert (
-        manifest["parity"]["onnxruntime_max_abs_logits"] <= 1e-4 and manifest["parity"]["onnxruntime_indices_identical"]
-    )
-    assert manifest["geometry"]["layout"] == [["extra", 1], ["grid", 1, 4, 4]] * 4
-    assert manifest["geometry"]["num_visual"] == 64 and manifest["geometry"]["pruned_length"] == 9 + 4 + 6
+    assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
+    assert manifest.geometry["layout"] == [["extra", 1], ["grid", 1, 4, 4]] * 4
+    assert manifest.geometry["num_visual"] == 64 and manifest.geometry["pruned_length"] == 9 + 4 + 6
     inputs, scored = _inputs("video", 4)
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values_videos")}
     generated, _ = Engine.load(tmp_path / "b").generate_ids(feeds, max_new_tokens=16)

@@ -1,6 +1,6 @@
 """The aot-inductor target: the pruned prefill and the decode step as AOTInductor packages (``prefill.pt2``,
 ``decode.pt2``), compiled ahead of time for the device they were traced on and loadable with libtorch alone
-(no model code, no transformers); the runtime runs them through :class:`AotiSession`."""
+(no model code, no transformers); the runtime runs them through :class:`clse_fx.deploy.aoti.AotiSession`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from clse_fx.decode import decode_example, export_decode
-from clse_fx.export.manifest import TargetSection
-from clse_fx.export.onnxruntime import checked_feeds, decode_names, input_names, output_names
+from clse_fx.deploy.aoti import AotiSession
+from clse_fx.deploy.manifest import decode_names
+from clse_fx.export.onnxruntime import input_names, output_names
+from clse_fx.export.targets import TargetSection
 from clse_fx.models import deploy_recipe_for
 
 if TYPE_CHECKING:
@@ -37,22 +39,6 @@ def signature(names: list[str], tensors: list[torch.Tensor], dynamic: dict[str, 
         }
         for name, tensor in zip(names, tensors)
     ]
-
-
-class AotiSession:
-    """A loaded AOTInductor package with :class:`~clse_fx.export.onnxruntime.OnnxSession`'s interface: feeds are
-    checked against the compiled shapes, outputs come back as numpy arrays."""
-
-    def __init__(self, path: str | Path, graph: dict, device: str = "cpu") -> None:
-        self.path, self.device = Path(path), device
-        self.runner = torch._inductor.aoti_load_package(str(path))
-        self.inputs = {entry["name"]: entry["shape"] for entry in graph["inputs"]}
-
-    def run(self, **feeds) -> list[np.ndarray]:
-        arrays = checked_feeds(self.path.name, self.inputs, feeds)
-        with torch.no_grad():
-            outputs = self.runner(*(torch.from_numpy(array).to(self.device) for array in arrays.values()))
-        return [output.cpu().numpy() for output in outputs]
 
 
 def build(context: BuildContext, bundle: Path) -> TargetSection:

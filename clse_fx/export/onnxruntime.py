@@ -13,7 +13,9 @@ import torch
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
-from clse_fx.export.manifest import TargetSection
+from clse_fx.deploy.manifest import decode_names, prefill_output_names
+from clse_fx.deploy.session import OnnxSession
+from clse_fx.export.targets import TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
 from clse_fx.models import adapter_for, deploy_recipe_for
 from clse_fx.models.base import InputGraph
@@ -28,10 +30,7 @@ FORBIDDEN_OPS = {"DFT", "STFT", "NonZero", "Unique", "Loop", "If"}
 
 
 def output_names(pruned: PrunedPrefill) -> list[str]:
-    stages = len(pruned.settings.stages)
-    layers = pruned.settings.prune.plan.num_layers
-    cache = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["logits", "positions"] + [f"kept_{i}" for i in range(stages)] + cache
+    return prefill_output_names(len(pruned.settings.stages), pruned.settings.prune.plan.num_layers)
 
 
 def input_names(pruned: PrunedPrefill) -> list[str]:
@@ -41,13 +40,6 @@ def input_names(pruned: PrunedPrefill) -> list[str]:
 def export_onnx(pruned: PrunedPrefill, path: str | Path) -> Path:
     """Write the pruned prefill as a checked ONNX file with named, static-shape inputs and outputs."""
     return export_program(pruned.program, path, input_names(pruned), output_names(pruned))
-
-
-def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Input and output names of the decode-step graph."""
-    per_layer = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
-    inputs = ["input_ids", "position_ids", "pad_counts"] + [f"past.{i}.{kind}" for i, kind in per_layer]
-    return inputs, ["logits"] + [f"new.{i}.{kind}" for i, kind in per_layer]
 
 
 def export_program(
@@ -129,62 +121,6 @@ def graph_signature(path: str | Path) -> dict[str, list[dict]]:
         ]
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-
-
-def select_providers(target: str) -> list[str]:
-    """Execution providers for a bundle's target: GPU ones first for onnxruntime-gpu, with a clear fallback."""
-    import onnxruntime
-
-    if target != "onnxruntime-gpu":
-        return ["CPUExecutionProvider"]
-    available = onnxruntime.get_available_providers()
-    chosen = [p for p in GPU_PROVIDERS if p in available]
-    if not chosen:
-        warnings.warn(
-            f"onnxruntime-gpu bundle, but this onnxruntime {onnxruntime.__version__} offers only "
-            f"{', '.join(available)}; running on CPU. Install the gpu extra (onnxruntime-gpu) on a CUDA machine.",
-            stacklevel=2,
-        )
-    return chosen + ["CPUExecutionProvider"]
-
-
-class OnnxSession:
-    """An ONNX Runtime session that checks feeds against the shapes the graph was compiled for."""
-
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime
-
-        self.path = Path(path)
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
-
-    def run(self, **feeds: torch.Tensor | np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, checked_feeds(self.path.name, self.inputs, feeds))
-
-
-def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str, np.ndarray]:
-    """``feeds`` as arrays in ``inputs`` order, each checked against its compiled shape (a str or None dim is
-    dynamic); a missing input or a shape the graph was not compiled for is a one-line error."""
-    arrays = {}
-    for name, shape in inputs.items():
-        if name not in feeds:
-            raise ValueError(f"{graph} needs input {name!r} of shape {shape}")
-        value = feeds[name]
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        fixed = all(not isinstance(want, int) or have == want for have, want in zip(array.shape, shape))
-        if not fixed or len(array.shape) != len(shape):
-            raise ValueError(
-                f"{name} has shape {list(array.shape)} but {graph} was compiled for {list(shape)}; "
-                "recompile with matching --batch/--text-len/--image-size"
-            )
-        arrays[name] = array
-    return arrays
 
 
 def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[str, float | bool]:

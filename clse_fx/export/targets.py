@@ -10,7 +10,21 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TargetSection:
+    """A target builder's part of the manifest: the graph files it wrote (name -> file, signature), the graphs
+    the runtime runs before the prefill (in order), its parity figures and the seconds of each of its phases.
+    ``module`` is an in-process result (the torch-compile target's); it is not written."""
+
+    graphs: dict[str, dict] = field(default_factory=dict)
+    pipeline: list[str] = field(default_factory=list)
+    parity: dict[str, float | bool] = field(default_factory=dict)
+    tensorrt_readiness: dict[str, list[str]] | None = None
+    opset: int | None = None
+    module: object | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clse_fx.compiler import PrunedPrefill
-from clse_fx.export.manifest import TargetSection
+from clse_fx.export.targets import TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from torch import nn
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import StaticDecodeStep
-from clse_fx.export.manifest import TargetSection
+from clse_fx.export.targets import TargetSection
 from clse_fx.models import adapter_for
 from clse_fx.trace import graph_inputs
 

@@ -147,7 +147,8 @@ def evaluate_config(
 ) -> RunResult:
     """Compile one configuration's prefill engine, run it over ``items`` and score it."""
     import clse_fx
-    from clse_fx.export.onnxruntime import OnnxSession, export_onnx
+    from clse_fx.deploy.session import OnnxSession
+    from clse_fx.export.onnxruntime import export_onnx
     from clse_fx.models import adapter_for
 
     num_visual = adapter_for(model).tokens_per_image()
@@ -176,7 +177,7 @@ def evaluate_config(
         budget=budget,
         plan=plan,
         stages=[list(s) for s in stages],
-        avg_visual_tokens=result.manifest["plan"]["avg_visual_tokens"],
+        avg_visual_tokens=result.manifest.plan.avg_visual_tokens,
         accuracy=report["overall"],
         by_type=report["by_type"],
         predictions=words,

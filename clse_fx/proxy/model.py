@@ -96,7 +96,7 @@ def pixel_values(images: list[np.ndarray]) -> np.ndarray:
 
 def encode(tokenizer, images: list[np.ndarray], questions: list[str], num_visual: int) -> dict[str, np.ndarray]:
     """Feeds in the compiled layout: prompts left padded to TEXT_LEN text tokens plus ``num_visual`` image
-    tokens, as :meth:`clse_fx.runtime.Engine.encode` builds them (a test checks they are identical)."""
+    tokens, as :meth:`clse_fx.deploy.engine.Engine.encode` builds them (a test checks they are identical)."""
     length = TEXT_LEN + num_visual
     input_ids = np.full((len(questions), length), tokenizer.pad_token_id, dtype=np.int64)
     attention_mask = np.zeros_like(input_ids)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clse_fx.export.bundle import read_manifest
-from clse_fx.runtime import Engine, SamplingConfig
+from clse_fx.deploy.engine import Engine, SamplingConfig
+from clse_fx.deploy.manifest import Manifest, read_manifest
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -77,15 +77,17 @@ class Prepared:
         return (True, sampling.temperature, sampling.top_k, self.stops)
 
 
-def max_new_tokens_limit(manifest: dict, limits: Limits) -> tuple[int, str]:
-    """The configured cap, lowered to the positions the model has left when the manifest records them; with
-    what sets it, for error messages."""
+def max_new_tokens_limit(manifest: Manifest, limits: Limits) -> tuple[int, str]:
+    """The configured cap, lowered to the positions the model has left (the manifest's runtime limit) when it
+    has one; with what sets it, for error messages."""
     configured = (limits.max_new_tokens, "the server's --max-new-tokens")
-    positions = manifest.get("max_position_embeddings")
-    if positions is None:
+    if manifest.runtime.max_new_tokens is None:
         return configured
-    prompt = manifest["geometry"]["sequence_length"]
-    left = (positions - prompt, f"the model's {positions} positions less the {prompt}-token compiled prompt")
+    positions, prompt = manifest.max_position_embeddings, manifest.sequence_length
+    left = (
+        manifest.runtime.max_new_tokens,
+        f"the model's {positions} positions less the {prompt}-token compiled prompt",
+    )
     return min(configured, left)
 
 
@@ -188,7 +190,7 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     top_k = _typed(body, "top_k", int, 0)
     seed = _typed(body, "seed", int, None)
     chat = _typed(body, "chat", bool, False)
-    vocab = engine.manifest["graphs"]["prefill"]["outputs"][0]["shape"][-1]
+    vocab = engine.manifest.graphs["prefill"]["outputs"][0]["shape"][-1]
     if not 0 <= top_k <= vocab:
         raise RequestError(422, f"top_k must be between 0 (all tokens) and the vocabulary size {vocab}")
     try:  # temperature: finite, and > 0 when sampling; seed: none or >= 0
@@ -209,7 +211,7 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
         feeds=feeds,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        stops=frozenset(engine.default_stops() if stops is None else stops),
+        stops=frozenset(engine.manifest.stop_token_ids() if stops is None else stops),
     )
 
 
@@ -258,7 +260,7 @@ def build_app(
     from ray import serve
 
     bundle = Path(bundle).resolve()
-    batch = read_manifest(bundle, verify=False)["geometry"]["batch"]
+    batch = read_manifest(bundle, verify=False).batch
     threads = threads or max(1, int(cpus_per_replica))
     api = FastAPI(title="clse-serve", description=f"CLSE-pruned bundle {bundle.name}")
 
@@ -280,7 +282,7 @@ def build_app(
         @api.get("/metadata")
         def metadata(self) -> dict:
             """The bundle's manifest."""
-            return self.engine.manifest
+            return self.engine.manifest.to_dict()
 
         @api.post("/generate")
         async def generate(self, request: Request) -> JSONResponse:

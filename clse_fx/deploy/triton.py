@@ -4,7 +4,7 @@ One ONNX Runtime model per graph of the bundle: ``clse_<name>`` for each graph o
 (the graphs run before the prefill, e.g. Qwen2-VL's vision tower and M-RoPE index; LLaVA bundles have none,
 their vision tower is inside ``prefill.onnx``), ``clse_prefill`` and ``clse_decode``, every dimension static
 as compiled (the decode graph's growing past length is -1); and ``clse_generate``, a Python-backend model
-that runs the generation loop of ``clse_fx.runtime`` over them through BLS calls. Serve it with
+that runs the generation loop of ``clse_fx.deploy.engine`` over them through BLS calls. Serve it with
 ``tritonserver --model-repository DIR``.
 """
 
@@ -15,7 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from clse_fx.export.bundle import read_manifest, staged_directory
+from clse_fx.deploy.files import staged_directory
+from clse_fx.deploy.manifest import PREFILL, Manifest, read_manifest, split_prefill_outputs
 
 GENERATE = "clse_generate"
 TRITON_TYPES = {
@@ -44,7 +45,7 @@ README = """\
 - {models}: ONNX Runtime models with the static shapes the bundle was compiled for
   ({pipeline}); `max_batch_size: 0`, so every request carries the full compiled batch.
 - `{generate}`: a Python-backend model that runs {order}, then decode token by token, through BLS calls to
-  the models above. Inputs: {inputs}, as `clse_fx.runtime.Engine.encode` makes them (fill a short batch
+  the models above. Inputs: {inputs}, as `clse_fx.deploy.engine.Engine.encode` makes them (fill a short batch
   with copies of a row), and the optional scalars max_new_tokens (default {max_new_tokens}, at most {limit}),
   do_sample, temperature, top_k and seed. Outputs: `output_ids` [batch, longest answer], -1 after each row's
   end, and `output_lengths` [batch]; decode the ids with the bundle's tokenizer.
@@ -80,11 +81,11 @@ def _typed(entries: list[dict]) -> list[dict]:
 
 def _graphs(manifest: dict) -> dict[str, dict]:
     """The graphs in the order they run: the pipeline's, prefill, decode."""
-    names = [*manifest.get("pipeline", []), "prefill", "decode"]
-    missing = [name for name in names if name not in manifest["graphs"]]
+    names = [*manifest.pipeline, "prefill", "decode"]
+    missing = [name for name in names if name not in manifest.graphs]
     if missing:
         raise ValueError(f"the bundle has no {', '.join(missing)} graph; recompile it with an ONNX target")
-    return {name: manifest["graphs"][name] for name in names}
+    return {name: manifest.graphs[name] for name in names}
 
 
 def onnx_config(graph: str, entry: dict, target: str, precision: str = "fp32") -> str:
@@ -105,7 +106,7 @@ def onnx_config(graph: str, entry: dict, target: str, precision: str = "fp32") -
     return text
 
 
-def generate_settings(manifest: dict, max_new_tokens: int, limit: int) -> dict:
+def generate_settings(manifest: Manifest, max_new_tokens: int, limit: int) -> dict:
     """What ``clse_generate`` reads at load: its inputs, each graph's model and tensor names, stops, limits."""
     named = {
         graph: {
@@ -118,20 +119,22 @@ def generate_settings(manifest: dict, max_new_tokens: int, limit: int) -> dict:
     # The request brings every input of the pipeline and the prefill that no earlier graph produces.
     inputs: list[str] = []
     produced: set[str] = set()
-    for graph in [*manifest.get("pipeline", []), "prefill"]:
+    for graph in [*manifest.pipeline, "prefill"]:
         inputs += [name for name in named[graph]["inputs"] if name not in produced and name not in inputs]
         produced.update(named[graph]["outputs"])
-    eos = manifest.get("eos_token_id")
+    # clse_generate asks the prefill for the logits and the cache only (not the positions or kept ids).
+    _, _, _, cache = split_prefill_outputs(named[PREFILL]["outputs"], manifest.num_stages)
     return {
         "inputs": inputs,
-        "pipeline": [named[graph] for graph in manifest.get("pipeline", [])],
-        "prefill": named["prefill"],
+        "pipeline": [named[graph] for graph in manifest.pipeline],
+        "prefill": dict(named[PREFILL], outputs=["logits", *cache]),
         "decode": named["decode"],
-        "num_stages": len(manifest["plan"]["stages"]),
-        "shape": [manifest["geometry"]["batch"], manifest["geometry"]["sequence_length"]],
-        "visual_token_ids": manifest["visual_token_ids"],
-        "visual_tokens_per_prompt": manifest["geometry"]["visual_tokens_per_prompt"],
-        "stop_token_ids": [] if eos is None else eos if isinstance(eos, list) else [eos],
+        "shape": [manifest.batch, manifest.sequence_length],
+        "decode_position_start": manifest.runtime.decode_position_start,
+        "position_offset_input": manifest.runtime.position_offset_input,
+        "visual_token_ids": manifest.visual_token_ids,
+        "visual_tokens_per_prompt": manifest.geometry["visual_tokens_per_prompt"],
+        "stop_token_ids": manifest.stop_token_ids(),
         "max_new_tokens": min(max_new_tokens, limit),
         "max_new_tokens_limit": limit,
     }
@@ -143,7 +146,7 @@ def generate_config(manifest: dict, settings: dict) -> str:
     by_name = {t["name"]: t for t in reversed(consumed)}  # as its first consumer declares it
     inputs = _typed([by_name[name] for name in settings["inputs"]])
     inputs += [{"name": n, "data_type": t, "shape": [1], "optional": True} for n, t in GENERATE_OPTIONS]
-    batch = manifest["geometry"]["batch"]
+    batch = manifest.geometry["batch"]
     outputs = [
         {"name": "output_ids", "data_type": "TYPE_INT64", "shape": [batch, "answer"]},
         {"name": "output_lengths", "data_type": "TYPE_INT64", "shape": [batch]},
@@ -182,13 +185,13 @@ def write_triton_repo(
     bundle: str | Path, output_dir: str | Path, force: bool = False, max_new_tokens: int = 32, limit: int = 256
 ) -> Path:
     """Write the Triton model repository of a bundle atomically to ``output_dir``; returns it."""
-    from clse_fx import runtime
+    from clse_fx.deploy import loop
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, verify=True)
     graphs = _graphs(manifest)
-    precision = manifest["graphs"].get("prefill_tensorrt", {}).get("precision", "fp32")
-    target = manifest.get("target", "onnxruntime")
+    precision = manifest.graphs.get("prefill_tensorrt", {}).get("precision", "fp32")
+    target = manifest.target
     settings = generate_settings(manifest, max_new_tokens, limit)
     with staged_directory(output_dir, force) as staging:
         for graph, entry in graphs.items():
@@ -203,14 +206,14 @@ def write_triton_repo(
         version.mkdir(parents=True)
         (version.parent / "config.pbtxt").write_text(generate_config(manifest, settings))
         shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
-        shutil.copyfile(runtime.__file__, version / "clse_runtime.py")
+        shutil.copyfile(loop.__file__, version / "clse_runtime.py")
         (version / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         (staging / "README.md").write_text(
             README.format(
                 repo=Path(output_dir).resolve(),
                 models=", ".join(f"`{model_name(g)}`" for g in graphs),
                 pipeline=f"run in order: {', '.join(graphs)}"
-                if manifest.get("pipeline")
+                if manifest.pipeline
                 else "no graph runs before the prefill: the vision tower is inside it",
                 order=", ".join(f"`{model_name(g)}`" for g in graphs if g != "decode"),
                 generate=GENERATE,

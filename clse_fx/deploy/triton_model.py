@@ -1,6 +1,6 @@
 """Triton Python-backend model ``clse_generate``: prefill then decode token by token, each step a BLS call to
-the repository's ONNX models. ``clse_fx.export.triton`` copies this file as ``clse_generate/1/model.py``, next
-to ``clse_runtime.py`` (a copy of ``clse_fx/runtime.py``, whose loop it runs) and ``settings.json``.
+the repository's ONNX models. ``clse_fx.deploy.triton`` copies this file as ``clse_generate/1/model.py``, next
+to ``clse_runtime.py`` (a copy of ``clse_fx/deploy/loop.py``, whose loop it runs) and ``settings.json``.
 
 Inputs are the bundle's compiled-shape feeds (``Engine.encode`` makes them), plus the optional scalars
 max_new_tokens, do_sample, temperature, top_k and seed; outputs are ``output_ids`` [batch, longest answer]
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from clse_runtime import SamplingConfig, check_prompt_feeds, generation_loop
+from clse_runtime import SamplingConfig, check_prompt_feeds, decode_start, generation_loop
 
 
 class TritonPythonModel:
-    """The generation loop of ``clse_fx.runtime`` over BLS calls to the pipeline, prefill and decode models."""
+    """The generation loop of ``clse_fx.deploy.engine`` over BLS calls to the pipeline, prefill and decode models."""
 
     def initialize(self, args: dict) -> None:
         """Read the model names, tensor names and limits the repository generator wrote."""
@@ -44,8 +44,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(response.error().message())
         return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in graph["outputs"]]
 
-    def _prefill(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._infer(self.settings["prefill"], feeds)
+    def _prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, *cache = self._infer(self.settings["prefill"], feeds)  # asks for the logits and the cache only
+        return logits, cache
 
     def _decode(self, input_ids, position_ids, pad_counts, past: list[np.ndarray]) -> list[np.ndarray]:
         graph = self.settings["decode"]
@@ -83,7 +84,7 @@ class TritonPythonModel:
             self._prefill,
             self._decode,
             feeds,
-            settings["num_stages"],
+            decode_start(feeds, settings["decode_position_start"], settings["position_offset_input"]),
             max_new_tokens,
             sampling,
             sampling.rng(),

@@ -55,17 +55,18 @@ def overlay_png(image: np.ndarray, kept: list[np.ndarray], grid: tuple[int, int]
 
 def explain_bundle(bundle: str | Path, image, prompt: str, path: str | Path) -> Path:
     """Run ``bundle``'s prefill engine on one (image, prompt) and write the kept-token overlay PNG to ``path``."""
-    from clse_fx.runtime import Engine
+    from clse_fx.deploy.engine import Engine
+    from clse_fx.deploy.manifest import split_prefill_outputs
 
     engine = Engine.load(bundle)
-    if "grid" not in engine.manifest["geometry"]:
+    if "grid" not in engine.manifest.geometry:
         raise ValueError(
             "explain draws bundles whose visual tokens form one grid; this one's layout has several segments"
         )
-    grid = tuple(engine.manifest["geometry"]["grid"])[-2:]
+    grid = tuple(engine.manifest.geometry["grid"])[-2:]
     if engine.images_per_prompt != 1:
         raise ValueError("--explain needs a bundle compiled for one image per prompt (--images 1)")
     feeds = engine.encode([image] * engine.batch, [prompt] * engine.batch)
     outputs = engine.prefill.run(**feeds)
-    kept = [stage[0] for stage in outputs[2 : 2 + engine.num_stages]]
+    kept = [stage[0] for stage in split_prefill_outputs(outputs, engine.num_stages)[2]]
     return overlay_png(model_view(feeds["pixel_values"][0], engine.processor), kept, grid, path)

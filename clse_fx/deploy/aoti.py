@@ -1,0 +1,30 @@
+"""AOTInductor packages (the aot-inductor target's ``.pt2`` files) as engine sessions. The one part of deploy
+that needs torch (libtorch runs the packages): it is imported only for bundles of that target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from clse_fx.deploy.session import checked_feeds
+
+
+class AotiSession:
+    """A loaded AOTInductor package with :class:`~clse_fx.deploy.session.OnnxSession`'s interface: feeds are
+    checked against the compiled shapes, outputs come back as numpy arrays."""
+
+    def __init__(self, path: str | Path, graph: dict, device: str = "cpu") -> None:
+        self.path, self.device = Path(path), device
+        import torch
+
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        self.inputs = {entry["name"]: entry["shape"] for entry in graph["inputs"]}
+
+    def run(self, **feeds) -> list[np.ndarray]:
+        import torch
+
+        arrays = checked_feeds(self.path.name, self.inputs, feeds)
+        with torch.no_grad():
+            outputs = self.runner(*(torch.from_numpy(array).to(self.device) for array in arrays.values()))
+        return [output.cpu().numpy() for output in outputs]

@@ -1,0 +1,224 @@
+"""Run a compiled bundle end to end: text and pixels -> pruned prefill engine -> decode engine -> text."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clse_fx.deploy.loop import (
+    GREEDY,
+    SamplingConfig,
+    Timings,
+    check_prompt_feeds,
+    check_sampling,
+    decode_start,
+    generation_loop,
+)
+from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, Manifest, split_prefill_outputs
+
+
+@dataclass
+class Generation:
+    """One prompt's answer: generated token ids (up to and including a stop token) and their text."""
+
+    token_ids: list[int]
+    text: str
+    timings: Timings = field(default_factory=Timings)
+
+
+class Engine:
+    """A loaded bundle. Feeds must match the compiled geometry; the processor's output is fitted to it."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, prefill, decode, processor, input_graphs=None) -> None:
+        self.bundle, self.manifest = bundle, manifest
+        self.prefill, self.decode, self.processor = prefill, decode, processor
+        self.input_graphs = input_graphs or {}  # name -> session, run in order before the prefill
+        geometry = manifest.geometry
+        self.batch, self.sequence_length = manifest.batch, manifest.sequence_length
+        self.images_per_prompt, self.text_len = geometry["images"], geometry["text_len"]
+        self.num_stages, self.num_layers = manifest.num_stages, manifest.num_layers
+        self.pad_id = manifest.pad_token_id
+
+    @classmethod
+    def load(cls, bundle: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Engine:
+        """Open a bundle, verifying every file against the manifest's hashes. ``providers`` defaults to the
+        bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU); ``threads``
+        caps each session's intra-op threads (default: ONNX Runtime's, one per physical core)."""
+        from transformers import AutoProcessor
+
+        from clse_fx.deploy.manifest import DECODE, PREFILL, read_manifest
+        from clse_fx.deploy.session import OnnxSession, select_providers
+
+        bundle = Path(bundle)
+        if not bundle.is_dir():
+            raise FileNotFoundError(f"bundle {bundle} does not exist; compile one with clse-compile")
+        manifest = read_manifest(bundle, verify=True)
+        graphs = manifest.graphs
+        providers = providers or select_providers(manifest.target)
+
+        def session(name: str):
+            path = bundle / graphs[name]["file"]
+            if path.suffix == ".pt2":  # an AOTInductor package (the aot-inductor target): needs torch
+                from clse_fx.deploy.aoti import AotiSession
+
+                return AotiSession(path, graphs[name], manifest.device)
+            return OnnxSession(path, providers, threads)
+
+        prefill, decode = session(PREFILL), session(DECODE)
+        has_processor = any(name.endswith("processor_config.json") for name in manifest.files)
+        processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False) if has_processor else None
+        pipeline = manifest.pipeline
+        input_graphs = {name: session(name) for name in pipeline}
+        return cls(bundle, manifest, prefill, decode, processor, input_graphs)
+
+    def encode(self, images: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
+        """Prompts and images -> the compiled [B, S] input_ids / attention_mask and pixel_values (left padded)."""
+        if self.processor is None:
+            raise ValueError(
+                "this bundle has no processor files, so it cannot run from text and images; recompile from a "
+                "checkpoint dir with its processor, or feed token ids and pixels to Engine.generate_ids"
+            )
+        image_token = self.processor.image_token
+        rows, pixels = [], []
+        for prompt, image in zip(prompts, images):
+            if not prompt or not prompt.strip():
+                raise ValueError("empty prompt: give the question to ask about the image")
+            row_images = image if isinstance(image, (list, tuple)) else [image]
+            if len(row_images) != self.images_per_prompt:
+                raise ValueError(f"the bundle was compiled for {self.images_per_prompt} image(s) per prompt")
+            if image_token not in prompt:
+                prompt = f"{image_token * len(row_images)}\n{prompt}"
+            if chat:
+                prompt = self._chat(prompt)
+            encoded = self.processor(images=row_images, text=prompt, return_tensors="np")
+            ids = encoded["input_ids"][0]
+            if len(ids) > self.sequence_length:
+                text_tokens = len(ids) - (self.sequence_length - self.text_len)
+                raise ValueError(
+                    f"the prompt has {text_tokens} text tokens but the bundle was compiled for at most "
+                    f"{self.text_len}; shorten it or recompile with --text-len {text_tokens}"
+                )
+            rows.append(ids)
+            pixels.append(encoded["pixel_values"])
+        input_ids = np.full((len(rows), self.sequence_length), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros_like(input_ids)
+        for i, ids in enumerate(rows):
+            input_ids[i, -len(ids) :] = ids
+            attention_mask[i, -len(ids) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": np.concatenate(pixels).astype(np.float32),
+        }
+
+    def _chat(self, prompt: str) -> str:
+        tokenizer = self.processor.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "this bundle's tokenizer has no chat template; ask without chat, with the prompt in the model's format"
+            )
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(
+        self,
+        images: list,
+        prompts: list[str],
+        max_new_tokens: int = 32,
+        sampling: SamplingConfig = GREEDY,
+        stop_token_ids: list[int] | None = None,
+        chat: bool = False,
+    ) -> list[Generation]:
+        """Answer each (image, prompt) pair; batches of any size are run in chunks of the compiled batch. One
+        generator, seeded with ``sampling.seed``, serves every chunk of the call."""
+        check_sampling(sampling)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one per prompt")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        positions, limit = self.manifest.max_position_embeddings, self.manifest.runtime.max_new_tokens
+        if limit is not None and max_new_tokens > limit:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} runs past the model's {positions} positions after a "
+                f"{self.sequence_length}-token prompt; ask for at most {limit}"
+            )
+        if not prompts:
+            return []
+        stops = set(self.manifest.stop_token_ids() if stop_token_ids is None else stop_token_ids)
+        rng = sampling.rng()
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.batch):
+            chunk = list(range(start, min(start + self.batch, len(prompts))))
+            # Fill a short last chunk with copies of its last row; their outputs are dropped.
+            rows = chunk + [chunk[-1]] * (self.batch - len(chunk))
+            feeds = self.encode([images[i] for i in rows], [prompts[i] for i in rows], chat)
+            ids, timings = self.generate_ids(feeds, max_new_tokens, sampling, rng, stops)
+            for row in range(len(chunk)):
+                tokens = ids[row]
+                text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+                results.append(Generation(token_ids=tokens, text=text, timings=timings))
+        return results
+
+    def generate_ids(
+        self,
+        feeds: dict[str, np.ndarray],
+        max_new_tokens: int,
+        sampling: SamplingConfig = GREEDY,
+        rng: np.random.Generator | None = None,
+        stops: set[int] = frozenset(),
+    ) -> tuple[list[list[int]], Timings]:
+        """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token.
+        ``rng`` defaults to ``sampling.rng()``."""
+        check_sampling(sampling)
+        self.check_feeds(feeds)
+        decode_names = list(self.decode.inputs)[len(DECODE_STEP_INPUTS) :]
+
+        def decode(input_ids, position_ids, pad_counts, past):
+            return self.decode.run(
+                input_ids=input_ids, position_ids=position_ids, pad_counts=pad_counts, **dict(zip(decode_names, past))
+            )
+
+        start = time.perf_counter()
+        feeds = self.run_input_graphs(feeds)
+        pipeline_ms = (time.perf_counter() - start) * 1e3
+        runtime = self.manifest.runtime
+        rows, timings = generation_loop(
+            self.run_prefill,
+            decode,
+            feeds,
+            decode_start(feeds, runtime.decode_position_start, runtime.position_offset_input),
+            max_new_tokens,
+            sampling,
+            rng,
+            stops,
+        )
+        timings.prefill_ms += pipeline_ms
+        return rows, timings
+
+    def run_prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The prefill graph on (pipeline-completed) feeds: its logits and every layer's pruned key and value."""
+        logits, _, _, cache = split_prefill_outputs(self.prefill.run(**feeds), self.num_stages)
+        return logits, cache
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """:func:`check_prompt_feeds` against this bundle's compiled geometry (bundles written before the
+        manifest named every visual token id and count fall back to the image token and ``num_visual``)."""
+        geometry, manifest = self.manifest.geometry, self.manifest
+        check_prompt_feeds(
+            np.asarray(feeds["input_ids"]),
+            np.asarray(feeds["attention_mask"]),
+            (self.batch, self.sequence_length),
+            manifest.visual_token_ids,
+            geometry.get("visual_tokens_per_prompt", geometry["num_visual"]),
+        )
+
+    def run_input_graphs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the bundle's pre-prefill graphs (e.g. vision tower, M-RoPE index) in order, adding their outputs."""
+        feeds = dict(feeds)
+        for name, session in self.input_graphs.items():
+            outputs = session.run(**{key: feeds[key] for key in session.inputs if key in feeds})
+            feeds.update(zip((o["name"] for o in self.manifest.graphs[name]["outputs"]), outputs))
+        return feeds

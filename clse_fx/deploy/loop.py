@@ -1,0 +1,174 @@
+"""Run a compiled bundle end to end: processor -> pruned prefill engine -> decode engine -> text.
+
+At import this module needs only numpy: the Triton model repository ships a copy of it as the generation loop
+of its Python-backend model (``clse_fx.deploy.triton``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is picked: the argmax of the logits (greedy, the default), or with ``do_sample`` a
+    draw from softmax(logits / temperature) over the ``top_k`` highest logits (0 = all tokens), from a
+    generator seeded with ``seed`` (None = fresh entropy, so answers differ from call to call)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, (bool, np.bool_)):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling (do_sample), got {self.temperature}")
+        if not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, (bool, np.bool_)):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = all tokens), got {self.top_k}")
+        if self.seed is not None and (
+            not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, (bool, np.bool_)) or self.seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    def rng(self) -> np.random.Generator:
+        """A fresh generator for one generation call, seeded with ``seed``."""
+        return np.random.default_rng(self.seed)
+
+    def next_token(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One token id per row of ``logits`` [batch, vocab]: greedy argmax, or a sample (one draw from ``rng``
+        per row) from softmax(logits / temperature) over the top_k (0 = all) tokens."""
+        if not self.do_sample:
+            return logits.argmax(axis=-1).astype(np.int64)
+        scaled = logits.astype(np.float64) / self.temperature
+        if self.top_k:
+            threshold = np.sort(scaled, axis=-1)[:, -self.top_k][:, None]
+            scaled = np.where(scaled < threshold, -np.inf, scaled)
+        probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+
+
+GREEDY = SamplingConfig()
+
+
+def check_prompt_feeds(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    shape: tuple[int, int],
+    visual_token_ids: list[int],
+    per_prompt: int,
+) -> None:
+    """Refuse feeds the prefill graph was not built for, with a one-line error: ids or mask not of the compiled
+    ``shape`` [batch, sequence], non-integer ids, a mask that is not 0/1 or not left padded (zeros, then ones) or
+    holds no token, or a row whose visual placeholders are not exactly the compiled ``per_prompt`` or sit in
+    the padding. The graph indexes visual tokens by count, so these would fail deep inside it or answer
+    silently wrong."""
+    for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(
+                f"{name} has shape {list(array.shape)} but the bundle was compiled for {list(shape)}; "
+                "recompile with matching --batch/--text-len"
+            )
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    if not (np.issubdtype(attention_mask.dtype, np.integer) or attention_mask.dtype == np.bool_):
+        raise ValueError(f"attention_mask must be integers 0/1, got {attention_mask.dtype}")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt tokens)")
+    length = input_ids.shape[1]
+    for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+        tokens = int(mask.sum())
+        if tokens == 0:
+            raise ValueError(f"row {row}: the attention mask is all zeros; every row needs its prompt")
+        if not mask[length - tokens :].all():
+            raise ValueError(f"row {row}: the attention mask is not left padded (zeros, then ones); pad on the left")
+        visual = np.isin(ids, visual_token_ids)
+        count = int(visual.sum())
+        if count != per_prompt:
+            raise ValueError(
+                f"row {row} holds {count} visual placeholder tokens but the bundle was compiled for {per_prompt} per "
+                "prompt; give each prompt exactly its compiled images (the processor writes their tokens)"
+            )
+        if (visual & (mask == 0)).any():
+            raise ValueError(f"row {row}: visual placeholder tokens sit in the padding; put them inside the prompt")
+
+
+def check_sampling(sampling: object) -> None:
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(
+            f"sampling must be a SamplingConfig, got {type(sampling).__name__}; "
+            "e.g. sampling=SamplingConfig(do_sample=True, top_k=5, seed=3)"
+        )
+
+
+@dataclass
+class Timings:
+    prefill_ms: float = 0.0
+    decode_ms_per_token: float = 0.0
+    kv_cache_bytes: int = 0
+
+
+def decode_start(feeds: dict[str, np.ndarray], start: int, offset_input: str | None) -> np.ndarray:
+    """[batch, 1] position of each row's first decoded token: ``start`` (the unpruned prompt length), plus the
+    row's value of ``offset_input`` where the pipeline makes one (M-RoPE's rope deltas)."""
+    batch = len(feeds["input_ids"])
+    offset = feeds[offset_input] if offset_input else np.zeros(batch, np.int64)
+    return (start + np.asarray(offset).reshape(batch))[:, None].astype(np.int64)
+
+
+def generation_loop(
+    prefill: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, list[np.ndarray]]],
+    decode: Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], list[np.ndarray]],
+    feeds: dict[str, np.ndarray],
+    positions: np.ndarray,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    rng: np.random.Generator | None = None,
+    stops: set[int] = frozenset(),
+) -> tuple[list[list[int]], Timings]:
+    """The prefill + decode loop over any engine: ``prefill(feeds)`` returns the logits and every layer's key
+    and value, ``decode(input_ids, position_ids, pad_counts, past)`` the decode graph's outputs; decoding starts
+    at ``positions`` (:func:`decode_start`); ``sampling`` picks each token, drawing from ``rng`` (default
+    ``sampling.rng()``); per row the new ids, cut after the first stop token."""
+    rng = sampling.rng() if rng is None else rng
+    start = time.perf_counter()
+    logits, past = prefill(feeds)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    past = list(past)
+    timings = Timings(prefill_ms=prefill_ms, kv_cache_bytes=int(sum(t.nbytes for t in past)))
+    seq = feeds["input_ids"].shape[1]
+    pad_counts = (seq - feeds["attention_mask"].sum(axis=1)).astype(np.int64)  # left padding
+    token = sampling.next_token(logits[:, -1], rng)
+    generated, done = [token], np.isin(token, list(stops))
+    start = time.perf_counter()
+    steps = 0
+    for step in range(max_new_tokens - 1):
+        if done.all():
+            break
+        logits, *new = decode(token[:, None], positions + step, pad_counts, past)
+        past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
+        token = sampling.next_token(logits[:, -1], rng)
+        generated.append(token)
+        done |= np.isin(token, list(stops))
+        steps += 1
+    timings.decode_ms_per_token = (time.perf_counter() - start) * 1e3 / max(steps, 1)
+    ids = np.stack(generated, axis=1)
+    rows = []
+    for row in ids.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:cut])
+    return rows, timings

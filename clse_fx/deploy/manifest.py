@@ -1,0 +1,220 @@
+"""The bundle manifest: the one contract between the compiler (``clse_fx.export`` writes it) and deploy
+(``clse_fx.deploy`` reads it), with a schema version.
+
+It holds the one definition of the graph names, the prefill's flat output layout, the run-time conventions
+(left padding, where decode positions start) and the limits. :func:`read_manifest` validates a bundle's
+``manifest.json`` against this schema on load, so an old or foreign manifest is a one-line error and not a
+``KeyError`` deep in a generation loop. Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+# 2: typed manifest with runtime conventions and the preprocessing recipe (format_version 1 had neither).
+SCHEMA_VERSION = 2
+
+PREFILL, DECODE = "prefill", "decode"
+# The scalar inputs of the decode step, before every layer's past key and value.
+DECODE_STEP_INPUTS = ("input_ids", "position_ids", "pad_counts")
+
+
+def prefill_output_names(num_stages: int, num_layers: int) -> list[str]:
+    """The prefill graph's outputs, in order: logits, the kept tokens' original positions, each stage's kept
+    visual ids, then every layer's pruned key and value."""
+    cache = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["logits", "positions", *(f"kept_{i}" for i in range(num_stages)), *cache]
+
+
+def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decode-step graph."""
+    per_layer = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+    inputs = [*DECODE_STEP_INPUTS, *(f"past.{i}.{kind}" for i, kind in per_layer)]
+    return inputs, ["logits", *(f"new.{i}.{kind}" for i, kind in per_layer)]
+
+
+def split_prefill_outputs(flat: list | tuple, num_stages: int) -> tuple[Any, Any, list, list]:
+    """The prefill's flat outputs as (logits, positions, kept per stage, flat key/value cache)."""
+    logits, positions, *rest = flat
+    return logits, positions, list(rest[:num_stages]), list(rest[num_stages:])
+
+
+@dataclass
+class PlanSection:
+    """The pruning plan. ``budget`` is ``--keep`` as given (the paper's nominal budget name, or a ratio; null
+    for explicit stages); ``avg_visual_tokens`` is what the decoder layers really run on, on average."""
+
+    budget: float | None
+    stages: list[list[int]]
+    avg_visual_tokens: float
+    visual_tokens_per_layer: list[int]
+    score: str
+    cutoff: float
+    temp: float
+    seed: int
+    kv_policy: str
+    merge: str
+    merge_metric: str
+
+
+@dataclass
+class KVCacheSection:
+    """Bytes of keys and values after prefill, pruned (under the compiled policy) and unpruned."""
+
+    pruned: int
+    unpruned: int
+    dtype: str
+
+
+@dataclass
+class RuntimeSection:
+    """How a runtime must drive the graphs (what a standalone numpy + onnxruntime loop needs to know).
+
+    Prompts are left padded to ``sequence_length``; the decode step's ``pad_counts`` is each row's number of
+    left-pad tokens; decode positions continue after the unpruned prompt, at ``decode_position_start`` plus,
+    where the pipeline outputs ``rope_deltas`` (M-RoPE), that row's delta. ``max_new_tokens`` is what the
+    model's positions leave after the prompt (null: unbounded)."""
+
+    padding: str
+    decode_position_start: int
+    position_offset_input: str | None
+    max_new_tokens: int | None
+
+
+GEOMETRY_KEYS = ("batch", "text_len", "images", "num_visual", "visual_tokens_per_prompt", "layout", "sequence_length")
+
+
+@dataclass
+class Manifest:
+    architecture: str
+    dtype: str  # the model's parameters (scores are float32 inside the graph whatever it is)
+    device: str  # where the program was traced and verified
+    source: dict
+    target: str
+    plan: PlanSection
+    geometry: dict  # GEOMETRY_KEYS, plus the pruned length, one grid's shape and the family's entries
+    image_token_id: int
+    visual_token_ids: list[int]  # every id that marks a visual position (image and video placeholders)
+    pad_token_id: int
+    eos_token_id: int | list[int] | None
+    max_position_embeddings: int | None  # caps prompt + generation
+    kv_cache_bytes: KVCacheSection
+    runtime: RuntimeSection
+    versions: dict[str, str]
+    preprocess: dict | None = None  # the family's recipe from pixels and text (clse_fx.deploy.preprocess)
+    flops: dict[str, int] | None = None  # pruned and unpruned prefill (docs/method.md#cost)
+    parity: dict[str, float | bool] = field(default_factory=dict)
+    graphs: dict[str, dict] = field(default_factory=dict)  # name -> file and signature
+    pipeline: list[str] = field(default_factory=list)  # graphs the runtime runs, in order, before the prefill
+    opset: int | None = None
+    tensorrt_readiness: dict[str, list[str]] | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)  # bundle file -> sha256 and bytes (written last)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def batch(self) -> int:
+        return self.geometry["batch"]
+
+    @property
+    def sequence_length(self) -> int:
+        return self.geometry["sequence_length"]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.plan.stages)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.plan.visual_tokens_per_layer)
+
+    def stop_token_ids(self) -> list[int]:
+        """The model's end-of-sequence token ids."""
+        eos = self.eos_token_id
+        return [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+    def to_dict(self) -> dict:
+        """The JSON form; optional sections a compile did not produce (e.g. FLOPs without verification) are left
+        out, other fields are written as they are (an unknown EOS id is null)."""
+        optional = {"flops", "opset", "tensorrt_readiness", "preprocess"}
+        return {key: value for key, value in asdict(self).items() if value is not None or key not in optional}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = MANIFEST) -> Manifest:
+        """Validate a manifest's JSON form against this schema; anything else is a one-line ValueError."""
+        if not isinstance(data, dict) or "schema_version" not in data and "format_version" not in data:
+            raise ValueError(f"{where} is not a clse-fx bundle manifest; compile a bundle with clse-compile")
+        version = data.get("schema_version", data.get("format_version"))
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"{where} has manifest schema {version} but this clse-fx reads schema {SCHEMA_VERSION}; "
+                "recompile the bundle with this version's clse-compile"
+            )
+        try:
+            sections = {"plan": PlanSection, "kv_cache_bytes": KVCacheSection, "runtime": RuntimeSection}
+            typed = {key: _section(section, data[key]) for key, section in sections.items() if key in data}
+            manifest = _section(cls, {**data, **typed})
+            missing = [key for key in GEOMETRY_KEYS if key not in manifest.geometry]
+            if missing:
+                raise KeyError(f"geometry.{missing[0]}")
+            if PREFILL not in manifest.graphs or DECODE not in manifest.graphs:
+                raise KeyError(f"graphs.{PREFILL if PREFILL not in manifest.graphs else DECODE}")
+        except (KeyError, TypeError) as error:
+            detail = error.args[0] if error.args else error
+            raise ValueError(f"{where} is invalid ({detail}); recompile the bundle") from None
+        return manifest
+
+
+def _section(cls: type, data: object):
+    """``cls`` from a JSON object, naming the first missing or unknown field."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"format_version"})
+    if unknown:
+        raise KeyError(f"unknown field {unknown[0]}")
+    required = [f.name for f in dataclasses.fields(cls) if _required(f)]
+    absent = [name for name in required if name not in data]
+    if absent:
+        raise KeyError(f"missing field {absent[0]}")
+    return cls(**{key: value for key, value in data.items() if key in names})
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
+    """Load and validate a bundle's manifest; with ``verify``, check every listed file exists and matches its
+    hash."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{bundle} is not a clse-fx bundle (no {MANIFEST}); compile one with clse-compile")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupted ({error}); recompile the bundle") from error
+    manifest = Manifest.from_dict(data, str(path))
+    if verify:
+        for name, entry in manifest.files.items():
+            file = bundle / name
+            if not file.is_file():
+                raise FileNotFoundError(f"bundle file {name} is missing from {bundle}; recompile the bundle")
+            if sha256(file) != entry["sha256"]:
+                raise ValueError(f"bundle file {name} does not match its manifest hash (corrupted?); recompile")
+    return manifest

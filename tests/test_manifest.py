@@ -1,0 +1,66 @@
+"""The bundle manifest is read and validated against its schema on load: old, foreign and damaged manifests are
+one-line errors that say to recompile, never a KeyError inside a generation loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clse_fx.deploy.manifest import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    Manifest,
+    prefill_output_names,
+    read_manifest,
+    split_prefill_outputs,
+)
+
+
+@pytest.fixture
+def manifest_json(cli_bundle) -> dict:
+    bundle, _, _ = cli_bundle
+    return json.loads((bundle / MANIFEST).read_text())
+
+
+def test_a_written_manifest_reads_back_typed_and_unchanged(cli_bundle, manifest_json):
+    bundle, _, _ = cli_bundle
+    manifest = read_manifest(bundle)
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.to_dict() == manifest_json
+    assert manifest.runtime.padding == "left"
+    assert manifest.runtime.decode_position_start == manifest.sequence_length
+    assert manifest.runtime.max_new_tokens == manifest.max_position_embeddings - manifest.sequence_length
+    # The graph's recorded outputs are the one output layout the runtime splits by.
+    names = [entry["name"] for entry in manifest.graphs["prefill"]["outputs"]]
+    assert names == prefill_output_names(manifest.num_stages, manifest.num_layers)
+    logits, positions, kept, cache = split_prefill_outputs(names, manifest.num_stages)
+    assert (logits, positions, cache[:2]) == ("logits", "positions", ["present.0.key", "present.0.value"])
+    assert kept == [f"kept_{i}" for i in range(manifest.num_stages)] and len(cache) == 2 * manifest.num_layers
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: {k: v for k, v in m.items() if k != "schema_version"} | {"format_version": 1}, "schema 1 but"),
+        (lambda m: m | {"schema_version": SCHEMA_VERSION + 1}, f"schema {SCHEMA_VERSION + 1} but"),
+        (lambda m: {"name": "some other tool's manifest"}, "is not a clse-fx bundle manifest"),
+        (lambda m: [1, 2], "is not a clse-fx bundle manifest"),
+        (lambda m: {k: v for k, v in m.items() if k != "runtime"}, "is invalid (missing field runtime)"),
+        (lambda m: m | {"plan": {**m["plan"], "extra": 1}}, "is invalid (unknown field extra)"),
+        (lambda m: m | {"geometry": {"batch": 2}}, "is invalid (geometry.text_len)"),
+        (lambda m: m | {"graphs": {}}, "is invalid (graphs.prefill)"),
+        (lambda m: m | {"kv_cache_bytes": 3}, "is invalid (KVCacheSection must be an object)"),
+    ],
+)
+def test_old_foreign_and_damaged_manifests_are_one_line_errors(manifest_json, tmp_path, change, message):
+    (tmp_path / MANIFEST).write_text(json.dumps(change(manifest_json)))
+    with pytest.raises(ValueError, match="recompile|clse-compile") as error:
+        read_manifest(tmp_path, verify=False)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_undecodable_manifest_is_a_one_line_error(tmp_path):
+    (tmp_path / MANIFEST).write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="is corrupted .*recompile the bundle"):
+        read_manifest(tmp_path)
+    assert Manifest.__dataclass_fields__["schema_version"].default == SCHEMA_VERSION
