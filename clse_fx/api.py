@@ -252,6 +252,9 @@ def build_manifest(model: nn.Module, context: BuildContext, checks: dict | None)
             max_new_tokens=positions - sequence_length if positions else None,
         ),
         versions=_versions(),
+        preprocess=deploy_recipe_for(model).preprocess(context.processor, inputs, options.images)
+        if context.processor is not None
+        else None,
         **(checks or {}),
     )
 

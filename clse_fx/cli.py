@@ -298,10 +298,16 @@ def compile_main(argv: list[str] | None = None) -> int:
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clse-run", description="Answer a prompt about an image with a bundle.")
+    parser = argparse.ArgumentParser(
+        prog="clse-run", description="Answer a prompt about an image or a video with a bundle (no torch needed)."
+    )
     parser.add_argument("bundle", help="bundle directory written by clse-compile")
-    parser.add_argument("--image", action="append", required=True, help="image file (repeat for several prompts)")
-    parser.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image)")
+    media = parser.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", action="append", help="image file (repeat for several prompts)")
+    media.add_argument(
+        "--video", action="append", help="folder of frames or animated GIF/WebP (repeat for several prompts)"
+    )
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image/--video)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -317,34 +323,35 @@ def run_main(argv: list[str] | None = None) -> int:
     _one_line_warnings()
     import json
 
-    from PIL import Image, UnidentifiedImageError
+    from clse_fx.deploy.preprocess.media import load_image, load_video
 
+    kind, paths = ("video", args.video) if args.video else ("image", args.image)
     try:
-        if len(args.image) != len(args.prompt):
+        if len(paths) != len(args.prompt):
             raise ValueError(
-                f"got {len(args.image)} --image and {len(args.prompt)} --prompt; pass one of each per question"
+                f"got {len(paths)} --{kind} and {len(args.prompt)} --prompt; pass one of each per question"
             )
-        images = []
-        for path in args.image:
-            try:
-                images.append(Image.open(path).convert("RGB"))
-            except (FileNotFoundError, UnidentifiedImageError) as error:
-                raise ValueError(f"cannot read image {path}: {error}") from error
         from clse_fx.deploy.engine import Engine, SamplingConfig
 
         sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-        _quiet_transformers()  # only now: the arguments are checked (the processor needs transformers)
         engine = Engine.load(args.bundle)
+        modality = engine.preprocessor.modality if engine.preprocessor else kind
+        if modality != kind:
+            raise ValueError(f"this bundle was compiled for {modality} prompts; pass --{modality}")
+        if kind == "video":
+            media = [load_video(path, engine.preprocessor.frames) for path in paths]
+        else:
+            media = [load_image(path).convert("RGB") for path in paths]
         results = engine.generate(
-            images, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat
+            media, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    asked = list(zip(args.image, args.prompt))
+    asked = list(zip(paths, args.prompt))
     if args.json:
         rows = [
-            {"image": image, "prompt": prompt, "token_ids": r.token_ids, "text": r.text, "timings": vars(r.timings)}
+            {kind: image, "prompt": prompt, "token_ids": r.token_ids, "text": r.text, "timings": vars(r.timings)}
             for (image, prompt), r in zip(asked, results)
         ]
         print(json.dumps({"results": rows}))

@@ -18,6 +18,7 @@ from clse_fx.deploy.loop import (
     generation_loop,
 )
 from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, Manifest, split_prefill_outputs
+from clse_fx.deploy.preprocess import Preprocessor
 
 
 @dataclass
@@ -30,11 +31,12 @@ class Generation:
 
 
 class Engine:
-    """A loaded bundle. Feeds must match the compiled geometry; the processor's output is fitted to it."""
+    """A loaded bundle. Feeds must match the compiled geometry; text and pixels are fitted to it by the bundle's
+    preprocessing recipe."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, prefill, decode, processor, input_graphs=None) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, prefill, decode, preprocessor, input_graphs=None) -> None:
         self.bundle, self.manifest = bundle, manifest
-        self.prefill, self.decode, self.processor = prefill, decode, processor
+        self.prefill, self.decode, self.preprocessor = prefill, decode, preprocessor
         self.input_graphs = input_graphs or {}  # name -> session, run in order before the prefill
         geometry = manifest.geometry
         self.batch, self.sequence_length = manifest.batch, manifest.sequence_length
@@ -47,8 +49,6 @@ class Engine:
         """Open a bundle, verifying every file against the manifest's hashes. ``providers`` defaults to the
         bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU); ``threads``
         caps each session's intra-op threads (default: ONNX Runtime's, one per physical core)."""
-        from transformers import AutoProcessor
-
         from clse_fx.deploy.manifest import DECODE, PREFILL, read_manifest
         from clse_fx.deploy.session import OnnxSession, select_providers
 
@@ -68,33 +68,34 @@ class Engine:
             return OnnxSession(path, providers, threads)
 
         prefill, decode = session(PREFILL), session(DECODE)
-        has_processor = any(name.endswith("processor_config.json") for name in manifest.files)
-        processor = AutoProcessor.from_pretrained(bundle, trust_remote_code=False) if has_processor else None
+        preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None
         pipeline = manifest.pipeline
         input_graphs = {name: session(name) for name in pipeline}
-        return cls(bundle, manifest, prefill, decode, processor, input_graphs)
+        return cls(bundle, manifest, prefill, decode, preprocessor, input_graphs)
 
-    def encode(self, images: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
-        """Prompts and images -> the compiled [B, S] input_ids / attention_mask and pixel_values (left padded)."""
-        if self.processor is None:
+    def encode(self, media: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
+        """Prompts and their images (or videos: lists of frames) -> the compiled [B, S] input_ids /
+        attention_mask (left padded) and the pixel feeds, by the bundle's preprocessing recipe. A prompt's
+        media is one item or a list of items (images); a video is always a list of frames."""
+        if self.preprocessor is None:
             raise ValueError(
-                "this bundle has no processor files, so it cannot run from text and images; recompile from a "
+                "this bundle has no preprocessing recipe, so it cannot run from text and pixels; recompile from a "
                 "checkpoint dir with its processor, or feed token ids and pixels to Engine.generate_ids"
             )
-        image_token = self.processor.image_token
-        rows, pixels = [], []
-        for prompt, image in zip(prompts, images):
-            if not prompt or not prompt.strip():
-                raise ValueError("empty prompt: give the question to ask about the image")
-            row_images = image if isinstance(image, (list, tuple)) else [image]
-            if len(row_images) != self.images_per_prompt:
-                raise ValueError(f"the bundle was compiled for {self.images_per_prompt} image(s) per prompt")
-            if image_token not in prompt:
-                prompt = f"{image_token * len(row_images)}\n{prompt}"
-            if chat:
-                prompt = self._chat(prompt)
-            encoded = self.processor(images=row_images, text=prompt, return_tensors="np")
-            ids = encoded["input_ids"][0]
+        video = self.preprocessor.modality == "video"
+        rows, items = [], []
+        for prompt, item in zip(prompts, media):
+            row = [item] if video or not isinstance(item, (list, tuple)) else list(item)
+            if len(row) != self.images_per_prompt:
+                raise ValueError(
+                    f"the bundle was compiled for {self.images_per_prompt} {self.preprocessor.modality}(s) per prompt"
+                )
+            if video and any(len(frames) != self.preprocessor.frames for frames in row):
+                raise ValueError(
+                    f"the bundle was compiled for videos of {self.preprocessor.frames} frames; sample that many "
+                    "(clse_fx.deploy.preprocess.media.load_video does)"
+                )
+            ids = self.preprocessor.encode_text(prompt, len(row), chat)
             if len(ids) > self.sequence_length:
                 text_tokens = len(ids) - (self.sequence_length - self.text_len)
                 raise ValueError(
@@ -102,26 +103,13 @@ class Engine:
                     f"{self.text_len}; shorten it or recompile with --text-len {text_tokens}"
                 )
             rows.append(ids)
-            pixels.append(encoded["pixel_values"])
+            items.append(row)
         input_ids = np.full((len(rows), self.sequence_length), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros_like(input_ids)
         for i, ids in enumerate(rows):
             input_ids[i, -len(ids) :] = ids
             attention_mask[i, -len(ids) :] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": np.concatenate(pixels).astype(np.float32),
-        }
-
-    def _chat(self, prompt: str) -> str:
-        tokenizer = self.processor.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "this bundle's tokenizer has no chat template; ask without chat, with the prompt in the model's format"
-            )
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **self.preprocessor.pixel_feeds(items)}
 
     def generate(
         self,
@@ -158,7 +146,7 @@ class Engine:
             ids, timings = self.generate_ids(feeds, max_new_tokens, sampling, rng, stops)
             for row in range(len(chunk)):
                 tokens = ids[row]
-                text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+                text = self.preprocessor.decode(tokens)
                 results.append(Generation(token_ids=tokens, text=text, timings=timings))
         return results
 

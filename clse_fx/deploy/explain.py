@@ -10,11 +10,10 @@ PANEL_INCHES = 3.0
 DPI = 100
 
 
-def model_view(pixel_values: np.ndarray, processor) -> np.ndarray:
-    """Undo the processor's normalisation: [3, H, W] pixel values -> [H, W, 3] floats in [0, 1]."""
-    image_processor = processor.image_processor
-    mean = np.array(image_processor.image_mean, dtype=np.float32)[:, None, None]
-    std = np.array(image_processor.image_std, dtype=np.float32)[:, None, None]
+def model_view(pixel_values: np.ndarray, pixels: dict) -> np.ndarray:
+    """Undo the pixel recipe's normalisation: [3, H, W] pixel values -> [H, W, 3] floats in [0, 1]."""
+    mean = np.array(pixels["image_mean"], dtype=np.float32)[:, None, None]
+    std = np.array(pixels["image_std"], dtype=np.float32)[:, None, None]
     return np.clip(pixel_values * std + mean, 0, 1).transpose(1, 2, 0)
 
 
@@ -69,4 +68,4 @@ def explain_bundle(bundle: str | Path, image, prompt: str, path: str | Path) -> 
     feeds = engine.encode([image] * engine.batch, [prompt] * engine.batch)
     outputs = engine.prefill.run(**feeds)
     kept = [stage[0] for stage in split_prefill_outputs(outputs, engine.num_stages)[2]]
-    return overlay_png(model_view(feeds["pixel_values"][0], engine.processor), kept, grid, path)
+    return overlay_png(model_view(feeds["pixel_values"][0], engine.preprocessor.pixels_params), kept, grid, path)

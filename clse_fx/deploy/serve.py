@@ -238,7 +238,7 @@ def run_batch(engine: Engine, items: list[Prepared]) -> list[dict]:
             for index, tokens in zip(chunk, ids):
                 tokens = tokens[: items[index].max_new_tokens]
                 results[index] = {
-                    "text": engine.processor.tokenizer.decode(tokens, skip_special_tokens=True),
+                    "text": engine.preprocessor.decode(tokens),
                     "token_ids": tokens,
                     "timings": vars(timings),
                     "batch_size": len(chunk),

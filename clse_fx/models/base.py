@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from clse_fx.models.recipes import text_recipe
 from clse_fx.plan import LLAVA_SCHEDULE, Layout, ReferenceSchedule
 from clse_fx.static_ops import visual_mask
 
@@ -188,6 +189,36 @@ class DeployRecipe(ABC):
     @abstractmethod
     def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
         """Manifest entries that pin the visual input's shape (the runtime checks processor outputs against them)."""
+
+    def preprocess(self, processor, inputs: dict[str, torch.Tensor], items: int) -> dict | None:
+        """The manifest's preprocessing recipe (``clse_fx.deploy.preprocess``) read from the transformers
+        ``processor``, for prompts like ``inputs`` with ``items`` images or videos each; None when the family
+        has no pixel recipe for this modality yet (its bundles then run from token ids and pixels only)."""
+        modality = self.adapter.modality(inputs)
+        pixels = self.pixel_recipe(processor, modality, inputs) if modality else None
+        if pixels is None or getattr(processor, "tokenizer", None) is None:
+            return None
+        placeholder, item_text, after_items = self.placeholder(processor, modality)
+        placeholder_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
+        tokens = int((inputs["input_ids"][0] == placeholder_id).sum()) // items
+        text = text_recipe(processor, placeholder, item_text, tokens) | {"after_items": after_items}
+        section = {"modality": modality, "text": text}
+        frames = self.frames(inputs) if modality == "video" else None
+        return section | {"pixels": pixels} | ({"frames": frames} if frames else {})
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict | None:
+        """The ``pixels`` part of :meth:`preprocess` for ``modality`` (None: not written for this family)."""
+        return None
+
+    def placeholder(self, processor, modality: str) -> tuple[str, str, str]:
+        """The text a prompt names one item with, and what is put before a prompt that names none: an item's
+        text (once per item), then what follows the items."""
+        token = processor.video_token if modality == "video" else processor.image_token
+        return token, token, "\n"
+
+    def frames(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Frames per compiled video."""
+        return int(inputs[self.adapter.modalities["video"]].shape[1])
 
 
 @dataclass(frozen=True)

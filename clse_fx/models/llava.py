@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
+from clse_fx.models.recipes import clip_pixels
 from clse_fx.plan import LLAVA_SCHEDULE, Grid, Layout, grid_layout
 
 
@@ -59,6 +60,9 @@ class LlavaExamples(ExampleInputs):
 class LlavaDeploy(DeployRecipe):
     def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
         return {"image_size": self.model.config.vision_config.image_size}
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict:
+        return clip_pixels(processor.image_processor, "pixel_values")
 
 
 register_family(Family(("LlavaForConditionalGeneration",), LlavaAdapter, LlavaExamples, LlavaDeploy))

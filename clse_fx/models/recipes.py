@@ -1,0 +1,64 @@
+"""Reading a transformers processor into the manifest's preprocessing recipe (applied by
+``clse_fx.deploy.preprocess`` without transformers): the text part every family shares, and the pixel
+parameters of the image-processor kinds the families use."""
+
+from __future__ import annotations
+
+# Stands for the user's text when the chat template is rendered at compile time; split around, it gives the
+# template's text before and after one user message.
+CHAT_SENTINEL = "\x00clse-user-prompt\x00"
+
+
+def text_recipe(processor, placeholder: str, item_text: str, tokens_per_item: int) -> dict:
+    """The ``text`` section: the bundle's tokenizer file, the placeholder and what it expands to, and the chat
+    template around one user message (when the tokenizer has one)."""
+    tokenizer = processor.tokenizer
+    recipe = {
+        "tokenizer": "tokenizer.json",
+        "placeholder": placeholder,
+        "placeholder_id": tokenizer.convert_tokens_to_ids(placeholder),
+        "tokens_per_item": tokens_per_item,
+        "item_text": item_text,
+    }
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": CHAT_SENTINEL}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix, sentinel, suffix = rendered.partition(CHAT_SENTINEL)
+        if sentinel:  # a template that does not echo the message as given cannot be split; chat is then off
+            recipe.update(chat_prefix=prefix, chat_suffix=suffix)
+    return recipe
+
+
+def image_processor_params(image_processor, *names: str) -> dict:
+    """The named settings of a transformers image processor as JSON values (sizes as plain dicts, the
+    resampling filter as its PIL number)."""
+    params = {}
+    for name in names:
+        value = getattr(image_processor, name)
+        if hasattr(value, "items"):  # SizeDict
+            value = {key: item for key, item in dict(value).items() if item is not None}
+        elif name == "resample":
+            value = int(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        params[name] = value
+    return params
+
+
+CLIP_SETTINGS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+)
+
+
+def clip_pixels(image_processor, output: str, video: bool = False) -> dict:
+    """The ``clip`` pixel recipe: resize, centre crop, rescale, normalise, into the graph input ``output``."""
+    return {"kind": "clip", "output": output, "video": video, **image_processor_params(image_processor, *CLIP_SETTINGS)}
