@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 from clse_fx.deploy.engine import Engine
+from clse_fx.deploy.preprocess import Preprocessor
 from clse_fx.deploy.preprocess.media import load_video, sample_indices
+
+from . import tiny_models
 
 PIXEL_TOLERANCE = 1e-5
 # Runs a Python snippet with torch and transformers unimportable (their import raises).
@@ -132,3 +135,121 @@ def test_videos_load_from_frame_folders_and_animations(tmp_path):
     for bad, message in [(tmp_path / "empty", "holds no frame images"), (tmp_path / "no.mp4", "cannot read video")]:
         with pytest.raises(ValueError, match=message):
             load_video(bad, 4)
+
+
+# The LLaVA-derived families' tiny configs and model classes (built, not saved: the recipe needs the adapter only).
+LLAVA_FAMILIES = {
+    "llava_next": ("tiny_llava_next_config", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": ("tiny_llava_onevision_config", "LlavaOnevisionForConditionalGeneration"),
+    "llava_next_video": ("tiny_llava_next_video_config", "LlavaNextVideoForConditionalGeneration"),
+    "video_llava": ("tiny_video_llava_config", "VideoLlavaForConditionalGeneration"),
+}
+
+
+def family_preprocessor(family, tmp_path, image_size=None, frames=1):
+    """The family's tiny processor and the :class:`Preprocessor` its deploy recipe writes for a bundle compiled
+    at ``image_size`` (or for ``frames``-frame videos), without compiling one."""
+    import torch
+    import transformers
+
+    from clse_fx.models import deploy_recipe_for, examples_for
+
+    config, model_class = LLAVA_FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(tiny_models, config)()).eval()
+    processor = tiny_models.tiny_processor(family)
+    generator = torch.Generator().manual_seed(0)
+    inputs = examples_for(model).example_inputs(1, 9, 1, generator, frames=frames, image_size=image_size)
+    section = deploy_recipe_for(model).preprocess(processor, inputs, 1)
+    processor.tokenizer.save_pretrained(tmp_path)
+    return processor, Preprocessor(tmp_path, section)
+
+
+@pytest.mark.parametrize(
+    ("family", "size"),
+    [
+        ("llava_next", (40, 64)),
+        ("llava_next", (64, 40)),
+        ("llava_next", (32, 96)),
+        ("llava_onevision", (40, 64)),
+        ("llava_next_video", (60, 96)),
+        ("video_llava", None),
+    ],
+)
+def test_llava_family_image_recipes_match_their_processors(family, size, tmp_path):
+    """LLaVA-NeXT / OneVision / NeXT-Video stills (``anyres``: tiles of the pinpoint fitting the compiled size)
+    and Video-LLaVA images (``clip``; the processor names them ``pixel_values_images``): ids identical, pixels
+    within 1e-5 of the transformers processor, for images of the compiled size; an image of another size is
+    resized to it first."""
+    processor, preprocessor = family_preprocessor(family, tmp_path, image_size=size)
+    assert preprocessor.pixels_params["kind"] == ("clip" if size is None else "anyres")
+    images = sample_images()
+    if size is not None:
+        images = [image.convert("RGB").resize(size[::-1], Image.BICUBIC) for image in images]
+    for image in images:
+        expected = processor(images=[image], text=f"{processor.image_token}\nwhat is it", return_tensors="np")
+        assert preprocessor.encode_text("what is it", 1) == expected["input_ids"][0].tolist()
+        feeds = preprocessor.pixel_feeds([[image]])
+        pixels = expected["pixel_values_images" if family == "video_llava" else "pixel_values"]
+        assert feeds["pixel_values"].dtype == np.float32 and feeds["pixel_values"].shape == pixels.shape
+        assert np.abs(feeds["pixel_values"] - pixels).max() <= PIXEL_TOLERANCE
+        if size is not None:
+            assert feeds["image_sizes"].tolist() == expected["image_sizes"].tolist() == [list(size)]
+    if size is not None:  # another size: resized to the compiled one first (the graph's tiling is fixed)
+        odd = sample_images()[0]
+        fitted = odd.resize(size[::-1], Image.BICUBIC)
+        assert np.array_equal(
+            preprocessor.pixel_feeds([[odd]])["pixel_values"], preprocessor.pixel_feeds([[fitted]])["pixel_values"]
+        )
+
+
+def frame_oracle(family, processor):
+    """A transformers image processor that does what the family's video processor does to each frame (resize,
+    centre crop unless SigLIP-style, rescale, normalise): the video processors need torchvision, not installed."""
+    from transformers import CLIPImageProcessor
+
+    if family == "video_llava":
+        return processor.image_processor  # Video-LLaVA's CLIP image processor
+    if family == "llava_onevision":
+        return CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
+    return CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+
+
+def frame_pixels(family, processor, videos):
+    """[N, T, 3, H, W] from :func:`frame_oracle` applied to every frame."""
+    oracle = frame_oracle(family, processor)
+    key = "pixel_values_images" if family == "video_llava" else "pixel_values"
+    return np.stack([oracle(images=frames, return_tensors="np")[key] for frames in videos])
+
+
+def sample_video(frames, seed=0):
+    """``frames`` frames of a non-square RGB video."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)) for _ in range(frames)]
+
+
+@pytest.mark.parametrize("family", ["video_llava", "llava_next_video", "llava_onevision"])
+def test_llava_family_video_recipes_match_per_frame_image_processing(family, tmp_path):
+    """Videos (``clip`` per frame into ``pixel_values_videos`` [N, T, 3, H, W]) against a transformers image
+    processor applied per frame, which is what the families' video processors do (they need torchvision, not
+    installed, so they cannot be the oracle here)."""
+    processor, preprocessor = family_preprocessor(family, tmp_path, frames=4)
+    assert preprocessor.modality == "video" and preprocessor.frames == 4
+    videos = [sample_video(4, seed) for seed in (0, 1)]
+    feeds = preprocessor.pixel_feeds([[video] for video in videos])
+    expected = frame_pixels(family, processor, videos)
+    assert feeds["pixel_values_videos"].shape == expected.shape
+    assert np.abs(feeds["pixel_values_videos"] - expected).max() <= PIXEL_TOLERANCE
+    ids = preprocessor.encode_text("what is it", 1)
+    video_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+    assert (
+        ids.count(video_id) == preprocessor.text.tokens_per_item
+        and ids[-3:] == preprocessor.tokenizer.encode("what is it").ids
+    )
+
+
+def greedy_answers_match(generations, expected, eos):
+    """Engine.generate's answers (cut after a stop token) against the reference's fixed-length greedy rows."""
+    for generation, row in zip(generations, expected.tolist()):
+        cut = row[: row.index(eos) + 1] if eos in row else row
+        assert generation.token_ids == cut

@@ -153,6 +153,7 @@ def save_tiny_llava_next(path):
     model = LlavaNextForConditionalGeneration(tiny_llava_next_config()).eval()
     with torch.no_grad():  # the newline embedding starts at zero; give it a value so misplacing it shows
         model.model.image_newline.normal_(0.0, 0.2)
+    tiny_processor("llava_next").save_pretrained(path)  # bundles compiled from this checkpoint pick it up
     return _widen_and_reload(model, LlavaNextForConditionalGeneration, path)
 
 
@@ -187,3 +188,81 @@ def save_tiny_llava_onevision(path):
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 0.2)
     return _widen_and_reload(model, LlavaOnevisionForConditionalGeneration, path)
+
+
+# Tiny processors: a word-level tokenizer with the family's image/video tokens at the ids above, a chat
+# template, and the family's transformers processor and image processor sized to its tiny config.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def tiny_tokenizer(image_id: int, video_id: int | None = None, vocab_size: int = 100):
+    """``clse_fx.demo``'s words (pad 0, bos 1, eos 2, unk 3 first) with "<image>" (and "<video>") at the given
+    ids; the ids left over are unused tokens, up to ``vocab_size``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from clse_fx.demo import WORDS
+
+    specials = {"<image>": image_id, **({"<video>": video_id} if video_id is not None else {})}
+    words = dict.fromkeys(["<pad>", "<s>", "</s>", "<unk>"] + [w for w in WORDS if w.strip()])
+    table = dict(enumerate(words)) | {i: token for token, i in specials.items()}
+    vocab = {table.get(i, f"<unused{i}>"): i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit()] + [pre_tokenizers.Split(t, behavior="isolated") for t in specials]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={f"{t[1:-1]}_token": t for t in specials}, padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
+def tiny_processor(family: str):
+    """The family's transformers processor for its tiny checkpoint. Processors with a video processor are built
+    without it (transformers' video processors need torchvision, not installed here: ``clse_fx`` then reads the
+    frame settings from the image processor, which they share) and save their tokenizer and image processor."""
+    from unittest import mock
+
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    clip = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava_next":
+        image = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=tiny_llava_next_config().image_grid_pinpoints,
+        )  # fmt: skip
+        return transformers.LlavaNextProcessor(image, tiny_tokenizer(LLAVA_NEXT_IMAGE), **clip)
+    if family == "llava_next_video":
+        image = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48},
+            image_grid_pinpoints=tiny_llava_next_video_config().image_grid_pinpoints,
+        )  # fmt: skip
+        make, tokens = transformers.LlavaNextVideoProcessor, tiny_tokenizer(90, VIDEO_TOKEN)
+        kwargs = clip
+    elif family == "llava_onevision":
+        image = transformers.LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=tiny_llava_onevision_config().image_grid_pinpoints
+        )
+        make, tokens = transformers.LlavaOnevisionProcessor, tiny_tokenizer(ONEVISION_IMAGE, ONEVISION_VIDEO)
+        kwargs = dict(num_image_tokens=16, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2")
+    elif family == "video_llava":
+        image = transformers.VideoLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        make, tokens = transformers.VideoLlavaProcessor, tiny_tokenizer(VIDEO_LLAVA_IMAGE, VIDEO_LLAVA_VIDEO)
+        kwargs = clip
+    else:
+        raise ValueError(family)
+    # The argument check looks the video processor class up, which fails without torchvision.
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *args: None):
+        processor = make(image_processor=image, video_processor=None, tokenizer=tokens, **kwargs)
+
+    def save_pretrained(path, **kwargs):
+        processor.tokenizer.save_pretrained(path)
+        processor.image_processor.save_pretrained(path)
+
+    processor.save_pretrained = save_pretrained
+    return processor

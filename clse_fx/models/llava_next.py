@@ -13,6 +13,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
+from clse_fx.models.recipes import anyres_pixels
 from clse_fx.plan import LLAVA_SCHEDULE, Layout, scored_count, segment_size
 
 
@@ -156,6 +157,12 @@ class LlavaNextDeploy(DeployRecipe):
     def compiled_geometry(self, inputs: dict[str, torch.Tensor]) -> dict:
         size = self.adapter.image_size(inputs) if inputs.get("image_sizes") is not None else None
         return {"image_size": list(size or self.adapter.default_image_size())}
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict | None:
+        if modality != "image":
+            return None
+        size = self.adapter.image_size(inputs) if inputs.get("image_sizes") is not None else None
+        return anyres_pixels(processor.image_processor, size or self.adapter.default_image_size())
 
 
 register_family(Family(("LlavaNextForConditionalGeneration",), LlavaNextAdapter, LlavaNextExamples, LlavaNextDeploy))

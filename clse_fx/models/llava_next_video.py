@@ -9,6 +9,7 @@ import torch
 from clse_fx.models.base import Family, register_family
 from clse_fx.models.llava import fixed_resolution
 from clse_fx.models.llava_next import LlavaNextAdapter, LlavaNextDeploy, LlavaNextExamples
+from clse_fx.models.recipes import video_pixels
 from clse_fx.plan import Grid, Layout, grid_layout
 
 
@@ -55,6 +56,11 @@ class LlavaNextVideoDeploy(LlavaNextDeploy):
             return {"modality": "image", **super().compiled_geometry(inputs)}
         frames = inputs["pixel_values_videos"].shape[1]
         return {"modality": "video", "image_size": self.model.config.vision_config.image_size, "frames": frames}
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict | None:
+        if modality == "video":
+            return video_pixels(processor)
+        return super().pixel_recipe(processor, modality, inputs)
 
 
 register_family(

@@ -11,6 +11,7 @@ import torch
 from clse_fx.models.base import Family, register_family
 from clse_fx.models.llava import fixed_resolution
 from clse_fx.models.llava_next import LlavaNextAdapter, LlavaNextDeploy, LlavaNextExamples
+from clse_fx.models.recipes import video_pixels
 from clse_fx.plan import Layout
 
 
@@ -59,6 +60,11 @@ class LlavaOnevisionDeploy(LlavaNextDeploy):
             return {"modality": "image", **super().compiled_geometry(inputs)}
         size = self.model.config.vision_config.image_size
         return {"modality": "video", "image_size": [size, size], "frames": inputs["pixel_values_videos"].shape[1]}
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict | None:
+        if modality == "video":
+            return video_pixels(processor)
+        return super().pixel_recipe(processor, modality, inputs)
 
 
 register_family(

@@ -62,3 +62,31 @@ CLIP_SETTINGS = (
 def clip_pixels(image_processor, output: str, video: bool = False) -> dict:
     """The ``clip`` pixel recipe: resize, centre crop, rescale, normalise, into the graph input ``output``."""
     return {"kind": "clip", "output": output, "video": video, **image_processor_params(image_processor, *CLIP_SETTINGS)}
+
+
+def anyres_pixels(image_processor, image_size: tuple[int, int], output: str = "pixel_values") -> dict:
+    """The ``anyres`` pixel recipe (LLaVA-NeXT, LLaVA-OneVision images) for bundles compiled at ``image_size``
+    (H, W): the processor's grid pinpoints, the base image's size and the tile side, as its ``_preprocess``
+    derives them, plus the per-tile ``clip`` settings."""
+    params = image_processor_params(image_processor, *CLIP_SETTINGS, "image_grid_pinpoints")
+    size, crop = params["size"], params["crop_size"] or {}
+    base = [size["height"], size["width"]] if "height" in size else [size["shortest_edge"]] * 2
+    tile = crop.get("height") or size.get("height") or size["shortest_edge"]
+    pinpoints = [list(pinpoint) for pinpoint in params["image_grid_pinpoints"]]
+    return {
+        "kind": "anyres",
+        "output": output,
+        "image_size": list(image_size),
+        "base_size": base,
+        "tile": tile,
+        **params,
+        "image_grid_pinpoints": pinpoints,
+    }
+
+
+def video_pixels(processor, output: str = "pixel_values_videos") -> dict:
+    """The ``clip`` recipe applied per frame, from the processor's video processor; a processor loaded without
+    one (its transformers video processors need torchvision) gives its image processor's settings, which the
+    LLaVA families' video processors share (resize, crop, rescale, normalise)."""
+    source = getattr(processor, "video_processor", None) or processor.image_processor
+    return clip_pixels(source, output, video=True)

@@ -8,6 +8,7 @@ import torch
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, ModelAdapter, register_family
 from clse_fx.models.llava import fixed_resolution
+from clse_fx.models.recipes import clip_pixels, video_pixels
 from clse_fx.plan import LLAVA_SCHEDULE, Layout, grid_layout
 
 
@@ -64,6 +65,12 @@ class VideoLlavaDeploy(DeployRecipe):
         if modality == "video":
             geometry["frames"] = inputs["pixel_values_videos"].shape[1]
         return geometry
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict | None:
+        """Images into the graph's ``pixel_values`` (the processor calls them ``pixel_values_images``)."""
+        if modality == "video":
+            return video_pixels(processor, self.adapter.modalities["video"])
+        return clip_pixels(processor.image_processor, self.adapter.modalities["image"])
 
 
 register_family(

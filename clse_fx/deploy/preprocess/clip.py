@@ -12,7 +12,11 @@ from clse_fx.deploy.preprocess.ops import center_crop, rescale_normalize, resize
 
 def clip_image(image, params: dict) -> np.ndarray:
     """One PIL image -> float32 [3, H, W] under the recipe's ``params``."""
-    array = to_rgb_array(image)
+    return clip_array(to_rgb_array(image), params)
+
+
+def clip_array(array: np.ndarray, params: dict) -> np.ndarray:
+    """uint8 [3, H, W] -> float32 [3, H, W]: resize, centre crop, rescale, normalise as ``params`` say."""
     if params["do_resize"]:
         size = params["size"]
         if "shortest_edge" in size:
