@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clse_fx.deploy.manifest import split_prefill_outputs
 from clse_fx.models import adapter_for
 from clse_fx.passes import PassSettings, run_passes
 from clse_fx.plan import PruneConfig
@@ -15,12 +16,14 @@ from clse_fx.trace import export_static, graph_inputs, trace_prefill
 
 @dataclass
 class PrefillOutputs:
-    """The pruned prefill's results, named (the graph returns them flat, in this order)."""
+    """The pruned prefill's results, named (the graph returns them flat, in the order of
+    ``deploy.manifest.prefill_output_names``)."""
 
     logits: torch.Tensor  # [B, S', V]
     positions: torch.Tensor  # [B, S'] original positions of the kept tokens
     kept: list[torch.Tensor]  # per stage [B, keep] kept visual ids
     cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key, value) [B, Hkv, S_i, D]
+    valid: torch.Tensor  # [B] bool: rows the graph was built for
 
     def cpu(self) -> PrefillOutputs:
         return PrefillOutputs(
@@ -28,17 +31,17 @@ class PrefillOutputs:
             self.positions.cpu(),
             [k.cpu() for k in self.kept],
             [(k.cpu(), v.cpu()) for k, v in self.cache],
+            self.valid.cpu(),
         )
 
     def to_flat(self) -> list[torch.Tensor]:
         """The graph's flat output order (the inverse of :meth:`from_flat`)."""
-        return [self.logits, self.positions, *self.kept, *(t for pair in self.cache for t in pair)]
+        return [self.logits, self.positions, *self.kept, *(t for pair in self.cache for t in pair), self.valid]
 
     @classmethod
     def from_flat(cls, flat, num_stages: int) -> PrefillOutputs:
-        logits, positions, *rest = flat
-        kept, kv = list(rest[:num_stages]), rest[num_stages:]
-        return cls(logits, positions, kept, [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)])
+        logits, positions, kept, kv, valid = split_prefill_outputs(flat, num_stages)
+        return cls(logits, positions, kept, [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)], valid)
 
 
 @dataclass

@@ -36,11 +36,13 @@ def compact_true(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Column indices of the True entries of each row of [B, S] ``mask``, which has ``count`` per row: [B, count].
 
     A static-shape nonzero (engines need fixed shapes): each True column is scattered to its rank among
-    the row's True entries; the rest land in a spill column that is cut off.
+    the row's True entries; the rest land in a spill column that is cut off. A row with other than ``count``
+    True entries (a prompt the graph was not built for) never indexes out of bounds: extra entries spill too,
+    missing ones leave column 0; the graph's ``valid`` output reports such rows.
     """
     batch, seq = mask.shape
     rank = running_count(mask, dim=1) - 1
-    slot = torch.where(mask, rank, torch.full_like(rank, count))
+    slot = torch.where(mask & (rank < count), rank, torch.full_like(rank, count))
     columns = torch.arange(seq, device=mask.device).expand(batch, seq)
     out = torch.zeros(batch, count + 1, dtype=torch.long, device=mask.device)
     return out.scatter(1, slot, columns)[:, :count]
@@ -70,3 +72,15 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, i]] for [B, S] or [B, S, C] x and [B, n] index."""
     return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def valid_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, token_ids: tuple[int, ...], visual: int):
+    """[B] bool: rows the prefill graph was built for: a left-padded 0/1 mask holding at least one token, exactly
+    ``visual`` visual placeholders, none of them in the padding (what ``deploy.loop.check_prompt_feeds`` checks
+    before a run, computed inside the graph so that callers that skip the runtime learn it too)."""
+    is_visual = visual_mask(input_ids, token_ids)
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all(dim=1)
+    ones = attention_mask == 1
+    left_padded = (ones[:, 1:] | ~ones[:, :-1]).all(dim=1)  # no 1 followed by a 0
+    counted = is_visual.sum(dim=1) == visual
+    return binary & left_padded & ones.any(dim=1) & counted & ~(is_visual & ~ones).any(dim=1)

@@ -33,7 +33,8 @@ def test_a_written_manifest_reads_back_typed_and_unchanged(cli_bundle, manifest_
     # The graph's recorded outputs are the one output layout the runtime splits by.
     names = [entry["name"] for entry in manifest.graphs["prefill"]["outputs"]]
     assert names == prefill_output_names(manifest.num_stages, manifest.num_layers)
-    logits, positions, kept, cache = split_prefill_outputs(names, manifest.num_stages)
+    logits, positions, kept, cache, valid = split_prefill_outputs(names, manifest.num_stages)
+    assert valid == "valid"
     assert (logits, positions, cache[:2]) == ("logits", "positions", ["present.0.key", "present.0.value"])
     assert kept == [f"kept_{i}" for i in range(manifest.num_stages)] and len(cache) == 2 * manifest.num_layers
 

@@ -29,12 +29,13 @@ def test_onnxruntime_equals_pytorch(exported):
     names = ["input_ids", "attention_mask", "pixel_values"]
     engine = session.run(**dict(zip(names, pruned.example_args)))
     torch_out = pruned.flat()
-    assert len(engine) == len(torch_out) == 2 + 3 + 2 * 4
+    assert len(engine) == len(torch_out) == 2 + 3 + 2 * 4 + 1  # logits, positions, kept, cache, valid
     assert np.abs(engine[0] - torch_out[0].numpy()).max() <= 1e-4
     for e, t in zip(engine[1:5], torch_out[1:5]):  # positions and kept ids: exactly equal
         assert np.array_equal(e, t.numpy())
-    for e, t in zip(engine[5:], torch_out[5:]):  # the KV cache
+    for e, t in zip(engine[5:-1], torch_out[5:-1]):  # the KV cache
         assert e.shape == t.shape and np.abs(e - t.numpy()).max() <= 1e-4
+    assert engine[-1].tolist() == torch_out[-1].tolist() == [True, True]  # every row is one it was built for
 
 
 def test_onnxruntime_on_other_image_positions(exported):
@@ -69,7 +70,7 @@ def test_exported_graph_is_static_and_engine_friendly(exported):
     assert [i["name"] for i in signature["inputs"]] == ["input_ids", "attention_mask", "pixel_values"]
     names = [o["name"] for o in signature["outputs"]]
     assert names[:5] == ["logits", "positions", "kept_0", "kept_1", "kept_2"]
-    assert names[5:7] == ["present.0.key", "present.0.value"] and len(names) == 5 + 8
+    assert names[5:7] == ["present.0.key", "present.0.value"] and names[5 + 8 :] == ["valid"]
     for value in signature["inputs"] + signature["outputs"]:
         assert all(d > 0 for d in value["shape"]), value  # every dimension static
     assert signature["outputs"][0]["shape"][:2] == [2, 4 + 4]

@@ -96,9 +96,10 @@ def test_run_passes_dumps_graph_before_and_after(tiny_llava, tmp_path):
     for title in ("before strip_asserts", "before static_masked_scatter", "before insert_clse_stages", "after all"):
         assert title in text
     assert "clse_stage" in text.split("after all passes")[1]
-    logits, positions, kept, *cache = gm(*example_args(tiny_llava, inputs))
+    logits, positions, kept, *cache, valid = gm(*example_args(tiny_llava, inputs))
     assert logits.shape[1] == positions.shape[1] == inputs["input_ids"].shape[1] - 36 + 9 and kept.shape == (2, 9)
     assert len(cache) == 2 * 4  # (key, value) per layer, from expose_kv_cache
+    assert valid.tolist() == [True, True]  # from expose_row_validity
 
 
 def test_expose_kv_cache_policies(tiny_llava):

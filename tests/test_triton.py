@@ -16,7 +16,8 @@ from PIL import Image
 
 from clse_fx.cli import compile_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
-from clse_fx.deploy.manifest import read_manifest
+from clse_fx.deploy.loop import check_prompt_feeds
+from clse_fx.deploy.manifest import read_manifest, split_prefill_outputs
 from clse_fx.deploy.triton import onnx_config, write_triton_repo
 from clse_fx.export.bundle import write_manifest
 from clse_fx.export.onnxruntime import graph_signature
@@ -91,6 +92,39 @@ def test_engine_refuses_feeds_it_was_not_built_for(compiled):
     for bad, message in bad_feeds(feeds, engine.manifest.image_token_id, engine.pad_id):
         with pytest.raises(ValueError, match=re.escape(message)):
             engine.generate_ids(bad, 4)
+
+
+def test_the_prefill_graph_itself_reports_bad_rows_and_never_indexes_out_of_bounds(compiled):
+    """A direct prefill caller (a Triton client of clse_prefill) that skips the runtime checks: each bad input runs
+    without an out-of-bounds error and the graph's ``valid`` output flags exactly the bad row."""
+    engine = Engine.load(compiled[0])
+    feeds = _feeds(engine)
+    valid = split_prefill_outputs(engine.prefill.run(**feeds), engine.num_stages)[4]
+    assert valid.tolist() == [True, True]
+    for bad, message in bad_feeds(feeds, engine.manifest.image_token_id, engine.pad_id):
+        if bad["input_ids"].dtype != np.int64 or bad["input_ids"].shape != feeds["input_ids"].shape:
+            continue  # shapes and types are refused by ONNX Runtime itself
+        expected = [_row_passes_runtime_checks(engine, bad, row) for row in range(2)]  # the numpy checks agree
+        valid = split_prefill_outputs(engine.prefill.run(**bad), engine.num_stages)[4]
+        assert valid.tolist() == expected and not all(expected), message
+        first = expected.index(False)
+        with pytest.raises(ValueError, match=f"row {first}: the prefill graph reports a prompt it was not built for"):
+            engine.run_prefill(bad)
+
+
+def _row_passes_runtime_checks(engine: Engine, feeds: dict[str, np.ndarray], row: int) -> bool:
+    one = slice(row, row + 1)
+    try:
+        check_prompt_feeds(
+            feeds["input_ids"][one],
+            feeds["attention_mask"][one],
+            (1, engine.sequence_length),
+            engine.manifest.visual_token_ids,
+            engine.manifest.geometry["visual_tokens_per_prompt"],
+        )
+    except ValueError:
+        return False
+    return True
 
 
 def test_every_config_parses_and_matches_its_onnx_file(compiled):

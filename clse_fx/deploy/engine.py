@@ -14,6 +14,7 @@ from clse_fx.deploy.loop import (
     Timings,
     check_prompt_feeds,
     check_sampling,
+    check_valid_rows,
     decode_start,
     generation_loop,
 )
@@ -188,7 +189,8 @@ class Engine:
 
     def run_prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The prefill graph on (pipeline-completed) feeds: its logits and every layer's pruned key and value."""
-        logits, _, _, cache = split_prefill_outputs(self.prefill.run(**feeds), self.num_stages)
+        logits, _, _, cache, valid = split_prefill_outputs(self.prefill.run(**feeds), self.num_stages)
+        check_valid_rows(valid)
         return logits, cache
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:

@@ -107,6 +107,16 @@ def check_prompt_feeds(
             raise ValueError(f"row {row}: visual placeholder tokens sit in the padding; put them inside the prompt")
 
 
+def check_valid_rows(valid: np.ndarray) -> None:
+    """Raise on the first row the prefill graph's ``valid`` output marks as not one it was built for."""
+    bad = np.flatnonzero(~np.asarray(valid, dtype=bool))
+    if bad.size:
+        raise ValueError(
+            f"row {int(bad[0])}: the prefill graph reports a prompt it was not built for (visual placeholder count "
+            "or placement, or the attention mask); its outputs were discarded"
+        )
+
+
 def check_sampling(sampling: object) -> None:
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(

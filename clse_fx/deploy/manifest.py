@@ -27,9 +27,10 @@ DECODE_STEP_INPUTS = ("input_ids", "position_ids", "pad_counts")
 
 def prefill_output_names(num_stages: int, num_layers: int) -> list[str]:
     """The prefill graph's outputs, in order: logits, the kept tokens' original positions, each stage's kept
-    visual ids, then every layer's pruned key and value."""
+    visual ids, every layer's pruned key and value, then ``valid``: per row, whether the prompt is one the
+    graph was built for (the other outputs of an invalid row are meaningless)."""
     cache = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["logits", "positions", *(f"kept_{i}" for i in range(num_stages)), *cache]
+    return ["logits", "positions", *(f"kept_{i}" for i in range(num_stages)), *cache, "valid"]
 
 
 def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -39,10 +40,10 @@ def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, ["logits", *(f"new.{i}.{kind}" for i, kind in per_layer)]
 
 
-def split_prefill_outputs(flat: list | tuple, num_stages: int) -> tuple[Any, Any, list, list]:
-    """The prefill's flat outputs as (logits, positions, kept per stage, flat key/value cache)."""
-    logits, positions, *rest = flat
-    return logits, positions, list(rest[:num_stages]), list(rest[num_stages:])
+def split_prefill_outputs(flat: list | tuple, num_stages: int) -> tuple[Any, Any, list, list, Any]:
+    """The prefill's flat outputs as (logits, positions, kept per stage, flat key/value cache, valid rows)."""
+    logits, positions, *rest, valid = flat
+    return logits, positions, list(rest[:num_stages]), list(rest[num_stages:]), valid
 
 
 @dataclass

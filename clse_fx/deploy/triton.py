@@ -122,12 +122,12 @@ def generate_settings(manifest: Manifest, max_new_tokens: int, limit: int) -> di
     for graph in [*manifest.pipeline, "prefill"]:
         inputs += [name for name in named[graph]["inputs"] if name not in produced and name not in inputs]
         produced.update(named[graph]["outputs"])
-    # clse_generate asks the prefill for the logits and the cache only (not the positions or kept ids).
-    _, _, _, cache = split_prefill_outputs(named[PREFILL]["outputs"], manifest.num_stages)
+    # clse_generate asks the prefill for the logits, the cache and the row validity (not positions or kept ids).
+    _, _, _, cache, valid = split_prefill_outputs(named[PREFILL]["outputs"], manifest.num_stages)
     return {
         "inputs": inputs,
         "pipeline": [named[graph] for graph in manifest.pipeline],
-        "prefill": dict(named[PREFILL], outputs=["logits", *cache]),
+        "prefill": dict(named[PREFILL], outputs=["logits", *cache, valid]),
         "decode": named["decode"],
         "shape": [manifest.batch, manifest.sequence_length],
         "decode_position_start": manifest.runtime.decode_position_start,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from clse_runtime import SamplingConfig, check_prompt_feeds, decode_start, generation_loop
+from clse_runtime import SamplingConfig, check_prompt_feeds, check_valid_rows, decode_start, generation_loop
 
 
 class TritonPythonModel:
@@ -45,7 +45,8 @@ class TritonPythonModel:
         return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in graph["outputs"]]
 
     def _prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        logits, *cache = self._infer(self.settings["prefill"], feeds)  # asks for the logits and the cache only
+        logits, *cache, valid = self._infer(self.settings["prefill"], feeds)  # logits, cache and validity only
+        check_valid_rows(valid)  # a direct clse_prefill caller gets ``valid`` and must check it the same way
         return logits, cache
 
     def _decode(self, input_ids, position_ids, pad_counts, past: list[np.ndarray]) -> list[np.ndarray]:

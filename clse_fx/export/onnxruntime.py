@@ -130,6 +130,7 @@ def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[st
         "onnxruntime_max_abs_logits": float((engine.logits - torch_out.logits).abs().max()),
         "onnxruntime_max_abs_cache": max(float((a - b).abs().max()) for a, b in zip(*caches)),
         "onnxruntime_indices_identical": torch.equal(engine.positions, torch_out.positions)
+        and torch.equal(engine.valid, torch_out.valid)
         and all(torch.equal(a, b) for a, b in zip(engine.kept, torch_out.kept)),
     }
 

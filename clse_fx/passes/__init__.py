@@ -8,6 +8,7 @@ from torch import fx
 
 from clse_fx.passes.dump_graph import dump_graph
 from clse_fx.passes.expose_kv_cache import expose_kv_cache
+from clse_fx.passes.expose_row_validity import expose_row_validity
 from clse_fx.passes.insert_clse_stages import insert_clse_stages
 from clse_fx.passes.settings import PassSettings
 from clse_fx.passes.static_masked_scatter import static_masked_scatter
@@ -15,7 +16,13 @@ from clse_fx.passes.strip_asserts import strip_asserts
 
 Pass = Callable[[fx.GraphModule, PassSettings], fx.GraphModule]
 
-PRUNING_PASSES: list[Pass] = [strip_asserts, static_masked_scatter, insert_clse_stages, expose_kv_cache]
+PRUNING_PASSES: list[Pass] = [
+    strip_asserts,
+    static_masked_scatter,
+    insert_clse_stages,
+    expose_kv_cache,
+    expose_row_validity,
+]
 
 
 def run_passes(gm: fx.GraphModule, settings: PassSettings, passes: list[Pass] = PRUNING_PASSES) -> fx.GraphModule:
