@@ -74,11 +74,11 @@ def test_progress_on_a_terminal_shows_each_phase_with_its_seconds():
 def test_warnings_print_as_one_line(capsys):
     import warnings
 
-    from clse_fx.cli import _one_line_warnings
+    from clse_fx.deploy.cli import one_line_warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        _one_line_warnings()
+        one_line_warnings()
         warnings.warn("running on CPU", stacklevel=1)
     assert capsys.readouterr().err == "warning: running on CPU\n"
 

@@ -20,19 +20,23 @@ from clse_fx.deploy.preprocess.media import load_video, sample_indices
 from . import tiny_models
 
 PIXEL_TOLERANCE = 1e-5
-# Runs a Python snippet with torch and transformers unimportable (their import raises).
+# What a deployment image need not have: only numpy, onnxruntime, tokenizers and pillow are allowed.
+BLOCKED_PACKAGES = ("torch", "transformers", "rich", "huggingface_hub", "safetensors", "onnx", "onnxscript")
+# Runs a Python snippet with those packages unimportable (their import raises).
 BLOCKED = textwrap.dedent(
     """
     import importlib.abc, sys
 
+    BLOCKED_PACKAGES = {blocked}
+
     class Blocked(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in ("torch", "transformers"):
+            if name.partition(".")[0] in BLOCKED_PACKAGES:
                 raise ImportError(f"{name} is blocked: deploy must run without it")
 
     sys.meta_path.insert(0, Blocked())
     """
-)
+).replace("{blocked}", repr(BLOCKED_PACKAGES))
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:
@@ -103,7 +107,7 @@ def test_clse_run_and_engine_generate_need_neither_torch_nor_transformers(llava_
     argv = [str(bundle), "--json", "--max-new-tokens", "5"]
     for path, prompt in zip(paths, prompts):
         argv += ["--image", str(path), "--prompt", prompt]
-    done = run_blocked(f"from clse_fx.cli import run_main; sys.exit(run_main({argv!r}))")
+    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
     rows = json.loads(done.stdout)["results"]
     assert [row["token_ids"] for row in rows] == [g.token_ids for g in expected]
     assert [row["text"] for row in rows] == [g.text for g in expected]
@@ -114,7 +118,7 @@ def test_clse_run_and_engine_generate_need_neither_torch_nor_transformers(llava_
         engine = Engine.load({str(bundle)!r})
         images = [Image.open(p).convert("RGB") for p in {[str(p) for p in paths]!r}]
         print([g.token_ids for g in engine.generate(images, {prompts!r}, max_new_tokens=5)])
-        assert not any(m.partition(".")[0] in ("torch", "transformers") for m in sys.modules)
+        assert not any(m.partition(".")[0] in BLOCKED_PACKAGES for m in sys.modules)
         """
     )
     assert done.stdout.strip() == str([g.token_ids for g in expected])

@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import LlamaConfig
 
 import clse_fx
-from clse_fx.cli import run_main
+from clse_fx.deploy.cli import run_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens
 from clse_fx.plan import PruneConfig, plan_budget

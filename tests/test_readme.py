@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clse_fx.cli import compile_main, run_main
+from clse_fx.cli import compile_main
+from clse_fx.deploy.cli import run_main
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

@@ -9,8 +9,9 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 import clse_fx
-from clse_fx.cli import compile_main, run_main
+from clse_fx.cli import compile_main
 from clse_fx.compiler import prune_prefill
+from clse_fx.deploy.cli import run_main
 from clse_fx.deploy.engine import Engine
 from clse_fx.deploy.session import select_providers
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
