@@ -360,8 +360,9 @@ def test_pipeline_graphs_run_before_the_prefill_and_external_weights_travel(comp
     )
     decode = onnx.load(str(copy / "decode.onnx"))
     onnx.save(decode, copy / "decode.onnx", save_as_external_data=True, location="decode.weights")
-    for name in ("vision", "rope"):
+    for name in ("vision", "rope", "decode"):
         manifest.graphs[name] = {"file": f"{name}.onnx", **graph_signature(copy / f"{name}.onnx")}
+    assert manifest.graphs["decode"]["external_data"] == ["decode.weights"]
     manifest.pipeline = ["vision", "rope"]
     write_manifest(copy, manifest)
     repo = write_triton_repo(copy, tmp_path / "repo")

@@ -167,20 +167,6 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _external_data(path: Path) -> set[str]:
-    """Files an ONNX graph keeps its weights in (graphs over 2 GB), relative to it."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {
-        entry.value
-        for tensor in model.graph.initializer
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-
-
 def write_triton_repo(
     bundle: str | Path, output_dir: str | Path, force: bool = False, max_new_tokens: int = 32, limit: int = 256
 ) -> Path:
@@ -200,7 +186,7 @@ def write_triton_repo(
             (version.parent / "config.pbtxt").write_text(onnx_config(graph, entry, target, precision))
             source = bundle / entry["file"]
             _link(source, version / "model.onnx")
-            for name in _external_data(source):
+            for name in entry.get("external_data", []):  # weights of graphs over 2 GiB
                 _link(source.parent / name, version / name)
         version = staging / GENERATE / "1"
         version.mkdir(parents=True)

@@ -101,11 +101,19 @@ def export_input_graph(graph: InputGraph, inputs: dict[str, torch.Tensor], path:
     return checked_onnx(path)
 
 
-def graph_signature(path: str | Path) -> dict[str, list[dict]]:
-    """Names, element types and shapes of an ONNX file's inputs and outputs."""
+def graph_signature(path: str | Path) -> dict[str, list]:
+    """Names, element types and shapes of an ONNX file's inputs and outputs, and the files its weights live in
+    (graphs over 2 GiB; relative to it), so deploy needs no onnx package to move a graph with its weights."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    external = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
     def describe(values):
         return [
@@ -120,7 +128,11 @@ def graph_signature(path: str | Path) -> dict[str, list[dict]]:
             for v in values
         ]
 
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+    return {
+        "inputs": describe(model.graph.input),
+        "outputs": describe(model.graph.output),
+        "external_data": sorted(external),
+    }
 
 
 def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[str, float | bool]:
