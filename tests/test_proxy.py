@@ -114,7 +114,7 @@ class FakeEngine:
         logits = np.zeros((batch, 3, 50), np.float32)
         logits[np.arange(batch), -1, rows] = 1.0
         kept = [np.tile([0, 5], (batch, 1)), np.tile([5], (batch, 1))]
-        return [logits, None, *kept]
+        return [logits, None, *kept, np.ones(batch, bool)]  # no cache; every row valid
 
 
 def test_run_engine_scores_answers_and_counts_kept_tokens_without_padding_rows():

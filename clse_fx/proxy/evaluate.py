@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clse_fx.deploy.manifest import split_prefill_outputs
 from clse_fx.proxy.data import QUESTION_TYPES, Item
 from clse_fx.proxy.model import TEXT_LEN, encode
 
@@ -125,9 +126,9 @@ def run_engine(session, feeds: list[dict[str, np.ndarray]], total: int, num_stag
     counts = np.zeros((num_stages, num_visual), dtype=np.int64)
     for batch in feeds:
         rows = min(len(batch["input_ids"]), total - len(words))
-        logits, _, *rest = session.run(**batch)
+        logits, _, kept_ids, _, _ = split_prefill_outputs(session.run(**batch), num_stages)
         words += predict_words(logits[:rows], tokenizer)
-        for stage, kept in enumerate(rest[:num_stages]):
+        for stage, kept in enumerate(kept_ids):
             counts[stage] += np.bincount(kept[:rows].reshape(-1), minlength=num_visual)
     return words, counts
 
