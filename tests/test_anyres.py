@@ -3,6 +3,8 @@ aspect ratio (OneVision shrinks large ones), with a newline token after each til
 frames of pooled grids and one newline. Pass == reference, all tokens == the unmodified model, and bundles
 generating as the reference, at several aspect ratios, batch 2 with the visual block at different positions."""
 
+import json
+
 import pytest
 import torch
 
@@ -13,7 +15,12 @@ from clse_fx.models import adapter_for, examples_for
 from clse_fx.plan import PruneConfig, extra_positions, plan_budget, scored_count, segment_size
 from clse_fx.reference import reference_generate, reference_prune
 
-from .tiny_models import save_tiny_llava_next, save_tiny_llava_next_video, save_tiny_llava_onevision
+from .test_deploy import greedy_answers_match, run_blocked, sample_images, sample_video, video_reference_inputs
+from .tiny_models import save_tiny_llava_next, save_tiny_llava_next_video, save_tiny_llava_onevision, tiny_processor
+
+# Two prompts of exactly the bundles' 9 text tokens (the tiny tokenizer is word-level): no padding, so the
+# reference can be fed the processor's batch as it is.
+PROMPTS = ["what is the colour of the left shape ?", "how many red circle are there in image ?"]
 
 # image size -> tiled grid, per family (OneVision's tiny config caps tiled grids at 2 tiles' worth: 5x5 for 8x8)
 SIZES = {
@@ -108,25 +115,46 @@ def test_budget_of_all_tokens_equals_unmodified_model(model):
 def test_bundle_generation_equals_reference(family, tmp_path):
     """A batch-2 bundle compiled for 40 x 64 images: ONNX Runtime == PyTorch, 16 greedy tokens == reference.
     (LLaVA-NeXT-Video's stills run LLaVA-NeXT's adapter code, whose bundle this checks; its graph is checked
-    above, its video bundle in test_video.py.)"""
+    above, its video bundle in test_video.py.) Then from pixels and text: Engine.generate's greedy answers equal
+    the reference fed the transformers processor's outputs, and (LLaVA-NeXT) clse-run answers the same in a
+    process without torch or transformers."""
     name, model = family
     if name == "llava_next_video":
         pytest.skip("same image path as LLaVA-NeXT's bundle; kept out for the suite's time budget")
     size = (40, 64)
     inputs, scored = _inputs(model, size)
     stages = [(1, scored // 2), (2, scored // 4), (3, scored // 10)]
+    # LLaVA-NeXT's tiny checkpoint is saved with its processor; OneVision's cannot be (see tiny_processor)
+    processor = tiny_processor(name) if name == "llava_onevision" else None
     result = clse_fx.compile(
-        model, stages=stages, batch=2, text_len=9, image_size=size, output_dir=tmp_path / "b", verify=False
-    )
+        model, stages=stages, batch=2, text_len=9, image_size=size, output_dir=tmp_path / "b", verify=False,
+        processor=processor,
+    )  # fmt: skip
     manifest = result.manifest
     assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
     layout = adapter_for(model).image_layout(size)
     assert manifest.geometry["layout"] == [list(segment) for segment in layout]
     assert manifest.geometry["image_size"] == list(size)
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values")}
-    generated, _ = Engine.load(tmp_path / "b").generate_ids(feeds, max_new_tokens=16)
+    engine = Engine.load(tmp_path / "b")
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages))
     assert generated == reference_generate(model, prune, max_new_tokens=16, **inputs).tolist()
+
+    assert manifest.preprocess["pixels"]["kind"] == "anyres"
+    images = [image.convert("RGB").resize(size[::-1]) for image in sample_images()[:2]]
+    answers = engine.generate(images, PROMPTS, max_new_tokens=8)
+    processor = processor or tiny_processor(name)
+    batch = processor(images=images, text=[f"<image>\n{prompt}" for prompt in PROMPTS], return_tensors="pt")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    greedy_answers_match(answers, reference_generate(model, prune, max_new_tokens=8, **batch), engine)
+    if name == "llava_next":  # one anyres bundle through clse-run without torch or transformers
+        argv = [str(tmp_path / "b"), "--json", "--max-new-tokens", "8"]
+        for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
+            image.save(tmp_path / f"{i}.png")
+            argv += ["--image", str(tmp_path / f"{i}.png"), "--prompt", prompt]
+        done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
+        assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]
 
 
 def _video_inputs(model, frames: int, offsets=(2, 5)) -> tuple[dict, int]:
@@ -166,11 +194,20 @@ def test_onevision_video_pass_equals_reference(onevision, frames, score):
 def test_onevision_video_bundle_generation_equals_reference(onevision, tmp_path):
     inputs, scored = _video_inputs(onevision, 4)
     stages = [(1, 8), (2, 4), (3, 2)]
+    processor = tiny_processor("llava_onevision")
     result = clse_fx.compile(
-        onevision, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False
-    )
+        onevision, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False,
+        processor=processor,
+    )  # fmt: skip
     assert result.manifest.parity["onnxruntime_indices_identical"]
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values_videos")}
-    generated, _ = Engine.load(tmp_path / "b").generate_ids(feeds, max_new_tokens=16)
+    engine = Engine.load(tmp_path / "b")
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages))
     assert generated == reference_generate(onevision, prune, max_new_tokens=16, **inputs).tolist()
+    # From frames and text (frames as the per-frame image processing its video processor does; that one needs
+    # torchvision): Engine.generate answers as the reference fed the same.
+    videos = [sample_video(4, seed) for seed in (0, 1)]
+    answers = engine.generate(videos, PROMPTS, max_new_tokens=8)
+    inputs = video_reference_inputs("llava_onevision", processor, videos, PROMPTS, 4 * 4 + 1)
+    greedy_answers_match(answers, reference_generate(onevision, prune, max_new_tokens=8, **inputs), engine)

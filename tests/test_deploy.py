@@ -164,7 +164,7 @@ def family_preprocessor(family, tmp_path, image_size=None, frames=1):
     processor = tiny_models.tiny_processor(family)
     generator = torch.Generator().manual_seed(0)
     inputs = examples_for(model).example_inputs(1, 9, 1, generator, frames=frames, image_size=image_size)
-    section = deploy_recipe_for(model).preprocess(processor, inputs, 1)
+    section = json.loads(json.dumps(deploy_recipe_for(model).preprocess(processor, inputs, 1)))  # as in manifests
     processor.tokenizer.save_pretrained(tmp_path)
     return processor, Preprocessor(tmp_path, section)
 
@@ -252,8 +252,25 @@ def test_llava_family_video_recipes_match_per_frame_image_processing(family, tmp
     )
 
 
-def greedy_answers_match(generations, expected, eos):
-    """Engine.generate's answers (cut after a stop token) against the reference's fixed-length greedy rows."""
+def greedy_answers_match(generations, expected, engine):
+    """Engine.generate's answers (cut after the bundle's first stop token) against the reference's fixed-length
+    greedy rows."""
+    stops = set(engine.manifest.stop_token_ids())
     for generation, row in zip(generations, expected.tolist()):
-        cut = row[: row.index(eos) + 1] if eos in row else row
-        assert generation.token_ids == cut
+        cut = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        assert generation.token_ids == row[:cut]
+
+
+def video_reference_inputs(family, processor, videos, prompts, tokens):
+    """What the family's processor gives for one video per prompt, built without its video processor (it needs
+    torchvision): "<video>" expanded to ``tokens`` ids before each prompt, and :func:`frame_pixels`."""
+    import torch
+
+    video_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+    rows = []
+    for prompt in prompts:
+        ids = processor.tokenizer(f"{processor.video_token}\n{prompt}")["input_ids"]
+        rows.append([i for token in ids for i in ([token] * tokens if token == video_id else [token])])
+    ids = torch.tensor(rows)
+    pixels = torch.from_numpy(frame_pixels(family, processor, videos))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels}

@@ -1,6 +1,8 @@
 """Video MLLMs through the same passes: Qwen2-VL / Qwen2.5-VL videos and LLaVA-NeXT-Video, T = 4 and 8 frames
 (the spectral filter runs per frame), batch 2 with the video at different positions."""
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,16 @@ from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
 
-from .tiny_models import QWEN_FAMILIES, QWEN_VIDEO, VIDEO_TOKEN, qwen_inputs, save_tiny_llava_next_video, save_tiny_qwen
+from .test_deploy import greedy_answers_match, run_blocked, sample_video, video_reference_inputs
+from .tiny_models import (
+    QWEN_FAMILIES,
+    QWEN_VIDEO,
+    VIDEO_TOKEN,
+    qwen_inputs,
+    save_tiny_llava_next_video,
+    save_tiny_qwen,
+    tiny_processor,
+)
 
 QWEN_PATCHES = (14, 18)  # after the 2x2 merge a 7x9 grid per temporal patch
 
@@ -89,9 +100,12 @@ def video_bundle(video_model, tmp_path_factory):
     )  # the rows of video_inputs (9 text tokens), Qwen's with vision start/end markers around the video
     # The graph's parity with the reference pruner is test_video_pass_equals_reference's; this bundle is checked
     # against ONNX Runtime (in the manifest) and by generation.
+    # LLaVA-NeXT-Video's bundle gets the tiny processor (it cannot be saved with the checkpoint: tiny_processor)
+    processor = None if qwen else tiny_processor("llava_next_video")
     result = clse_fx.compile(
-        video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, verify=False, **size
-    )
+        video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, verify=False,
+        processor=processor, **size,
+    )  # fmt: skip
     return out, result.manifest, stages
 
 
@@ -119,3 +133,29 @@ def test_video_bundle_generation_equals_reference(video_model, video_bundle):
     prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
     expected = reference_generate(video_model, prune, max_new_tokens=16, **inputs)
     assert generated == expected.tolist()
+
+
+def test_llava_next_video_bundle_answers_from_frames(video_model, request, tmp_path):
+    """From frames and text: Engine.generate's greedy answers equal the reference fed what the processor gives
+    (ids with the video placeholder expanded; frames as the per-frame image processing of its video processor,
+    which needs torchvision), and clse-run --video on folders of frames answers the same without torch or
+    transformers."""
+    if type(video_model).__name__ != "LlavaNextVideoForConditionalGeneration":
+        pytest.skip("the Qwen families' deploy preprocessing is not tested here")
+    bundle, manifest, stages = request.getfixturevalue("video_bundle")  # not built for a skipped family
+    engine = Engine.load(bundle)
+    videos = [sample_video(4, seed) for seed in (0, 1)]
+    prompts = ["what is the colour of the left shape ?", "how many red circle are there in image ?"]  # 9 tokens
+    answers = engine.generate(videos, prompts, max_new_tokens=8)
+    tokens = 4 * adapter_for(video_model).tokens_per_frame()
+    inputs = video_reference_inputs("llava_next_video", tiny_processor("llava_next_video"), videos, prompts, tokens)
+    prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
+    greedy_answers_match(answers, reference_generate(video_model, prune, max_new_tokens=8, **inputs), engine)
+    argv = [str(bundle), "--json", "--max-new-tokens", "8"]
+    for v, (frames, prompt) in enumerate(zip(videos, prompts)):
+        (tmp_path / str(v)).mkdir()
+        for i, frame in enumerate(frames):
+            frame.save(tmp_path / str(v) / f"{i:03d}.png")
+        argv += ["--video", str(tmp_path / str(v)), "--prompt", prompt]
+    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
+    assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]

@@ -11,7 +11,8 @@ from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, extra_positions, plan_budget, scored_count
 from clse_fx.reference import reference_generate, reference_prune
 
-from .tiny_models import VIDEO_LLAVA_IMAGE, VIDEO_LLAVA_VIDEO, save_tiny_video_llava
+from .test_deploy import greedy_answers_match, sample_video, video_reference_inputs
+from .tiny_models import VIDEO_LLAVA_IMAGE, VIDEO_LLAVA_VIDEO, save_tiny_video_llava, tiny_processor
 
 GRID = 16  # 4x4 patches per image or frame
 
@@ -78,17 +79,28 @@ def test_budget_of_all_tokens_equals_unmodified_model(model, modality):
 
 
 def test_video_bundle_generation_equals_reference(model, tmp_path):
-    """A batch-2, 4-frame bundle: ONNX Runtime == PyTorch, and 16 greedy tokens equal the reference."""
+    """A batch-2, 4-frame bundle: ONNX Runtime == PyTorch, and 16 greedy tokens equal the reference; from frames
+    and text, Engine.generate answers as the reference fed what the processor gives (frames as the per-frame
+    image processing its video processor does: that one needs torchvision)."""
     stages = [(1, 32), (2, 16), (3, 6)]
+    processor = tiny_processor("video_llava")
     result = clse_fx.compile(
-        model, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False
-    )
+        model, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False,
+        processor=processor,
+    )  # fmt: skip
     manifest = result.manifest
     assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
     assert manifest.geometry["layout"] == [["extra", 1], ["grid", 1, 4, 4]] * 4
     assert manifest.geometry["num_visual"] == 64 and manifest.geometry["pruned_length"] == 9 + 4 + 6
     inputs, scored = _inputs("video", 4)
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values_videos")}
-    generated, _ = Engine.load(tmp_path / "b").generate_ids(feeds, max_new_tokens=16)
+    engine = Engine.load(tmp_path / "b")
+    generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages))
     assert generated == reference_generate(model, prune, max_new_tokens=16, **inputs).tolist()
+
+    videos = [sample_video(4, seed) for seed in (0, 1)]
+    prompts = ["what is the colour of the left shape ?", "how many red circle are there in image ?"]  # 9 tokens
+    answers = engine.generate(videos, prompts, max_new_tokens=8)
+    inputs = video_reference_inputs("video_llava", processor, videos, prompts, 4 * (GRID + 1))
+    greedy_answers_match(answers, reference_generate(model, prune, max_new_tokens=8, **inputs), engine)

@@ -4,6 +4,8 @@ parameters of the image-processor kinds the families use."""
 
 from __future__ import annotations
 
+from dataclasses import is_dataclass
+
 # Stands for the user's text when the chat template is rendered at compile time; split around, it gives the
 # template's text before and after one user message.
 CHAT_SENTINEL = "\x00clse-user-prompt\x00"
@@ -35,7 +37,7 @@ def image_processor_params(image_processor, *names: str) -> dict:
     params = {}
     for name in names:
         value = getattr(image_processor, name)
-        if hasattr(value, "items"):  # SizeDict
+        if isinstance(value, dict) or is_dataclass(value):  # a SizeDict iterates over its set (key, value) pairs
             value = {key: item for key, item in dict(value).items() if item is not None}
         elif name == "resample":
             value = int(value)
