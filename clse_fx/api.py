@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,8 @@ def place_model(model: nn.Module, device: str | None, dtype: str | None) -> nn.M
 
 def load_processor(path: str | Path) -> object | None:
     """The processor saved in a local checkpoint directory, or None: graphs compile without one, but a
-    bundle without it can only run from token ids and pixels."""
+    bundle without it can only run from token ids and pixels, which a warning says when the checkpoint has
+    processor files that fail to load (e.g. a video processor that needs torchvision)."""
     import transformers
 
     path = Path(path)
@@ -134,7 +136,14 @@ def load_processor(path: str | Path) -> object | None:
         return None
     try:
         return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as error:
+        if any(path.glob("*processor*.json")) or (path / "tokenizer.json").is_file():
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(
+                f"the checkpoint's processor did not load ({reason}); the bundle will run from token ids and "
+                "pixels only, not from text and images",
+                stacklevel=2,
+            )
         return None
 
 

@@ -169,3 +169,17 @@ def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv):
     rc, heavy = done.stderr.strip().splitlines()[-1].split(" ", 1)
     assert heavy == "[]", done.stderr
     assert rc == ("0" if argv == ["--help"] else "2")
+
+
+def test_a_checkpoint_processor_that_fails_to_load_is_a_warning(tiny_llava_dir, tmp_path):
+    """The bundle then runs from token ids and pixels only; the compile says so instead of silently."""
+    import shutil
+
+    from clse_fx.api import load_processor
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, copy)
+    (copy / "processor_config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="processor did not load .*run from token ids and pixels only"):
+        assert load_processor(copy) is None
+    assert load_processor(tmp_path / "missing") is None  # no checkpoint dir (an in-memory model): no warning
