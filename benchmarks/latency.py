@@ -19,7 +19,8 @@ import torch
 from benchmarks import geometry
 from clse_fx.compiler import pass_settings, prune_prefill
 from clse_fx.decode import export_decode
-from clse_fx.deploy.manifest import decode_names
+from clse_fx.deploy.loop import KVBuffers
+from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, decode_names
 from clse_fx.deploy.session import OnnxSession
 from clse_fx.export.onnxruntime import export_onnx, export_program, input_names
 from clse_fx.metrics import prefill_flops, unpruned_prefill_flops
@@ -101,7 +102,7 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
     sessions = {name: OnnxSession(path) for name, path in paths.items()}
     feeds = dict(zip(input_names(pruned), (a.numpy() for a in pruned.example_args)))
 
-    # Decode: one graph serves both caches (each layer's past length is a dynamic dimension).
+    # Decode: one graph serves both caches (each layer's KV buffer capacity is a dynamic dimension).
     caches = {name: prog().cache for name, prog in (("pruned", pruned), ("unpruned", unpruned))}
     decode_path = export_program(
         export_decode(model, caches["pruned"]), workdir / "decode.onnx", *decode_names(len(caches["pruned"]))
@@ -109,17 +110,19 @@ def run(repeats: int = 10, text_len: int = 40, decode_steps: int = 16, workdir: 
     decode = OnnxSession(decode_path)
 
     def decode_loop(cache):
-        past = [t.numpy() for pair in cache for t in pair]
+        # As the bundle's runtime decodes: KV buffers allocated once and bound once, one slot written a step.
+        kv = KVBuffers([t.numpy() for pair in cache for t in pair], decode_steps)
+        run = decode.bind(dict(zip(list(decode.inputs)[len(DECODE_STEP_INPUTS) :], kv.buffers)))
         seq = feeds["input_ids"].shape[1]
         token = np.ones((1, 1), dtype=np.int64)
         for step in range(decode_steps):
-            logits, *new = decode.run(
+            logits, *new = run(
                 input_ids=token,
                 position_ids=np.full((1, 1), seq + step),
                 pad_counts=np.zeros(1, dtype=np.int64),
-                **dict(zip(list(decode.inputs)[3:], past)),
+                cache_lengths=kv.filled.copy(),
             )
-            past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
+            kv.write(new)
 
     with torch.no_grad():
         times = interleaved(

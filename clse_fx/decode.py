@@ -1,33 +1,87 @@
 """The decode step: one new token per row against the pruned KV cache, built from the model's own modules.
 
-Two forms share :func:`decoder_step`. :class:`DecodeStep` (the ONNX bundles' ``decode.onnx``): the step takes
-each layer's past keys/values (any length, a dynamic dimension of the graph; lengths differ per layer under
-the per-layer policy, so every layer's past length is its own dimension) and returns only the new token's
-keys/values, which the runtime appends. :class:`StaticDecodeStep` (the torch-compile target): preallocated
-buffers written in place, every shape fixed, so a compiler can capture it as one CUDA graph. Positions continue after
+Two forms share :func:`decoder_step` and :func:`visible_slots`. :class:`DecodeStep` (the bundles'
+``decode.onnx`` / ``decode.pt2``): the step takes each layer's KV *buffer* (capacity a dynamic dimension of the
+graph, one per layer: pruned lengths differ per layer under the per-layer policy) and how many of its slots are
+filled, and returns only the new token's keys/values, which the runtime writes at the next slot of its
+preallocated buffers (O(1) per step: no cache grows or is copied, ``clse_fx.deploy.loop``). Graphs are
+functional, so writing the new key into the buffer inside the graph would copy the whole buffer every step;
+instead :func:`slot_attention` attends to the buffer's filled slots and to the new key separately (one softmax
+over both). :class:`StaticDecodeStep` (the torch-compile target): buffers owned by the module and written in
+place, every shape fixed, so a compiler can capture it as one CUDA graph. Positions continue after
 the *unpruned* prompt length (pruning removes tokens, it never renumbers them), shifted per row by the prompt's
 rope delta under M-RoPE (the runtime adds it; the adapter spreads the ids over the rotary axes).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from clse_fx.models import adapter_for
 
+SLOT_ATTENTION = "clse_slot"
 
-class _StepCache:
-    """The slice of transformers' Cache API the attention layers use: ``update`` returns past + new."""
 
-    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
-        self.past = past
+class _BufferCache:
+    """The slice of transformers' Cache API the attention layers use: ``update`` keeps the new token's
+    key/value (the step's outputs) and hands :func:`slot_attention` (buffer, new) pairs, copying nothing."""
+
+    def __init__(self, buffers: tuple[torch.Tensor, ...]) -> None:
+        self.buffers = buffers
         self.new: list[torch.Tensor] = []
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.new += [key, value]
-        past_key, past_value = self.past[2 * layer_idx], self.past[2 * layer_idx + 1]
-        return torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        return (self.buffers[2 * layer_idx], key), (self.buffers[2 * layer_idx + 1], value)
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of one new token per row over a KV buffer plus its own key/value, without joining them.
+
+    ``key``/``value`` are (buffer [B, Hkv, C, D], new [B, Hkv, 1, D]) pairs from :class:`_BufferCache`;
+    ``attention_mask`` [B, 1, 1, C] marks the buffer slots to attend to (filled, not padding); the new token
+    always attends to itself. One softmax over the buffer's scores and the new token's, as the model's SDPA
+    over the concatenated cache computes; grouped-query heads read their shared KV head by reshaping the
+    query, never by repeating the cache. Returns [B, 1, H, D] like transformers' attention functions."""
+    (keys, new_key), (values, new_value) = key, value
+    batch, heads, steps, dim = query.shape  # steps == 1
+    grouped = query.reshape(batch, keys.shape[1], heads // keys.shape[1] * steps, dim)  # [B, Hkv, G, D]
+    scale = dim**-0.5 if scaling is None else scaling
+    past = torch.matmul(grouped, keys.transpose(2, 3)) * scale  # [B, Hkv, G, C]
+    past = past.masked_fill(~attention_mask, float("-inf"))
+    own = (grouped * new_key).sum(dim=-1, keepdim=True) * scale  # [B, Hkv, G, 1]
+    probs = torch.softmax(torch.cat([past, own], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs[..., :-1], values) + probs[..., -1:] * new_value  # [B, Hkv, G, D]
+    return out.reshape(batch, heads, steps, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+
+
+@contextmanager
+def _attention_implementation(model: nn.Module, name: str):
+    """Run the decoder layers' attention through ``name`` (a registered attention function) for the block."""
+    configs = {id(layer.self_attn.config): layer.self_attn.config for layer in adapter_for(model).decoder().layers}
+    previous = {key: config._attn_implementation for key, config in configs.items()}
+    for config in configs.values():
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = previous[key]
+
+
+def visible_slots(capacity: int, pad_counts: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1, capacity] bool: the buffer slots a row attends to, from its first non-padding slot (left
+    padding sits at the front of every layer's cache: padding is text, and text is never pruned) up to ``end``
+    (exclusive; slots from there on are not written yet)."""
+    positions = torch.arange(capacity, device=pad_counts.device)[None, :]
+    return ((positions >= pad_counts[:, None]) & (positions < end))[:, None, None, :]
 
 
 class _SlotCache:
@@ -67,23 +121,27 @@ def decoder_step(
 
 
 class DecodeStep(nn.Module):
-    """(input_ids [B,1], position_ids [B,1], pad_counts [B], past key/value per layer) -> (logits [B,1,V],
-    new key/value per layer [B,Hkv,1,D]). ``pad_counts`` masks each row's left padding, which sits at the
-    front of every layer's cache (padding is text, and text is never pruned)."""
+    """(input_ids [B,1], position_ids [B,1], pad_counts [B], cache_lengths [L], KV buffer per layer
+    [B,Hkv,C_i,D]) -> (logits [B,1,V], new key/value per layer [B,Hkv,1,D]). Layer i's buffer holds its cache in
+    slots ``[0, cache_lengths[i])`` (the rest is not read: the runtime writes the new key/value at slot
+    ``cache_lengths[i]`` after the step); ``pad_counts`` masks each row's left padding."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, pad_counts: torch.Tensor, *past: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pad_counts: torch.Tensor,
+        cache_lengths: torch.Tensor,
+        *buffers: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        cache = _StepCache(past)
-        masks = []
-        for keys in past[::2]:
-            positions = torch.arange(keys.shape[2] + 1, device=input_ids.device)
-            masks.append((positions[None, :] >= pad_counts[:, None])[:, None, None, :])  # [B, 1, 1, L]
-        logits = decoder_step(self.model, input_ids, position_ids, cache, masks)
+        cache = _BufferCache(buffers)
+        masks = [visible_slots(keys.shape[2], pad_counts, cache_lengths[i]) for i, keys in enumerate(buffers[::2])]
+        with _attention_implementation(self.model, SLOT_ATTENTION):
+            logits = decoder_step(self.model, input_ids, position_ids, cache, masks)
         return (logits, *cache.new)
 
 
@@ -92,8 +150,8 @@ class StaticDecodeStep(nn.Module):
 
     Layer i's buffers hold ``lengths[i]`` prompt slots plus ``max_new_tokens`` slots; :meth:`load` fills the
     prompt slots from a prefill's cache, and step ``t`` (a 0-d tensor, so one compiled graph serves every step)
-    writes its token at slot ``lengths[i] + t`` and attends to ``[pad_counts, lengths[i] + t]``. The buffers are
-    module buffers, so CUDA graphs see fixed addresses."""
+    writes its token at slot ``lengths[i] + t`` (in place: unlike an exported graph, a module may) and attends to
+    ``[pad_counts, lengths[i] + t]``. The buffers are module buffers, so CUDA graphs see fixed addresses."""
 
     def __init__(self, model: nn.Module, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int):
         super().__init__()
@@ -121,28 +179,34 @@ class StaticDecodeStep(nn.Module):
         slots, masks = [], []
         for length, keys in zip(self.lengths, buffers[::2]):
             slot = (step + length).reshape(1)
-            positions = torch.arange(keys.shape[2], device=input_ids.device)
-            visible = (positions[None, :] >= pad_counts[:, None]) & (positions[None, :] <= slot)
             slots.append(slot)
-            masks.append(visible[:, None, None, :])
+            masks.append(visible_slots(keys.shape[2], pad_counts, slot + 1))
         return decoder_step(self.model, input_ids, position_ids, _SlotCache(buffers, slots), masks)
 
 
+def kv_buffers(prefill_cache: list[tuple[torch.Tensor, torch.Tensor]], free_slots: int) -> list[torch.Tensor]:
+    """Each layer's key and value buffer: its prefill cache followed by ``free_slots`` empty slots."""
+    return [
+        torch.cat([t, t.new_zeros(*t.shape[:2], free_slots, t.shape[3])], dim=2) for pair in prefill_cache for t in pair
+    ]
+
+
 def decode_example(prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """Example decode inputs shaped like the first step after a prefill that produced ``prefill_cache``."""
+    """Example decode inputs shaped like the first step after a prefill that produced ``prefill_cache``, with
+    buffers of two free slots (any capacity works: it is a dynamic dimension of the exported step)."""
     key = prefill_cache[0][0]
-    past = tuple(t for pair in prefill_cache for t in pair)
     zeros = torch.zeros(key.shape[0], 1, dtype=torch.long, device=key.device)
-    return (zeros, zeros.clone(), zeros[:, 0].clone(), *past)
+    lengths = torch.tensor([k.shape[2] for k, _ in prefill_cache], device=key.device)
+    return (zeros, zeros.clone(), zeros[:, 0].clone(), lengths, *kv_buffers(prefill_cache, 2))
 
 
 def export_decode(model: nn.Module, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]):
-    """torch.export the decode step with each layer's past length dynamic."""
+    """torch.export the decode step with each layer's buffer capacity dynamic."""
     args = decode_example(prefill_cache)
     # Dim.DYNAMIC rather than named Dims: SDPA's stride guards (min(32 + 32 L, 64 + 64 L) == 32 + 32 L) hold
     # for every L >= 1 but are beyond what export can prove for a declared range.
     dims = [{2: torch.export.Dim.DYNAMIC} for _ in range(2 * len(prefill_cache))]
     with torch.no_grad():
         return torch.export.export(
-            DecodeStep(model), args, dynamic_shapes=(None, None, None, tuple(dims)), strict=False
+            DecodeStep(model), args, dynamic_shapes=(None, None, None, None, tuple(dims)), strict=False
         )

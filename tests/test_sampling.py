@@ -106,7 +106,7 @@ def test_samples_are_one_draw_per_row_from_the_tempered_top_k_softmax():
 
 
 def _engine(vocab: int = VOCAB, batch: int = 2, seq: int = 4):
-    """A stand-in prefill and decode: each step's logits depend on the last token; the cache grows by one."""
+    """A stand-in prefill and decode: each step's logits depend on the last token; one new KV slot a step."""
     table = np.random.default_rng(1).normal(size=(vocab, vocab)).astype(np.float32)
 
     def prefill(feeds):
@@ -114,7 +114,7 @@ def _engine(vocab: int = VOCAB, batch: int = 2, seq: int = 4):
         logits[:, -1] = table[np.arange(batch) + 2]
         return logits, [np.zeros((batch, 1, seq, 2), np.float32)]
 
-    def decode(input_ids, position_ids, pad_counts, past):
+    def decode(input_ids, position_ids, pad_counts, cache_lengths, buffers):
         return [table[input_ids[:, 0]][:, None], np.zeros((batch, 1, 1, 2), np.float32)]
 
     feeds = {"input_ids": np.ones((batch, seq), np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
@@ -139,3 +139,43 @@ def test_generation_loop_takes_one_sampling_config():
     stop = sampled[0][2]
     cut, _ = generation_loop(prefill, decode, feeds, START, 6, config, stops={stop})
     assert cut[0] == sampled[0][: sampled[0].index(stop) + 1]
+
+
+def test_generation_loop_fills_one_preallocated_cache():
+    """Decode sees the same KV buffers at every step (allocated once, per layer its prompt length plus a slot per
+    new token), their filled slots are the cache the old loop grew by concatenation, and the answers match."""
+    batch, vocab, steps = 2, 11, 6
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(vocab, vocab)).astype(np.float32)
+    weights = rng.normal(size=vocab).astype(np.float32)
+    prompt = [rng.normal(size=(batch, 2, n, 3)).astype(np.float32) for n in (5, 5, 3, 3)]  # per-layer lengths
+
+    def prefill(feeds):
+        return np.ones((batch, 4, vocab), np.float32) * table[:batch, None], prompt
+
+    def step(input_ids, cache):  # the logits depend on every cached value
+        total = sum(t.sum(axis=(1, 2, 3)) for t in cache)
+        logits = table[input_ids[:, 0]] + total[:, None] * weights
+        return [logits[:, None], *(np.full((batch, 2, 1, 3), i + input_ids[:, :1, None, None]) for i in range(4))]
+
+    seen = []
+
+    def decode(input_ids, position_ids, pad_counts, cache_lengths, buffers):
+        seen.append((buffers, [b.ctypes.data for b in buffers], [b.shape for b in buffers]))
+        return step(input_ids, [b[:, :, :n] for b, n in zip(buffers, np.repeat(cache_lengths, 2))])
+
+    feeds = {"input_ids": np.ones((batch, 4), np.int64), "attention_mask": np.ones((batch, 4), np.int64)}
+    ids, _ = generation_loop(prefill, decode, feeds, START, steps)
+    assert len(seen) == steps - 1 and all(s[0] is seen[0][0] and s[1:] == seen[0][1:] for s in seen)
+    assert seen[0][2] == [(batch, 2, n + steps - 1, 3) for n in (5, 5, 3, 3)]
+    # The old loop: the cache grows by concatenation every step.
+    past, token, old = list(prompt), table[:batch].argmax(axis=-1), []
+    old.append(token)
+    for _ in range(steps - 1):
+        logits, *new = step(token[:, None], past)
+        past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
+        token = logits[:, -1].argmax(axis=-1)
+        old.append(token)
+    assert ids == np.stack(old, axis=1).tolist()
+    buffers = seen[0][0]
+    assert all(np.array_equal(b[:, :, : p.shape[2]], p) for b, p in zip(buffers, past))  # the last step's write too

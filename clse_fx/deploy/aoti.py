@@ -28,3 +28,9 @@ class AotiSession:
         with torch.no_grad():
             outputs = self.runner(*(torch.from_numpy(array).to(self.device) for array in arrays.values()))
         return [output.cpu().numpy() for output in outputs]
+
+    def bind(self, fixed: dict[str, np.ndarray]):
+        """:meth:`OnnxSession.bind`'s interface: a run function that adds the ``fixed`` inputs to each call's.
+        On the CPU ``torch.from_numpy`` shares their memory, so nothing is copied; on a GPU they are copied
+        to the device every call (the package's inputs are tensors it cannot alias)."""
+        return lambda **feeds: self.run(**fixed, **feeds)

@@ -18,8 +18,9 @@ from clse_fx.deploy.loop import (
     decode_start,
     generation_loop,
 )
-from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, Manifest, split_prefill_outputs
+from clse_fx.deploy.manifest import Manifest, split_prefill_outputs
 from clse_fx.deploy.preprocess import Preprocessor
+from clse_fx.deploy.session import bound_decode
 
 
 @dataclass
@@ -163,12 +164,7 @@ class Engine:
         ``rng`` defaults to ``sampling.rng()``."""
         check_sampling(sampling)
         self.check_feeds(feeds)
-        decode_names = list(self.decode.inputs)[len(DECODE_STEP_INPUTS) :]
-
-        def decode(input_ids, position_ids, pad_counts, past):
-            return self.decode.run(
-                input_ids=input_ids, position_ids=position_ids, pad_counts=pad_counts, **dict(zip(decode_names, past))
-            )
+        decode = bound_decode(self.decode)
 
         start = time.perf_counter()
         feeds = self.run_input_graphs(feeds)

@@ -140,9 +140,32 @@ def decode_start(feeds: dict[str, np.ndarray], start: int, offset_input: str | N
     return (start + np.asarray(offset).reshape(batch))[:, None].astype(np.int64)
 
 
+class KVBuffers:
+    """Every layer's keys and values in buffers allocated once per generation: the prefill's (pruned) cache,
+    then one free slot per token to come. :meth:`write` puts a step's new key/value at each layer's next slot
+    in place, O(1) per step; nothing grows, and a session that bound the buffers (ONNX Runtime IO binding)
+    reads the writes without a copy. Unwritten slots are zeros: the decode graph masks them, but a masked
+    slot still meets a zero probability in a matmul, and 0 * NaN from uninitialised memory would be NaN."""
+
+    def __init__(self, cache: list[np.ndarray], free_slots: int) -> None:
+        self.filled = np.array([key.shape[2] for key in cache[::2]], dtype=np.int64)  # slots in use, per layer
+        self.buffers = []
+        for tensor in cache:
+            batch, heads, length, dim = tensor.shape
+            buffer = np.zeros((batch, heads, length + free_slots, dim), dtype=tensor.dtype)
+            buffer[:, :, :length] = tensor
+            self.buffers.append(buffer)
+
+    def write(self, new: list[np.ndarray]) -> None:
+        """Store one step's new key/value per layer ([B, Hkv, 1, D] each) at each layer's next slot."""
+        for i, (buffer, tensor) in enumerate(zip(self.buffers, new)):
+            buffer[:, :, self.filled[i // 2]] = tensor[:, :, 0]
+        self.filled += 1
+
+
 def generation_loop(
     prefill: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, list[np.ndarray]]],
-    decode: Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], list[np.ndarray]],
+    decode: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], list[np.ndarray]],
     feeds: dict[str, np.ndarray],
     positions: np.ndarray,
     max_new_tokens: int,
@@ -151,7 +174,10 @@ def generation_loop(
     stops: set[int] = frozenset(),
 ) -> tuple[list[list[int]], Timings]:
     """The prefill + decode loop over any engine: ``prefill(feeds)`` returns the logits and every layer's key
-    and value, ``decode(input_ids, position_ids, pad_counts, past)`` the decode graph's outputs; decoding starts
+    and value, ``decode(input_ids, position_ids, pad_counts, cache_lengths, buffers)`` the decode graph's
+    outputs (logits, then each layer's new key and value) for the :class:`KVBuffers` ``buffers`` whose first
+    ``cache_lengths`` slots per layer are filled; the list ``buffers`` is the same object at every step of a
+    generation (sized to the prompt plus ``max_new_tokens``), so an engine may bind it once. Decoding starts
     at ``positions`` (:func:`decode_start`); ``sampling`` picks each token, drawing from ``rng`` (default
     ``sampling.rng()``); per row the new ids, cut after the first stop token."""
     rng = sampling.rng() if rng is None else rng
@@ -166,11 +192,12 @@ def generation_loop(
     generated, done = [token], np.isin(token, list(stops))
     start = time.perf_counter()
     steps = 0
+    cache = KVBuffers(past, max_new_tokens - 1)  # step s writes slot length + s, s < max_new_tokens - 1
     for step in range(max_new_tokens - 1):
         if done.all():
             break
-        logits, *new = decode(token[:, None], positions + step, pad_counts, past)
-        past = [np.concatenate([p, n], axis=2) for p, n in zip(past, new)]
+        logits, *new = decode(token[:, None], positions + step, pad_counts, cache.filled.copy(), cache.buffers)
+        cache.write(new)
         token = sampling.next_token(logits[:, -1], rng)
         generated.append(token)
         done |= np.isin(token, list(stops))

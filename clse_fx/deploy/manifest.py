@@ -21,8 +21,9 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2
 
 PREFILL, DECODE = "prefill", "decode"
-# The scalar inputs of the decode step, before every layer's past key and value.
-DECODE_STEP_INPUTS = ("input_ids", "position_ids", "pad_counts")
+# The decode step's inputs before every layer's KV buffer: the new token [B, 1], its position [B, 1], each
+# row's left-pad count [B] and each layer's filled buffer slots [num_layers] (clse_fx.decode.DecodeStep).
+DECODE_STEP_INPUTS = ("input_ids", "position_ids", "pad_counts", "cache_lengths")
 
 
 def prefill_output_names(num_stages: int, num_layers: int) -> list[str]:
@@ -34,7 +35,9 @@ def prefill_output_names(num_stages: int, num_layers: int) -> list[str]:
 
 
 def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Input and output names of the decode-step graph."""
+    """Input and output names of the decode-step graph: ``past.{i}.key/value`` are layer i's KV buffers
+    [B, Hkv, capacity, D] (capacity dynamic, the first ``cache_lengths[i]`` slots filled), ``new.{i}.*`` the new
+    token's key/value [B, Hkv, 1, D], which the runtime writes at slot ``cache_lengths[i]``."""
     per_layer = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
     inputs = [*DECODE_STEP_INPUTS, *(f"past.{i}.{kind}" for i, kind in per_layer)]
     return inputs, ["logits", *(f"new.{i}.{kind}" for i, kind in per_layer)]

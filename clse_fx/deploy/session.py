@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clse_fx.deploy.manifest import DECODE_STEP_INPUTS
+
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
 
 
@@ -43,6 +45,32 @@ class OnnxSession:
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, checked_feeds(self.path.name, self.inputs, feeds))
 
+    def bind(self, fixed: dict[str, np.ndarray]):
+        """A run function with the ``fixed`` inputs bound once through ONNX Runtime IO binding; each call
+        takes the other inputs. On the CPU the bound OrtValues share the arrays' memory, so in-place writes
+        to them between calls (the decode loop's KV buffers) are what the next call reads, never copied."""
+        import onnxruntime
+
+        others = {name: shape for name, shape in self.inputs.items() if name not in fixed}
+        checked = checked_feeds(self.path.name, {name: self.inputs[name] for name in fixed}, fixed)
+        binding = self.session.io_binding()
+        values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in checked.items()}
+        for name, value in values.items():
+            if value.data_ptr() != checked[name].ctypes.data:  # a copy would not see the in-place writes
+                raise RuntimeError(f"onnxruntime copied bound input {name}; bind C-contiguous CPU arrays")
+            binding.bind_ortvalue_input(name, value)
+        for output in self.session.get_outputs():
+            binding.bind_output(output.name, "cpu")
+
+        def run(**feeds: np.ndarray) -> list[np.ndarray]:
+            for name, array in checked_feeds(self.path.name, others, feeds).items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+
+        run.values = values  # the OrtValues live as long as the function
+        return run
+
 
 def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str, np.ndarray]:
     """``feeds`` as arrays in ``inputs`` order, each checked against its compiled shape (a str or None dim is
@@ -62,3 +90,23 @@ def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str,
             )
         arrays[name] = array
     return arrays
+
+
+def bound_decode(session):
+    """The decode callable of :func:`clse_fx.deploy.loop.generation_loop` over a decode-graph session
+    (:class:`OnnxSession` or ``AotiSession``): the loop hands it the same KV buffers at every step of a
+    generation, so they are bound once per generation (:meth:`OnnxSession.bind`) and each step passes only
+    the token, its position, the pad counts and the filled slots."""
+    if DECODE_STEP_INPUTS[-1] not in session.inputs:
+        raise ValueError(
+            f"{session.path.name} predates preallocated KV buffers (no cache_lengths); recompile the bundle"
+        )
+    names = list(session.inputs)[len(DECODE_STEP_INPUTS) :]
+    bound: dict = {}
+
+    def decode(input_ids, position_ids, pad_counts, cache_lengths, buffers: list[np.ndarray]) -> list[np.ndarray]:
+        if bound.get("buffers") is not buffers:
+            bound.update(buffers=buffers, run=session.bind(dict(zip(names, buffers))))
+        return bound["run"](**dict(zip(DECODE_STEP_INPUTS, (input_ids, position_ids, pad_counts, cache_lengths))))
+
+    return decode

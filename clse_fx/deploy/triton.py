@@ -3,7 +3,7 @@
 One ONNX Runtime model per graph of the bundle: ``clse_<name>`` for each graph of the manifest's ``pipeline``
 (the graphs run before the prefill, e.g. Qwen2-VL's vision tower and M-RoPE index; LLaVA bundles have none,
 their vision tower is inside ``prefill.onnx``), ``clse_prefill`` and ``clse_decode``, every dimension static
-as compiled (the decode graph's growing past length is -1); and ``clse_generate``, a Python-backend model
+as compiled (the decode graph's KV buffer capacity is -1); and ``clse_generate``, a Python-backend model
 that runs the generation loop of ``clse_fx.deploy.engine`` over them through BLS calls. Serve it with
 ``tritonserver --model-repository DIR``.
 """

@@ -49,9 +49,13 @@ class TritonPythonModel:
         check_valid_rows(valid)  # a direct clse_prefill caller gets ``valid`` and must check it the same way
         return logits, cache
 
-    def _decode(self, input_ids, position_ids, pad_counts, past: list[np.ndarray]) -> list[np.ndarray]:
+    def _decode(
+        self, input_ids, position_ids, pad_counts, cache_lengths, buffers: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        # BLS sends every input (the KV buffers too) to clse_decode each step: no binding across calls here.
         graph = self.settings["decode"]
-        return self._infer(graph, dict(zip(graph["inputs"], [input_ids, position_ids, pad_counts, *past])))
+        step = [input_ids, position_ids, pad_counts, cache_lengths, *buffers]
+        return self._infer(graph, dict(zip(graph["inputs"], step)))
 
     def _generate(self, request):
         settings = self.settings

@@ -13,7 +13,7 @@ import torch
 
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.deploy.aoti import AotiSession
-from clse_fx.deploy.manifest import decode_names
+from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, decode_names
 from clse_fx.export.onnxruntime import input_names, output_names
 from clse_fx.export.targets import TargetSection
 from clse_fx.models import deploy_recipe_for
@@ -58,7 +58,8 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
             torch._inductor.aoti_compile_and_package(program, package_path=str(bundle / f"{name}.pt2"))
     with torch.no_grad():
         decode_out = decode_program.module()(*step_args)
-    past = {name: {2: f"past_{i // 2}"} for i, name in enumerate(names_in[3:])}
+    # Each layer's KV buffer capacity is its own dynamic dimension (key and value share it).
+    past = {name: {2: f"capacity_{i // 2}"} for i, name in enumerate(names_in[len(DECODE_STEP_INPUTS) :])}
     graphs = {
         "prefill": {
             "file": "prefill.pt2",

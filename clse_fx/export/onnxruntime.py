@@ -165,8 +165,8 @@ def run_input_graphs(
 
 
 # model -> {per-layer cache layout: (decode program, {file name: bytes} or None)}. The decode step does not
-# depend on the prune config (every layer's past length is a dynamic dimension), so sweeps over budgets, scores
-# and KV policies export it once per batch size, dtype and device. Files are kept in memory for small models
+# depend on the prune config (every layer's KV buffer capacity is a dynamic dimension), so sweeps over budgets,
+# scores and KV policies export it once per batch size, dtype and device. Files are kept in memory for small models
 # only; larger ones keep the program and export the file again.
 _DECODE_EXPORTS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 DECODE_CACHE_MAX_BYTES = 256 << 20
