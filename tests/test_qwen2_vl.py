@@ -1,7 +1,12 @@
 """Qwen2-VL / Qwen2.5-VL through the same passes: M-RoPE ids and the vision tower are graph inputs."""
 
+import json
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clse_fx.compiler import prune_prefill
 from clse_fx.deploy.engine import Engine
@@ -10,8 +15,9 @@ from clse_fx.models import adapter_for
 from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
 
+from .test_deploy import PIXEL_TOLERANCE, greedy_answers_match, run_blocked, sample_images
 from .tiny_models import QWEN_END as END
-from .tiny_models import QWEN_FAMILIES, qwen_inputs, save_tiny_qwen
+from .tiny_models import QWEN_FAMILIES, qwen_inputs, save_tiny_qwen, tiny_processor, tiny_qwen_config
 from .tiny_models import QWEN_IMAGE as IMAGE
 from .tiny_models import QWEN_START as START
 
@@ -81,7 +87,10 @@ def qwen_bundle(qwen, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundle") / "b"
     argv = [qwen.name_or_path, "--stages", STAGES, "--batch", "2", "--text-len", "8", "--image-size", "56x72"]
-    assert compile_main([*argv, "-o", str(out)]) == 0
+    # The checkpoint's processor, as AutoProcessor would load it if it could (a Qwen processor also loads a video
+    # processor, which needs torchvision: tiny_models.save_tiny_qwen)
+    with mock.patch("clse_fx.api.load_processor", lambda path: tiny_processor("qwen2_vl")):
+        assert compile_main([*argv, "-o", str(out)]) == 0
     return out, read_manifest(out)
 
 
@@ -142,3 +151,89 @@ def test_clse_compile_cli_for_qwen(qwen, qwen_bundle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert bad == 2 and "multiple of 8 pixels" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+# Deploy preprocessing (``qwen2_vl`` pixel recipe) against the transformers processor.
+QWEN_SIZE = (56, 72)  # the bundles' compiled resolution: a 14 x 18 patch grid
+# Sources whose smart_resize (8 px factor) is the compiled size, so the processor resizes them to it itself.
+NATURAL_SIZES = [(57, 70), (53, 75), (59, 69)]
+
+
+def qwen_preprocessor(family, tmp_path, frames=1):
+    """The family's tiny processor and the :class:`Preprocessor` its deploy recipe writes for a bundle compiled
+    at :data:`QWEN_SIZE` (``frames`` temporal grid steps: a video), without compiling one."""
+    from clse_fx.deploy.preprocess import Preprocessor
+    from clse_fx.models import deploy_recipe_for, examples_for
+
+    torch.manual_seed(0)
+    model = QWEN_FAMILIES[family][1](tiny_qwen_config(family)).eval()
+    processor = tiny_processor(family)
+    generator = torch.Generator().manual_seed(0)
+    inputs = examples_for(model).example_inputs(1, 9, 1, generator, frames=frames, image_size=QWEN_SIZE)
+    section = json.loads(json.dumps(deploy_recipe_for(model).preprocess(processor, inputs, 1)))  # as in manifests
+    processor.tokenizer.save_pretrained(tmp_path)
+    return processor, Preprocessor(tmp_path, section)
+
+
+def natural_images(seed=0):
+    """RGB, RGBA (transparent) and grayscale images that the processor's smart_resize fits to :data:`QWEN_SIZE`."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for size in NATURAL_SIZES]
+    images.append(Image.fromarray(rng.integers(0, 256, (55, 73, 4), dtype=np.uint8), "RGBA"))
+    images.append(Image.fromarray(rng.integers(0, 256, (58, 71), dtype=np.uint8), "L"))
+    return images
+
+
+@pytest.mark.parametrize("family", sorted(QWEN_FAMILIES))
+def test_qwen_image_recipe_matches_the_processor(family, tmp_path):
+    """Ids identical and pixels within 1e-5 (in fact equal) of the transformers processor (PIL image processor):
+    on images the processor's own smart_resize brings to the compiled 56 x 72 (so the resize is checked too), and
+    on images of other sizes and aspects resized to it first (the bundle's grid is fixed; the recipe resizes any
+    image to it, where the processor would pick another grid)."""
+    processor, preprocessor = qwen_preprocessor(family, tmp_path)
+    text = preprocessor.text
+    assert preprocessor.pixels_params["kind"] == "qwen2_vl" and text.tokens_per_item == 63
+    assert text.item_text == "<|vision_start|><|image_pad|><|vision_end|>" and text.after_items == ""
+    resized = [image.convert("RGB").resize(QWEN_SIZE[::-1], Image.BICUBIC) for image in sample_images()]
+    images = natural_images() + resized
+    prompt = f"{text.item_text}what is it"
+    for image in images:
+        expected = processor(images=[image], text=prompt, return_tensors="np")
+        assert expected["image_grid_thw"].tolist() == [[1, 14, 18]]
+        assert preprocessor.encode_text("what is it", 1) == expected["input_ids"][0].tolist()
+        got = preprocessor.pixel_feeds([[image]])["pixel_values"]
+        assert got.dtype == np.float32 and got.shape == expected["pixel_values"].shape == (252, 96)
+        assert np.abs(got - expected["pixel_values"]).max() <= PIXEL_TOLERANCE
+    batch = processor(images=images[:2], text=[prompt, prompt], return_tensors="np")["pixel_values"]
+    assert np.abs(preprocessor.pixel_feeds([[images[0]], [images[1]]])["pixel_values"] - batch).max() <= PIXEL_TOLERANCE
+    odd = sample_images()[0]  # 60 x 90: resized to the compiled size, aspect ratio not kept
+    assert np.array_equal(
+        preprocessor.pixel_feeds([[odd]])["pixel_values"], preprocessor.pixel_feeds([[resized[0]]])["pixel_values"]
+    )
+
+
+def test_qwen_bundle_answers_from_images_and_text(qwen, qwen_bundle, tmp_path):
+    """Engine.generate's greedy answers equal the reference fed the transformers processor's outputs for the same
+    images and prompts (padded to the bundle's length), and clse-run --image answers the same without torch or
+    transformers."""
+    bundle, manifest = qwen_bundle
+    engine = Engine.load(bundle)
+    images = natural_images()[:2]
+    prompts = ["what is the colour of the shape ?", "how many red circle are there ?"]  # 8 tokens at most
+    answers = engine.generate(images, prompts, max_new_tokens=8)
+    processor = tiny_processor("qwen2_vl")
+    item = engine.preprocessor.text.item_text
+    inputs = processor(
+        images=images, text=[item + p for p in prompts], padding="max_length", max_length=engine.sequence_length,
+        return_tensors="pt",
+    )  # fmt: skip
+    assert inputs["input_ids"].tolist() == engine.encode(images, prompts)["input_ids"].tolist()
+    prune = PruneConfig(plan=_plan(STAGES))
+    greedy_answers_match(answers, reference_generate(qwen, prune, max_new_tokens=8, **inputs), engine)
+    assert any(len(a.token_ids) > 1 for a in answers)
+    argv = [str(bundle), "--json", "--max-new-tokens", "8"]
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        image.save(tmp_path / f"{i}.png")
+        argv += ["--image", str(tmp_path / f"{i}.png"), "--prompt", prompt]
+    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
+    assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]

@@ -3,8 +3,10 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clse_fx
 from clse_fx.compiler import prune_prefill
@@ -13,7 +15,7 @@ from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
 
-from .test_deploy import greedy_answers_match, run_blocked, sample_video, video_reference_inputs
+from .test_deploy import PIXEL_TOLERANCE, greedy_answers_match, run_blocked, sample_video, video_reference_inputs
 from .tiny_models import (
     QWEN_FAMILIES,
     QWEN_VIDEO,
@@ -100,8 +102,9 @@ def video_bundle(video_model, tmp_path_factory):
     )  # the rows of video_inputs (9 text tokens), Qwen's with vision start/end markers around the video
     # The graph's parity with the reference pruner is test_video_pass_equals_reference's; this bundle is checked
     # against ONNX Runtime (in the manifest) and by generation.
-    # LLaVA-NeXT-Video's bundle gets the tiny processor (it cannot be saved with the checkpoint: tiny_processor)
-    processor = None if qwen else tiny_processor("llava_next_video")
+    # The bundle gets the tiny processor (it cannot be saved with the checkpoint: tiny_processor, save_tiny_qwen)
+    family = "qwen2_5_vl" if qwen else "llava_next_video"
+    processor = tiny_processor(family)
     result = clse_fx.compile(
         video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, verify=False,
         processor=processor, **size,
@@ -141,7 +144,7 @@ def test_llava_next_video_bundle_answers_from_frames(video_model, request, tmp_p
     which needs torchvision), and clse-run --video on folders of frames answers the same without torch or
     transformers."""
     if type(video_model).__name__ != "LlavaNextVideoForConditionalGeneration":
-        pytest.skip("the Qwen families' deploy preprocessing is not tested here")
+        pytest.skip("the Qwen families' answers from frames are test_qwen_video_bundle_answers_from_frames'")
     bundle, manifest, stages = request.getfixturevalue("video_bundle")  # not built for a skipped family
     engine = Engine.load(bundle)
     videos = [sample_video(4, seed) for seed in (0, 1)]
@@ -151,6 +154,110 @@ def test_llava_next_video_bundle_answers_from_frames(video_model, request, tmp_p
     inputs = video_reference_inputs("llava_next_video", tiny_processor("llava_next_video"), videos, prompts, tokens)
     prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
     greedy_answers_match(answers, reference_generate(video_model, prune, max_new_tokens=8, **inputs), engine)
+    argv = [str(bundle), "--json", "--max-new-tokens", "8"]
+    for v, (frames, prompt) in enumerate(zip(videos, prompts)):
+        (tmp_path / str(v)).mkdir()
+        for i, frame in enumerate(frames):
+            frame.save(tmp_path / str(v) / f"{i:03d}.png")
+        argv += ["--video", str(tmp_path / str(v)), "--prompt", prompt]
+    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
+    assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]
+
+
+def qwen_video_oracle(processor, videos) -> np.ndarray:
+    """Qwen videos' ``pixel_values_videos`` as transformers computes them, without its video processor (it needs
+    torchvision): each frame through the image processor (PIL backend: resize, rescale, normalise, patchify with
+    the frame repeated over the temporal patch), unpatchified back to [3, H, W] (checked by patchifying it again
+    with the image processor's own ``patchify``), then the frames stacked and patchified by the video processor's
+    ``patchify``, whose source is read from transformers and run as is."""
+    import ast
+    from pathlib import Path
+
+    import transformers
+
+    source = Path(transformers.__file__).parent / "models/qwen2_vl/video_processing_qwen2_vl.py"
+    tree = ast.parse(source.read_text())
+    video_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    method = next(n for n in video_class.body if isinstance(n, ast.FunctionDef) and n.name == "patchify")
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([method], type_ignores=[]), str(source), "exec"), namespace)
+    image_processor = processor.image_processor
+    sizes = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    patch, merge, temporal = sizes
+    out = []
+    for frames in videos:
+        stack = []
+        for frame in frames:
+            processed = image_processor(images=[frame], return_tensors="np")
+            patches, (grid_h, grid_w) = processed["pixel_values"], processed["image_grid_thw"][0, 1:]
+            blocks = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, 3, temporal, patch, patch)
+            assert (blocks == blocks[..., :1, :, :]).all()  # the image's temporal copies
+            array = blocks[..., 0, :, :].transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, grid_h * patch, grid_w * patch)
+            assert np.array_equal(image_processor.patchify(array, *sizes)[0], patches)
+            stack.append(array)
+        video = torch.from_numpy(np.stack(stack))[None]
+        out.append(namespace["patchify"](None, video, patch, merge, temporal)[0][0].numpy())
+    return np.concatenate(out)
+
+
+def qwen_video(frames, seed):
+    """``frames`` frames of 57 x 70 px, which smart_resize fits to the bundles' 56 x 72."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (57, 70, 3), dtype=np.uint8)) for _ in range(frames)]
+
+
+@pytest.mark.parametrize("family", sorted(QWEN_FAMILIES))
+def test_qwen_video_recipe_matches_transformers(family, tmp_path):
+    """A 4-step video bundle takes 8 frames (2 per temporal patch); its recipe's pixels equal
+    :func:`qwen_video_oracle`'s within 1e-5, for a batch of two videos; the prompt names the video as Qwen's chat
+    template does."""
+    from .test_qwen2_vl import qwen_preprocessor
+
+    processor, preprocessor = qwen_preprocessor(family, tmp_path, frames=4)
+    assert preprocessor.modality == "video" and preprocessor.frames == 8
+    videos = [qwen_video(8, seed) for seed in (0, 1)]
+    got = preprocessor.pixel_feeds([[video] for video in videos])["pixel_values_videos"]
+    expected = qwen_video_oracle(processor, videos)
+    assert got.dtype == np.float32 and got.shape == expected.shape == (2 * 4 * 252, 96)
+    assert np.abs(got - expected).max() <= PIXEL_TOLERANCE
+    ids = preprocessor.encode_text("what is it", 1)
+    expected_ids = processor.tokenizer("<|vision_start|><|video_pad|><|vision_end|>what is it")["input_ids"]
+    assert ids == [i for t in expected_ids for i in ([t] * 4 * 63 if t == QWEN_VIDEO else [t])]
+
+
+def test_qwen_video_bundle_answers_from_frames(video_model, request, tmp_path):
+    """Qwen2.5-VL from frames and text: Engine.generate's greedy answers equal the reference fed what the
+    processor gives (the tokenizer's ids with the video placeholder expanded, :func:`qwen_video_oracle`'s pixels,
+    the video grids, one second per temporal step as the bundle was compiled), and clse-run --video on folders of
+    frames answers the same without torch or transformers."""
+    if type(video_model).__name__ != "Qwen2_5_VLForConditionalGeneration":
+        pytest.skip("one Qwen video bundle: Qwen2.5-VL's")
+    bundle, manifest, stages = request.getfixturevalue("video_bundle")
+    engine = Engine.load(bundle)
+    videos = [qwen_video(8, seed) for seed in (0, 1)]
+    prompts = ["what is the colour of the shape ?", "how many red circle are there ?"]  # 8 tokens at most
+    answers = engine.generate(videos, prompts, max_new_tokens=8)
+    processor, tokens = tiny_processor("qwen2_5_vl"), 4 * 63
+    item = engine.preprocessor.text.item_text
+    rows, masks = [], []
+    for prompt in processor.tokenizer([item + p for p in prompts])["input_ids"]:
+        row = [i for t in prompt for i in ([t] * tokens if t == QWEN_VIDEO else [t])]
+        pad = engine.sequence_length - len(row)
+        rows.append([engine.pad_id] * pad + row)
+        masks.append([0] * pad + [1] * len(row))
+    ids = torch.tensor(rows)
+    assert ids.tolist() == engine.encode(videos, prompts)["input_ids"].tolist()
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.tensor(masks),
+        "pixel_values_videos": torch.from_numpy(qwen_video_oracle(processor, videos)),
+        "video_grid_thw": torch.tensor([[4, 14, 18]] * 2),
+        "second_per_grid_ts": torch.tensor([1.0, 1.0]),
+        "mm_token_type_ids": (ids == QWEN_VIDEO).int() * 2,
+    }
+    prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
+    greedy_answers_match(answers, reference_generate(video_model, prune, max_new_tokens=8, **inputs), engine)
+    assert any(len(a.token_ids) > 1 for a in answers)
     argv = [str(bundle), "--json", "--max-new-tokens", "8"]
     for v, (frames, prompt) in enumerate(zip(videos, prompts)):
         (tmp_path / str(v)).mkdir()

@@ -20,6 +20,12 @@ QWEN_FAMILIES = {
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
 VIDEO_TOKEN = 91
+QWEN_TOKENS = {
+    "image_token": ("<|image_pad|>", QWEN_IMAGE),
+    "video_token": ("<|video_pad|>", QWEN_VIDEO),
+    "vision_start_token": ("<|vision_start|>", QWEN_START),
+    "vision_end_token": ("<|vision_end|>", QWEN_END),
+}
 
 
 def _widen_and_reload(model, model_class, path):
@@ -54,6 +60,8 @@ def tiny_qwen_config(family: str):
 
 
 def save_tiny_qwen(path, family: str):
+    """The tiny checkpoint, saved without a processor: ``AutoProcessor`` would also load a Qwen video processor,
+    which needs torchvision, so bundles get :func:`tiny_processor` passed in instead."""
     model_class = QWEN_FAMILIES[family][1]
     torch.manual_seed(0)
     return _widen_and_reload(model_class(tiny_qwen_config(family)).eval(), model_class, path)
@@ -198,15 +206,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(image_id: int, video_id: int | None = None, vocab_size: int = 100):
+def tiny_tokenizer(image_id: int, video_id: int | None = None, vocab_size: int = 100, named: dict | None = None):
     """``clse_fx.demo``'s words (pad 0, bos 1, eos 2, unk 3 first) with "<image>" (and "<video>") at the given
-    ids; the ids left over are unused tokens, up to ``vocab_size``."""
+    ids; the ids left over are unused tokens, up to ``vocab_size``. ``named``: other special tokens instead
+    ({"image_token": ("<|image_pad|>", 150), ...}: the tokenizer attribute, the token and its id)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from clse_fx.demo import WORDS
 
-    specials = {"<image>": image_id, **({"<video>": video_id} if video_id is not None else {})}
+    if named is None:
+        named = {"image_token": ("<image>", image_id)} | ({"video_token": ("<video>", video_id)} if video_id else {})
+    specials = dict(named.values())
     words = dict.fromkeys(["<pad>", "<s>", "</s>", "<unk>"] + [w for w in WORDS if w.strip()])
     table = dict(enumerate(words)) | {i: token for token, i in specials.items()}
     vocab = {table.get(i, f"<unused{i}>"): i for i in range(vocab_size)}
@@ -216,7 +227,7 @@ def tiny_tokenizer(image_id: int, video_id: int | None = None, vocab_size: int =
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={f"{t[1:-1]}_token": t for t in specials}, padding_side="left",
+        extra_special_tokens={name: token for name, (token, _) in named.items()}, padding_side="left",
         chat_template=CHAT_TEMPLATE,
     )  # fmt: skip
 
@@ -224,20 +235,28 @@ def tiny_tokenizer(image_id: int, video_id: int | None = None, vocab_size: int =
 def tiny_processor(family: str):
     """The family's transformers processor for its tiny checkpoint. Processors with a video processor are built
     without it (transformers' video processors need torchvision, not installed here: ``clse_fx`` then reads the
-    frame settings from the image processor, which they share) and save their tokenizer and image processor."""
+    frame settings from the image processor, which they share) and save their tokenizer and image processor.
+    Qwen2-VL / Qwen2.5-VL: the PIL image processor at the tiny tower's sizes (4 px patches, 2 x 2 merge, 2-frame
+    temporal patches) and a tokenizer with Qwen's vision tokens at the tiny config's ids (vocabulary 200)."""
     from unittest import mock
 
     import transformers
     from transformers.processing_utils import ProcessorMixin
 
     clip = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    if family == "llava_next":
+    if family in QWEN_FAMILIES:
+        image = transformers.Qwen2VLImageProcessorPil(
+            patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 1024, "longest_edge": 65536}
+        )
+        make = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        tokens, kwargs = tiny_tokenizer(QWEN_IMAGE, vocab_size=200, named=QWEN_TOKENS), {}
+    elif family == "llava_next":
         image = transformers.LlavaNextImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
             image_grid_pinpoints=tiny_llava_next_config().image_grid_pinpoints,
         )  # fmt: skip
         return transformers.LlavaNextProcessor(image, tiny_tokenizer(LLAVA_NEXT_IMAGE), **clip)
-    if family == "llava_next_video":
+    elif family == "llava_next_video":
         image = transformers.LlavaNextImageProcessorPil(
             size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48},
             image_grid_pinpoints=tiny_llava_next_video_config().image_grid_pinpoints,

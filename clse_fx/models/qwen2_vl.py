@@ -14,6 +14,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from clse_fx.models.base import DeployRecipe, ExampleInputs, Family, InputGraph, ModelAdapter, register_family
+from clse_fx.models.recipes import qwen2_vl_pixels
 from clse_fx.plan import QWEN2_VL_SCHEDULE, Grid, Layout, grid_layout
 from clse_fx.static_ops import running_count, visual_mask
 
@@ -231,6 +232,34 @@ class Qwen2VLDeploy(DeployRecipe):
         grid = inputs[MODALITIES[modality][1]][0].tolist()
         patch = self.model.config.vision_config.patch_size
         return {"modality": modality, "grid_thw": grid, "image_size": [grid[1] * patch, grid[2] * patch]}
+
+    def pixel_recipe(self, processor, modality: str, inputs: dict[str, torch.Tensor]) -> dict:
+        """Patches of items resized to the compiled grid's size (``qwen2_vl``); the processor's patch, merge and
+        temporal sizes must be the vision tower's."""
+        image_processor, vision = processor.image_processor, self.model.config.vision_config
+        sizes = {"patch_size": "patch_size", "merge_size": "spatial_merge_size", "temporal_patch_size": None}
+        for name, config_name in sizes.items():
+            expected = getattr(vision, config_name or name)
+            if getattr(image_processor, name) != expected:
+                raise ValueError(
+                    f"the processor's {name} {getattr(image_processor, name)} is not the vision tower's {expected}"
+                )
+        _, grid_h, grid_w = inputs[MODALITIES[modality][1]][0].tolist()
+        size = (grid_h * vision.patch_size, grid_w * vision.patch_size)
+        return qwen2_vl_pixels(image_processor, size, MODALITIES[modality][0], video=modality == "video")
+
+    def placeholder(self, processor, modality: str) -> tuple[str, str, str]:
+        """Qwen prompts name an item as <|vision_start|><|image_pad|><|vision_end|> (<|video_pad|> for a video),
+        as its chat template writes it, with nothing between the items and the text."""
+        token = processor.video_token if modality == "video" else processor.image_token
+        config, tokenizer = self.model.config, processor.tokenizer
+        start, end = tokenizer.convert_ids_to_tokens([config.vision_start_token_id, config.vision_end_token_id])
+        return token, f"{start}{token}{end}", ""
+
+    def frames(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Frames per compiled video: each temporal grid step is ``temporal_patch_size`` frames."""
+        steps = int(inputs[MODALITIES["video"][1]][0, 0])
+        return steps * self.model.config.vision_config.temporal_patch_size
 
 
 register_family(

@@ -92,3 +92,24 @@ def video_pixels(processor, output: str = "pixel_values_videos") -> dict:
     LLaVA families' video processors share (resize, crop, rescale, normalise)."""
     source = getattr(processor, "video_processor", None) or processor.image_processor
     return clip_pixels(source, output, video=True)
+
+
+QWEN2_VL_SETTINGS = (
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "patch_size",
+    "temporal_patch_size",
+    "merge_size",
+)
+
+
+def qwen2_vl_pixels(image_processor, image_size: tuple[int, int], output: str, video: bool = False) -> dict:
+    """The ``qwen2_vl`` pixel recipe (Qwen2-VL, Qwen2.5-VL) for bundles compiled at ``image_size`` (H, W):
+    resize to it, rescale, normalise and patchify with the image processor's settings (its video processor,
+    which needs torchvision, shares them), into the graph input ``output``."""
+    params = image_processor_params(image_processor, *QWEN2_VL_SETTINGS)
+    return {"kind": "qwen2_vl", "output": output, "video": video, "image_size": list(image_size), **params}

@@ -23,7 +23,7 @@ import numpy as np
 # kind -> recipe(params, rows) -> pixel feeds; rows: per prompt, its items (a PIL image, or a video's frames).
 PixelRecipe = Callable[[dict, list[list]], dict[str, np.ndarray]]
 PIXEL_RECIPES: dict[str, PixelRecipe] = {}
-RECIPE_MODULES = ("clip", "anyres")  # modules of this package that register pixel recipes
+RECIPE_MODULES = ("clip", "anyres", "qwen2_vl")  # modules of this package that register pixel recipes
 
 
 def pixel_recipe(kind: str) -> Callable[[PixelRecipe], PixelRecipe]:
