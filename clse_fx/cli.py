@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="bundle directory (default: clse-out/<model name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--dump-graph", metavar="FILE", help="write the graph before/after each pass to FILE")
+    parser.add_argument(
+        "--no-onnx-optimize",
+        dest="optimize_onnx",
+        action="store_false",
+        help="skip onnxscript's optimizer on the ONNX graphs: faster exports, but larger graphs that are not "
+        "TensorRT-ready (shapes it folds to constants stay computed); for iterating",
+    )
     parser.add_argument("--explain", metavar="IMAGE", help="write OUTPUT-explain.png: each stage's kept tokens")
     parser.add_argument("--explain-prompt", default="what is in the picture ?", help="the prompt for --explain")
     parser.add_argument(
@@ -259,6 +266,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             device=None if args.target == "tensorrt" else args.device,  # TensorRT: CUDA whatever the default
             dump_graph=args.dump_graph,
+            optimize_onnx=args.optimize_onnx,
         )
         # Only now, with every argument checked, is a hub id looked up in the local Hugging Face cache.
         model_dir = _model_dir(args)

@@ -27,7 +27,9 @@ class CompileOptions:
     non-image tokens with ``images`` images (``frames`` frames per video; ``image_size`` (H, W) where the
     family's resolution varies). ``output_dir``: the bundle to write
     (None: build and check the pruned program only); ``verify``: measure parity with the reference pruner and
-    FLOPs; ``dump_graph``: a file that receives the graph before and after every pass.
+    FLOPs; ``optimize_onnx``: run onnxscript's optimizer on the ONNX graphs (off: about twice as fast to
+    export, but larger graphs that TensorRT's parser rejects, since shape values it folds to constants stay
+    computed; for quick iterations); ``dump_graph``: a file that receives the graph before and after every pass.
     """
 
     keep: float | None = None
@@ -48,6 +50,7 @@ class CompileOptions:
     force: bool = False
     fp16: bool = False
     verify: bool = True
+    optimize_onnx: bool = True  # onnxscript's graph optimizer on exported graphs (off: faster, larger graphs)
     max_new_tokens: int = 32  # the torch-compile target's static KV cache: prompt plus this many tokens
     dump_graph: str | None = None
     source: Path | None = None  # the checkpoint directory, recorded (with its hash) in the manifest

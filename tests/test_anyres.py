@@ -128,7 +128,7 @@ def test_bundle_generation_equals_reference(family, tmp_path):
     processor = tiny_processor(name) if name == "llava_onevision" else None
     result = clse_fx.compile(
         model, stages=stages, batch=2, text_len=9, image_size=size, output_dir=tmp_path / "b", verify=False,
-        processor=processor,
+        processor=processor, optimize_onnx=False,
     )  # fmt: skip
     manifest = result.manifest
     assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
@@ -197,7 +197,7 @@ def test_onevision_video_bundle_generation_equals_reference(onevision, tmp_path)
     processor = tiny_processor("llava_onevision")
     result = clse_fx.compile(
         onevision, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False,
-        processor=processor,
+        processor=processor, optimize_onnx=False,
     )  # fmt: skip
     assert result.manifest.parity["onnxruntime_indices_identical"]
     feeds = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values_videos")}
