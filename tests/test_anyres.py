@@ -3,8 +3,6 @@ aspect ratio (OneVision shrinks large ones), with a newline token after each til
 frames of pooled grids and one newline. Pass == reference, all tokens == the unmodified model, and bundles
 generating as the reference, at several aspect ratios, batch 2 with the visual block at different positions."""
 
-import json
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from clse_fx.models import adapter_for, examples_for
 from clse_fx.plan import PruneConfig, extra_positions, plan_budget, scored_count, segment_size
 from clse_fx.reference import reference_generate, reference_prune
 
-from .test_deploy import greedy_answers_match, run_blocked, sample_images, sample_video, video_reference_inputs
+from .test_deploy import clse_run_blocked, greedy_answers_match, sample_images, sample_video, video_reference_inputs
 from .tiny_models import save_tiny_llava_next, save_tiny_llava_next_video, save_tiny_llava_onevision, tiny_processor
 
 # Two prompts of exactly the bundles' 9 text tokens (the tiny tokenizer is word-level): no padding, so the
@@ -149,12 +147,8 @@ def test_bundle_generation_equals_reference(family, tmp_path):
     batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
     greedy_answers_match(answers, reference_generate(model, prune, max_new_tokens=8, **batch), engine)
     if name == "llava_next":  # one anyres bundle through clse-run without torch or transformers
-        argv = [str(tmp_path / "b"), "--json", "--max-new-tokens", "8"]
-        for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
-            image.save(tmp_path / f"{i}.png")
-            argv += ["--image", str(tmp_path / f"{i}.png"), "--prompt", prompt]
-        done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
-        assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]
+        rows = clse_run_blocked(tmp_path / "b", images, PROMPTS, tmp_path)
+        assert [row["token_ids"] for row in rows] == [a.token_ids for a in answers]
 
 
 def _video_inputs(model, frames: int, offsets=(2, 5)) -> tuple[dict, int]:

@@ -46,6 +46,23 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
     return done
 
 
+def clse_run_blocked(bundle, media: list, prompts: list[str], folder, max_new_tokens: int = 8) -> list[dict]:
+    """``clse-run --json`` in a process without the blocked packages, on ``media`` saved under ``folder``: images
+    as PNG files (``--image``), videos (lists of frames) as folders of PNG frames (``--video``); its result rows."""
+    argv = [str(bundle), "--json", "--max-new-tokens", str(max_new_tokens)]
+    for i, (item, prompt) in enumerate(zip(media, prompts)):
+        if isinstance(item, list):
+            (folder / f"video{i}").mkdir()
+            for frame_number, frame in enumerate(item):
+                frame.save(folder / f"video{i}" / f"{frame_number:03d}.png")
+            argv += ["--video", str(folder / f"video{i}"), "--prompt", prompt]
+        else:
+            item.save(folder / f"image{i}.png")
+            argv += ["--image", str(folder / f"image{i}.png"), "--prompt", prompt]
+    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
+    return json.loads(done.stdout)["results"]
+
+
 def sample_images(seed: int = 0) -> list[Image.Image]:
     """Images a processor must handle: non-square both ways, RGBA with transparency, grayscale, palette, tiny."""
     rng = np.random.default_rng(seed)
@@ -97,18 +114,11 @@ def test_llava_recipe_matches_the_processor(llava_engine, cli_bundle):
 
 def test_clse_run_and_engine_generate_need_neither_torch_nor_transformers(llava_engine, cli_bundle, tmp_path):
     bundle = cli_bundle[0]
-    images = sample_images()[:2]
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(tmp_path / f"{i}.png")
-        image.save(paths[-1])
+    images = [image.convert("RGB") for image in sample_images()[:2]]
     prompts = ["what is it", "describe it"]
-    expected = llava_engine.generate([Image.open(p).convert("RGB") for p in paths], prompts, max_new_tokens=5)
-    argv = [str(bundle), "--json", "--max-new-tokens", "5"]
-    for path, prompt in zip(paths, prompts):
-        argv += ["--image", str(path), "--prompt", prompt]
-    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
-    rows = json.loads(done.stdout)["results"]
+    expected = llava_engine.generate(images, prompts, max_new_tokens=5)
+    rows = clse_run_blocked(bundle, images, prompts, tmp_path, max_new_tokens=5)
+    paths = [tmp_path / f"image{i}.png" for i in range(len(images))]
     assert [row["token_ids"] for row in rows] == [g.token_ids for g in expected]
     assert [row["text"] for row in rows] == [g.text for g in expected]
     done = run_blocked(

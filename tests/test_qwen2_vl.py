@@ -15,7 +15,7 @@ from clse_fx.models import adapter_for
 from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
 
-from .test_deploy import PIXEL_TOLERANCE, greedy_answers_match, run_blocked, sample_images
+from .test_deploy import PIXEL_TOLERANCE, clse_run_blocked, greedy_answers_match, sample_images
 from .tiny_models import QWEN_END as END
 from .tiny_models import QWEN_FAMILIES, qwen_inputs, save_tiny_qwen, tiny_processor, tiny_qwen_config
 from .tiny_models import QWEN_IMAGE as IMAGE
@@ -231,9 +231,5 @@ def test_qwen_bundle_answers_from_images_and_text(qwen, qwen_bundle, tmp_path):
     prune = PruneConfig(plan=_plan(STAGES))
     greedy_answers_match(answers, reference_generate(qwen, prune, max_new_tokens=8, **inputs), engine)
     assert any(len(a.token_ids) > 1 for a in answers)
-    argv = [str(bundle), "--json", "--max-new-tokens", "8"]
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        image.save(tmp_path / f"{i}.png")
-        argv += ["--image", str(tmp_path / f"{i}.png"), "--prompt", prompt]
-    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
-    assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]
+    rows = clse_run_blocked(bundle, images, prompts, tmp_path)
+    assert [row["token_ids"] for row in rows] == [a.token_ids for a in answers]

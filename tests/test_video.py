@@ -1,8 +1,6 @@
 """Video MLLMs through the same passes: Qwen2-VL / Qwen2.5-VL videos and LLaVA-NeXT-Video, T = 4 and 8 frames
 (the spectral filter runs per frame), batch 2 with the video at different positions."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,13 @@ from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
 
-from .test_deploy import PIXEL_TOLERANCE, greedy_answers_match, run_blocked, sample_video, video_reference_inputs
+from .test_deploy import (
+    PIXEL_TOLERANCE,
+    clse_run_blocked,
+    greedy_answers_match,
+    sample_video,
+    video_reference_inputs,
+)
 from .tiny_models import (
     QWEN_FAMILIES,
     QWEN_VIDEO,
@@ -154,14 +158,8 @@ def test_llava_next_video_bundle_answers_from_frames(video_model, request, tmp_p
     inputs = video_reference_inputs("llava_next_video", tiny_processor("llava_next_video"), videos, prompts, tokens)
     prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
     greedy_answers_match(answers, reference_generate(video_model, prune, max_new_tokens=8, **inputs), engine)
-    argv = [str(bundle), "--json", "--max-new-tokens", "8"]
-    for v, (frames, prompt) in enumerate(zip(videos, prompts)):
-        (tmp_path / str(v)).mkdir()
-        for i, frame in enumerate(frames):
-            frame.save(tmp_path / str(v) / f"{i:03d}.png")
-        argv += ["--video", str(tmp_path / str(v)), "--prompt", prompt]
-    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
-    assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]
+    rows = clse_run_blocked(bundle, [list(frames) for frames in videos], prompts, tmp_path)
+    assert [row["token_ids"] for row in rows] == [a.token_ids for a in answers]
 
 
 def qwen_video_oracle(processor, videos) -> np.ndarray:
@@ -258,11 +256,5 @@ def test_qwen_video_bundle_answers_from_frames(video_model, request, tmp_path):
     prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages))
     greedy_answers_match(answers, reference_generate(video_model, prune, max_new_tokens=8, **inputs), engine)
     assert any(len(a.token_ids) > 1 for a in answers)
-    argv = [str(bundle), "--json", "--max-new-tokens", "8"]
-    for v, (frames, prompt) in enumerate(zip(videos, prompts)):
-        (tmp_path / str(v)).mkdir()
-        for i, frame in enumerate(frames):
-            frame.save(tmp_path / str(v) / f"{i:03d}.png")
-        argv += ["--video", str(tmp_path / str(v)), "--prompt", prompt]
-    done = run_blocked(f"from clse_fx.deploy.cli import run_main; sys.exit(run_main({argv!r}))")
-    assert [row["token_ids"] for row in json.loads(done.stdout)["results"]] == [a.token_ids for a in answers]
+    rows = clse_run_blocked(bundle, [list(frames) for frames in videos], prompts, tmp_path)
+    assert [row["token_ids"] for row in rows] == [a.token_ids for a in answers]
