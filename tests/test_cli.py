@@ -133,7 +133,7 @@ def test_existing_output_needs_force(tiny_llava_dir, tmp_path, capsys):
 def test_failure_mid_compile_leaves_nothing_behind(tiny_llava_dir, tmp_path, capsys, monkeypatch):
     import clse_fx.export.onnxruntime as ort_export
 
-    def broken(pruned, path):
+    def broken(pruned, path, optimize=True):
         path.write_bytes(b"half")
         raise ValueError("simulated exporter failure")
 
