@@ -18,6 +18,7 @@ from clse_fx.reference import reference_generate
 from .conftest import prompt_ids
 
 TEXT_LEN = 8
+UNPRUNED = (1, "uniform", "1:36,2:36,3:36")  # batch 1, every stage keeps all 36 visual tokens
 LAYOUTS = {
     1: [[5, 7, "img", 8, 9, 10, 11, 12, 13]],
     2: [[5, "img", 7, 8, 9, 10, 11, 12, 13], [5, 7, 8, 9, 10, 11, "img", 12, 13]],
@@ -33,8 +34,7 @@ def bundles(tiny_llava, tiny_llava_dir, tmp_path_factory):
     for batch, policy, stages in [
         (2, "uniform", "1:20,2:10,3:4"),
         (2, "per-layer", "1:20,2:10,3:4"),
-        (1, "uniform", "2:9"),
-        (1, "uniform", "1:36,2:36,3:36"),
+        UNPRUNED,
     ]:
         out = tmp_path_factory.mktemp("bundle") / "b"
         clse_fx.compile(
@@ -59,7 +59,7 @@ def _feeds(model, batch, seed=0):
 
 
 @pytest.mark.parametrize(
-    "key", [(2, "uniform", "1:20,2:10,3:4"), (2, "per-layer", "1:20,2:10,3:4"), (1, "uniform", "2:9")]
+    "key", [(2, "uniform", "1:20,2:10,3:4"), (2, "per-layer", "1:20,2:10,3:4")]
 )
 def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
     batch, policy, stages = key
@@ -92,7 +92,7 @@ def test_left_padded_prompts_from_the_processor_equal_reference(tiny_llava, bund
 
 
 def test_pruning_disabled_equals_transformers_generate(tiny_llava, bundles):
-    engine = Engine.load(bundles[(1, "uniform", "1:36,2:36,3:36")])
+    engine = Engine.load(bundles[UNPRUNED])
     ids, pixels = _feeds(tiny_llava, 1)
     eos = tiny_llava.generation_config.eos_token_id
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
@@ -135,7 +135,7 @@ def test_llava15_uniform_kv_ratio():
 
 
 def test_bad_input(tiny_llava, bundles, tmp_path):
-    bundle = bundles[(1, "uniform", "2:9")]
+    bundle = bundles[UNPRUNED]
     engine = Engine.load(bundle)
     image = Image.new("RGB", (30, 40))
     with pytest.raises(ValueError, match="empty prompt"):
@@ -181,7 +181,7 @@ def test_bad_input(tiny_llava, bundles, tmp_path):
 def test_clse_run_cli(bundles, tmp_path, capsys):
     image = tmp_path / "img.png"
     Image.new("RGB", (20, 20), "blue").save(image)
-    bundle = str(bundles[(1, "uniform", "2:9")])
+    bundle = str(bundles[UNPRUNED])
     assert run_main([bundle, "--image", str(image), "--prompt", "what", "--max-new-tokens", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["results"][0]
     assert 1 <= len(result["token_ids"]) <= 4 and {"prefill_ms", "decode_ms_per_token", "kv_cache_bytes"} <= set(
