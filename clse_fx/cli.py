@@ -315,6 +315,20 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes)
     parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
     parser.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens, help="the most a request may ask")
+    parser.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="requests one replica holds at once, running or waiting for its batch (default: 32 x compiled batch)",
+    )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="requests waiting for a replica when all are full, past which they get 503; -1 unbounded "
+        "(default: 2 x max-ongoing-requests x replicas)",
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="how long a short batch waits for more requests"
+    )
     return parser
 
 
@@ -340,6 +354,15 @@ def serve_main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             image_root=args.image_root,
         )
+        from clse_fx.deploy.manifest import read_manifest
+
+        concurrency = serve.Concurrency.derive(
+            read_manifest(Path(args.bundle), verify=False).batch,
+            args.replicas,
+            args.max_ongoing_requests,
+            args.max_queued_requests,
+            args.batch_wait_ms / 1e3,
+        )
         url = serve.start(
             args.bundle,
             limits,
@@ -351,6 +374,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             cpus_per_replica=args.cpus_per_replica,
             gpus_per_replica=args.gpus_per_replica,
             threads=args.threads,
+            concurrency=concurrency,
         )
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

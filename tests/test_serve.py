@@ -17,7 +17,14 @@ from PIL import Image
 
 from clse_fx.cli import serve_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
-from clse_fx.deploy.serve import Limits, RequestError, max_new_tokens_limit, parse_request, run_batch
+from clse_fx.deploy.serve import (
+    Concurrency,
+    Limits,
+    RequestError,
+    max_new_tokens_limit,
+    parse_request,
+    run_batch,
+)
 
 TEXT_LEN = 12
 PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
@@ -132,6 +139,55 @@ def test_a_non_finite_temperature_is_refused(engine, image_root, temperature, do
     assert parse_request(finite, engine, _limits(image_root)).sampling.temperature == 0.5
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"do_sample": True, "temperature": 1e300}, "temperature must be between 0.001 and 100"),
+        ({"temperature": 101}, "temperature must be between 0 and 100"),
+        ({"do_sample": True, "temperature": 1e-320}, "temperature must be between 0.001"),
+        ({"temperature": -1}, "temperature must be between 0 and 100"),
+        ({"temperature": True}, "temperature must be a number"),
+        ({"temperature": "0.5"}, "temperature must be a number"),
+        ({"top_k": -1}, "top_k must be between 0"),
+        ({"top_k": 10**400}, "top_k must be between 0"),
+        ({"top_k": True}, "top_k must be a JSON int"),
+        ({"top_k": 2.0}, "top_k must be a JSON int"),
+        ({"max_new_tokens": 10**400}, "max_new_tokens must be between 1 and 16"),
+        ({"max_new_tokens": False}, "max_new_tokens must be a JSON int"),
+        ({"do_sample": 1}, "do_sample must be a JSON bool"),
+        ({"seed": 2**64}, "seed must be between 0 and 2**64 - 1, got a 65-bit integer"),
+        ({"seed": 10**4000}, "seed must be between 0 and 2**64 - 1"),
+        ({"seed": True}, "seed must be a JSON int"),
+        ({"stop_token_ids": [True]}, "stop_token_ids must be a list of at most 64 token ids"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids must be a list"),
+        ({"stop_token_ids": [10**400]}, "stop_token_ids must be a list"),
+        ({"stop_token_ids": list(range(65))}, "at most 64 token ids"),
+    ],
+)
+def test_out_of_range_sampling_parameters_are_422(engine, image_root, extra, message):
+    body = {"prompt": "describe", "image": _b64(_images()[0]), **extra}
+    with pytest.raises(RequestError) as caught:
+        parse_request(body, engine, _limits(image_root))
+    assert caught.value.status == 422 and message in str(caught.value), str(caught.value)
+    assert len(str(caught.value)) < 200  # a huge integer is described by its size, not printed
+
+
+def test_concurrency_limits_come_from_the_compiled_batch_and_the_flags():
+    assert Concurrency.derive(batch=4) == Concurrency(128, 256, 0.01)
+    assert Concurrency.derive(batch=1, replicas=2) == Concurrency(32, 128, 0.01)
+    assert Concurrency.derive(4, 2, max_ongoing_requests=8, max_queued_requests=-1, batch_wait_s=0) == Concurrency(
+        8, -1, 0
+    )
+    assert Concurrency.derive(4, 3, max_ongoing_requests=8).max_queued_requests == 48
+    for kwargs, message in [
+        ({"max_ongoing_requests": 3}, "at least the compiled batch 4"),
+        ({"max_queued_requests": -2}, "-1 for unbounded"),
+        ({"batch_wait_s": -0.001}, "--batch-wait-ms must be between 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Concurrency.derive(4, **kwargs)
+
+
 def test_parsed_settings_become_one_sampling_config(engine, image_root):
     limits = _limits(image_root)
     body = {"prompt": "describe", "image": _b64(_images()[0])}
@@ -212,7 +268,8 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
     import ray
 
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
-    assert _call(f"{service}/health") == (200, {"status": "ok", "batch": 2})
+    status, health = _call(f"{service}/health")  # its own application: it never waits behind generation
+    assert status == 200 and health["status"] == "ok" and health["batch"] == 2 and health["replicas"] == 2
     assert _call(f"{service}/metadata") == (200, engine.manifest.to_dict())
     images = _images()
     cases = [(i, p) for i in range(len(images)) for p in range(len(PROMPTS))][:8]

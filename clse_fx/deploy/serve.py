@@ -2,7 +2,10 @@
 
 Every replica loads the bundle's engines once. A request is validated and encoded to the compiled shapes
 before it is queued, so a bad one gets a 4xx and never fails the batch it would have joined; valid requests
-are grouped by ``@serve.batch`` into the bundle's compiled batch.
+are grouped by ``@serve.batch`` into the bundle's compiled batch. How many requests a replica holds and how
+many wait in front of the replicas come from the compiled batch (``Concurrency.derive``), so load past the
+service's capacity waits in a bounded queue at the replica instead of in the router's retry backoff, and past
+that gets a quick 503. ``/health`` is its own small application: it never waits behind generation.
 """
 
 import asyncio
@@ -25,6 +28,12 @@ if TYPE_CHECKING:
     from ray.serve import Application
 
 APP_NAME = "clse"
+HEALTH_APP_NAME = "clse-health"
+MAX_TEMPERATURE = 100.0  # past this every token is as likely as any other: a typo, not a setting
+MIN_SAMPLING_TEMPERATURE = 1e-3  # below this logits / temperature overflows; greedy is do_sample false
+MAX_SEED = 2**64 - 1
+MAX_STOP_TOKENS = 64
+RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
     "prompt",
@@ -48,6 +57,44 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_new_tokens: int = 256
     image_root: str | None = None
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """How much work the service holds. ``max_ongoing_requests``: requests one replica accepts at once (the one
+    batch it runs, the batches waiting in its ``@serve.batch`` queue); ``max_queued_requests``: requests waiting
+    in front of all replicas when every one is full (-1: unbounded), past which a request gets 503 at once;
+    ``batch_wait_s``: how long a short batch waits to fill."""
+
+    max_ongoing_requests: int
+    max_queued_requests: int
+    batch_wait_s: float = 0.01
+
+    PIPELINE = 32  # compiled batches a replica holds: one running, the rest queued behind it in FIFO order
+
+    @classmethod
+    def derive(
+        cls,
+        batch: int,
+        replicas: int = 1,
+        max_ongoing_requests: int | None = None,
+        max_queued_requests: int | None = None,
+        batch_wait_s: float = 0.01,
+    ) -> "Concurrency":
+        """Defaults from the compiled batch: a replica holds ``PIPELINE`` batches (so Ray Serve's router, which
+        backs off and retries while every replica is full, rarely has to), and twice what all replicas hold may
+        wait in front of them (so losing a replica refuses nothing) before requests are refused with 503."""
+        if batch < 1 or replicas < 1:
+            raise ValueError(f"batch and replicas must be >= 1, got {batch} and {replicas}")
+        ongoing = max_ongoing_requests if max_ongoing_requests is not None else cls.PIPELINE * batch
+        queued = max_queued_requests if max_queued_requests is not None else 2 * ongoing * replicas
+        if ongoing < batch:
+            raise ValueError(f"--max-ongoing-requests must be at least the compiled batch {batch}, got {ongoing}")
+        if queued < -1:
+            raise ValueError(f"--max-queued-requests must be >= 0, or -1 for unbounded, got {queued}")
+        if not 0 <= batch_wait_s <= 10:
+            raise ValueError(f"--batch-wait-ms must be between 0 and 10000, got {batch_wait_s * 1e3:g}")
+        return cls(ongoing, queued, batch_wait_s)
 
 
 class RequestError(Exception):
@@ -197,11 +244,20 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
         sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
     except ValueError as error:
         raise RequestError(422, str(error)) from error
+    low = MIN_SAMPLING_TEMPERATURE if do_sample else 0
+    if not low <= temperature <= MAX_TEMPERATURE:
+        raise RequestError(422, f"temperature must be between {low:g} and {MAX_TEMPERATURE:g}, got {temperature:g}")
+    if seed is not None and seed > MAX_SEED:
+        raise RequestError(422, f"seed must be between 0 and 2**64 - 1, got a {seed.bit_length()}-bit integer")
     stops = body.get("stop_token_ids")
     if stops is not None and not (
-        isinstance(stops, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stops)
+        isinstance(stops, list)
+        and len(stops) <= MAX_STOP_TOKENS
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stops)
     ):
-        raise RequestError(422, "stop_token_ids must be a list of token ids")
+        raise RequestError(
+            422, f"stop_token_ids must be a list of at most {MAX_STOP_TOKENS} token ids between 0 and {vocab - 1}"
+        )
     images = load_images(body, limits)
     try:
         feeds = engine.encode([images], [prompt], chat)
@@ -253,60 +309,144 @@ def build_app(
     cpus_per_replica: float = 1.0,
     gpus_per_replica: float = 0.0,
     threads: int | None = None,
+    concurrency: Concurrency | None = None,
 ) -> "Application":
-    """The Ray Serve application: ``replicas`` copies of the bundle's engines behind one FastAPI ingress."""
+    """The Ray Serve application: ``replicas`` copies of the bundle's engines (``BundleServer``, holding and
+    queueing requests as ``concurrency`` says, by default derived from the compiled batch) behind a FastAPI
+    ingress with no engine, which retries a request whose replica died under it on another replica."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from ray import serve
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
 
     bundle = Path(bundle).resolve()
     batch = read_manifest(bundle, verify=False).batch
     threads = threads or max(1, int(cpus_per_replica))
+    concurrency = concurrency or Concurrency.derive(batch, replicas)
     api = FastAPI(title="clse-serve", description=f"CLSE-pruned bundle {bundle.name}")
 
     @serve.deployment(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
-        max_ongoing_requests=max(8, 4 * batch),
+        # Room for twice the share the ingress sends it: the router never finds every replica full (and backs
+        # off) while one is being replaced, or while its view of the replicas' queues lags.
+        max_ongoing_requests=2 * concurrency.max_ongoing_requests,
     )
-    @serve.ingress(api)
     class BundleServer:
         def __init__(self) -> None:
             self.engine = Engine.load(bundle, threads=threads)
 
-        @api.get("/health")
-        def health(self) -> dict:
-            """Liveness, and the compiled batch size."""
-            return {"status": "ok", "batch": self.engine.batch}
-
-        @api.get("/metadata")
         def metadata(self) -> dict:
-            """The bundle's manifest."""
             return self.engine.manifest.to_dict()
 
-        @api.post("/generate")
-        async def generate(self, request: Request) -> JSONResponse:
-            """Answer one prompt about its image(s): text, token ids and timings, or a 4xx saying what to fix."""
+        async def generate(self, body: object) -> tuple[int, dict]:
+            """(HTTP status, answer): text, token ids and timings, or an error saying what to fix."""
             start = time.perf_counter()
-            try:
-                body = await request.json()
-            except ValueError:
-                return JSONResponse({"error": "the request body is not JSON; send a JSON object"}, status_code=400)
             try:
                 prepared = await asyncio.to_thread(parse_request, body, self.engine, limits)
                 result = await self.batched(prepared)
             except RequestError as error:
-                return JSONResponse({"error": str(error)}, status_code=error.status)
+                return error.status, {"error": str(error)}
             except Exception as error:  # a failed engine call answers 500; the replica keeps serving
-                return JSONResponse({"error": f"generation failed: {error}"}, status_code=500)
+                return 500, {"error": f"generation failed: {error}"}
             result["timings"] = dict(result["timings"], total_ms=(time.perf_counter() - start) * 1e3)
-            return JSONResponse(result)
+            return 200, result
 
-        @serve.batch(max_batch_size=batch, batch_wait_timeout_s=0.01)
+        @serve.batch(max_batch_size=batch, batch_wait_timeout_s=concurrency.batch_wait_s)
         async def batched(self, items: list[Prepared]) -> list[dict]:
             return await asyncio.to_thread(run_batch, self.engine, items)
 
-    return BundleServer.bind()
+    # The ingress only forwards. It lets replicas x max_ongoing_requests requests reach the engines and queues
+    # the rest itself, first come first served, up to max_queued_requests (then 503 at once): requests wait in
+    # bounded FIFO queues, never in Ray Serve's router, whose back-off-and-retry left replicas idle under load.
+    running = concurrency.max_ongoing_requests * replicas
+    queued = concurrency.max_queued_requests
+    capacity = running + (queued if queued >= 0 else 100_000)
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity + 100)
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, engines) -> None:
+            self.engines = engines
+            self.slots = asyncio.Semaphore(running)
+            self.waiting = 0
+
+        @api.get("/metadata")
+        async def metadata(self) -> dict:
+            """The bundle's manifest."""
+            return await self.engines.metadata.remote()
+
+        @api.post("/generate")
+        async def generate(self, request: Request) -> JSONResponse:
+            """Answer one prompt about its image(s): text, token ids and timings, or a 4xx saying what to fix."""
+            try:
+                body = await request.json()
+            except ValueError:
+                return JSONResponse({"error": "the request body is not JSON; send a JSON object"}, status_code=400)
+            if self.slots.locked() and 0 <= queued <= self.waiting:
+                return JSONResponse(
+                    {"error": "the service is at its queue limit (--max-queued-requests); retry later"},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+            try:
+                for attempt in range(RETRIES + 1):
+                    try:
+                        status, answer = await self.engines.generate.remote(body)
+                        return JSONResponse(answer, status_code=status)
+                    except BackPressureError:
+                        return JSONResponse({"error": "the engines are full; retry later"}, status_code=503)
+                    except (ActorDiedError, ActorUnavailableError) as error:  # its replica died: another answers
+                        if attempt == RETRIES:
+                            return JSONResponse({"error": f"no replica answered: {error}"}, status_code=503)
+                raise AssertionError("unreachable")
+            finally:
+                self.slots.release()
+
+    return Ingress.bind(BundleServer.bind())
+
+
+def build_health_app(batch: int, concurrency: Concurrency) -> "Application":
+    """``GET /health`` as its own application with no engine: it answers from Serve's controller how many
+    replicas of the bundle's deployment are running (503 when none is), so it never queues behind generation."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    class Health:
+        def __init__(self) -> None:
+            self.checked, self.answer = 0.0, ({}, 503)
+
+        def replicas(self) -> tuple[dict, int]:
+            application = serve.status().applications.get(APP_NAME)
+            engines = application and application.deployments.get("BundleServer")
+            if engines is None:
+                return {"status": "starting", "replicas": 0, "batch": batch}, 503
+            running = engines.replica_states.get("RUNNING", 0)
+            body = {
+                "status": "ok" if running else "unavailable",
+                "replicas": running,
+                "batch": batch,
+                "max_ongoing_requests": concurrency.max_ongoing_requests,
+                "max_queued_requests": concurrency.max_queued_requests,
+            }
+            return body, 200 if running else 503
+
+        async def __call__(self, request) -> JSONResponse:
+            """Liveness: the running replicas (checked at most every 0.5 s), the compiled batch and the limits."""
+            if time.monotonic() - self.checked > 0.5:
+                self.answer = await asyncio.to_thread(self.replicas)
+                self.checked = time.monotonic()
+            body, status = self.answer
+            return JSONResponse(body, status_code=status)
+
+    return Health.bind()
 
 
 def start(
@@ -320,6 +460,7 @@ def start(
     cpus_per_replica: float = 1.0,
     gpus_per_replica: float = 0.0,
     threads: int | None = None,
+    concurrency: Concurrency | None = None,
 ) -> str:
     """Join the Ray cluster at ``address`` (or start a local one on loopback), deploy, return the base URL.
     A local cluster is kept on loopback only when Ray is first imported here (it reads the switch at import)."""
@@ -330,13 +471,16 @@ def start(
     import ray
     from ray import serve
 
-    app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads)
+    batch = read_manifest(Path(bundle), verify=False).batch
+    concurrency = concurrency or Concurrency.derive(batch, replicas)
+    app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads, concurrency)
     if address:
         ray.init(address=address, logging_level="warning", log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
+    serve.run(build_health_app(batch, concurrency), name=HEALTH_APP_NAME, route_prefix="/health")
     return f"http://{host}:{port}"
 
 
@@ -348,5 +492,6 @@ def stop(local: bool) -> None:
     if local:
         serve.shutdown()
     else:
+        serve.delete(HEALTH_APP_NAME)
         serve.delete(APP_NAME)
     ray.shutdown()
