@@ -1,0 +1,287 @@
+"""``clse-serve`` under load: locust (headless, in-process) against a local service on loopback.
+
+`python -m benchmarks.serve_load` (about 4 minutes; needs the `serve` and `bench` extras) compiles the built-in
+demo model (``clse-compile --demo --keep 64 --score clse``), serves it with 2 replicas on a local Ray cluster
+bound to 127.0.0.1, and runs each user level (16, 64, 128 concurrent users, no think time) for a bounded time.
+One request in ten is malformed (a wrong type, bad base64, an unknown field, ``temperature: 1e309``, a body that
+is not JSON): each must get a 4xx, and no valid request may fail. A poller checks ``GET /health`` every 0.25 s
+throughout. A last run kills one replica's actor (``ray.kill``) mid-load and counts the valid requests lost.
+Writes benchmarks/results/serve_load.json and prints a table per level and the 128/16 throughput ratio.
+
+Throughput is wall-clock requests per second on whatever machine runs it, shared with whatever else runs there:
+compare the levels of one run (the ratio), not runs on different days.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()  # locust's users are greenlets: patch before anything opens a socket
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "serve_load.json"
+PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
+MAX_NEW_TOKENS = 8
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _png(seed: int) -> str:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGES = [_png(seed) for seed in range(4)]
+
+
+def malformed_bodies() -> list[tuple[str, bytes]]:
+    """(kind, raw body): each must be answered 4xx."""
+    ok = {"prompt": "describe", "image": IMAGES[0], "max_new_tokens": MAX_NEW_TOKENS}
+    return [
+        ("wrong_type", json.dumps(dict(ok, max_new_tokens="8")).encode()),
+        ("bad_base64", json.dumps(dict(ok, image="not base64 !!")).encode()),
+        ("unknown_field", json.dumps(dict(ok, max_tokens=8)).encode()),
+        ("temperature_1e309", json.dumps(dict(ok, do_sample=True)).encode()[:-1] + b', "temperature": 1e309}'),
+        ("not_json", b'{"prompt": "describe", "image": '),
+    ]
+
+
+def make_user_class():
+    from locust import FastHttpUser, task
+
+    bad = malformed_bodies()
+
+    class Client(FastHttpUser):
+        wait_time = staticmethod(lambda: 0)  # closed loop: each user sends its next request on the answer
+        network_timeout = connection_timeout = 120.0
+
+        @task
+        def generate(self) -> None:
+            if random.random() < 0.1:
+                kind, raw = random.choice(bad)
+                with self.client.post(
+                    "/generate", data=raw, name=f"malformed:{kind}", catch_response=True, headers=JSON
+                ) as answer:
+                    if 400 <= answer.status_code < 500:
+                        answer.success()
+                    else:
+                        answer.failure(f"malformed {kind} answered {answer.status_code}")
+                return
+            body = {"prompt": random.choice(PROMPTS), "image": random.choice(IMAGES), "max_new_tokens": MAX_NEW_TOKENS}
+            with self.client.post("/generate", json=body, name="valid", catch_response=True) as answer:
+                if answer.status_code == 200:
+                    answer.success()
+                else:
+                    answer.failure(f"valid request answered {answer.status_code}: {answer.text[:200]}")
+
+    return Client
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def health_poller(url: str, samples: list, period: float = 0.25) -> None:
+    while True:
+        start = time.perf_counter()
+        try:
+            with NO_PROXY.open(f"{url}/health", timeout=30) as answer:
+                status = answer.status
+        except Exception as error:  # urllib raises for 5xx too
+            status = getattr(error, "code", -1)
+        samples.append((time.perf_counter() - start, status))
+        gevent.sleep(period)
+
+
+def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None) -> dict:
+    """``users`` closed-loop users for ``warmup`` + ``seconds``; figures over the last ``seconds`` only."""
+    from locust.env import Environment
+
+    env = Environment(user_classes=[make_user_class()], host=url)
+    runner = env.create_local_runner()
+    runner.start(users, spawn_rate=users)
+    gevent.sleep(warmup)
+    env.stats.reset_all()
+    health: list = []
+    poller = gevent.spawn(health_poller, url, health)
+    start = time.perf_counter()
+    if on_half is not None:
+        gevent.sleep(seconds / 3)
+        gevent.spawn(on_half)
+        gevent.sleep(max(0.0, seconds - (time.perf_counter() - start)))
+    else:
+        gevent.sleep(seconds)
+    elapsed = time.perf_counter() - start
+    poller.kill()
+    # Stop and let every request in flight finish, so none is counted as neither answered nor failed.
+    snapshot = {name: (entry.num_requests, entry.num_failures) for (name, _), entry in env.stats.entries.items()}
+    runner.stop()
+    runner.quit()
+    valid = env.stats.get("valid", "POST")
+    malformed = [entry for (name, _), entry in env.stats.entries.items() if name.startswith("malformed:")]
+    health_s = sorted(seconds for seconds, _ in health) or [float("nan")]
+    errors = {str(error.error): error.occurrences for error in env.stats.errors.values()}
+    return {
+        "users": users,
+        "seconds": round(elapsed, 1),
+        "valid_requests": valid.num_requests,
+        "valid_failed": valid.num_failures,
+        "valid_rps": round(snapshot.get("valid", (0, 0))[0] / elapsed, 2),
+        "p50_ms": valid.get_response_time_percentile(0.5),
+        "p99_ms": valid.get_response_time_percentile(0.99),
+        "malformed_requests": sum(entry.num_requests for entry in malformed),
+        "malformed_not_4xx": sum(entry.num_failures for entry in malformed),
+        "health_checks": len(health),
+        "health_not_200": sum(status != 200 for _, status in health),
+        "health_p99_ms": round(1e3 * health_s[min(len(health_s) - 1, int(0.99 * len(health_s)))], 1),
+        "health_max_ms": round(1e3 * health_s[-1], 1),
+        "errors": errors,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SERVER = """
+import sys, time
+sys.argv = ["clse-serve"]
+from clse_fx.deploy import serve
+url = serve.start({bundle!r}, serve.Limits(), port={port}, replicas={replicas}, num_cpus={replicas}, threads=1)
+import ray
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "kill":
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "BundleServer" in a["name"]]
+        ray.kill(ray.get_actor(sorted(names)[0], namespace="serve"), no_restart=True)
+        print("killed", sorted(names)[0], flush=True)
+    elif line.strip() == "stop":
+        break
+serve.stop(local=True)
+"""
+
+
+def wait_healthy(url: str, replicas: int, timeout: float = 180.0) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        try:
+            with NO_PROXY.open(f"{url}/health", timeout=5) as answer:
+                if json.load(answer).get("replicas") == replicas:
+                    return time.perf_counter() - start
+        except Exception:
+            pass
+        gevent.sleep(0.25)
+    raise TimeoutError(f"{url}/health did not report {replicas} replicas in {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", help="a compiled bundle (default: compile the demo model into a temp dir)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--users", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--seconds", type=float, default=40.0, help="measured time per level")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--kill-users", type=int, default=64, help="users during the kill-a-replica run (0: skip)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle
+        if bundle is None:
+            bundle = f"{tmp}/demo"
+            subprocess.run(
+                [bin_dir / "clse-compile", "--demo", "--keep", "64", "--score", "clse", "-o", bundle, "--force"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER.format(bundle=str(bundle), port=port, replicas=args.replicas)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout.readline().strip() == "ready", "clse-serve did not start"
+            wait_healthy(url, args.replicas)
+            levels = []
+            for users in args.users:
+                levels.append(run_level(url, users, args.seconds, args.warmup))
+                print(json.dumps(levels[-1]), flush=True)
+            kill = None
+            if args.kill_users:
+                killed = {}
+
+                def kill_one() -> None:
+                    server.stdin.write("kill\n")
+                    server.stdin.flush()
+                    start = time.perf_counter()
+                    killed["replica"] = server.stdout.readline().strip()
+                    # Time from the kill until /health (Serve's controller) reports the loss and then all replicas.
+                    killed["noticed_s"] = round(wait_healthy(url, args.replicas - 1, 60.0) + 0.0, 1)
+                    wait_healthy(url, args.replicas)
+                    killed["recovered_s"] = round(time.perf_counter() - start, 1)
+
+                kill = run_level(url, args.kill_users, args.seconds, args.warmup, on_half=kill_one)
+                wait_healthy(url, args.replicas)
+                kill.update({f"kill_{key}": value for key, value in killed.items()})
+                print(json.dumps(kill), flush=True)
+            server.stdin.write("stop\n")
+            server.stdin.flush()
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    by_users = {level["users"]: level for level in levels}
+    ratio = None
+    if 16 in by_users and 128 in by_users and by_users[16]["valid_rps"]:
+        ratio = round(by_users[128]["valid_rps"] / by_users[16]["valid_rps"], 3)
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs",
+        "replicas": args.replicas,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "malformed_share": 0.1,
+        "seconds_per_level": args.seconds,
+        "levels": levels,
+        "ratio_128_over_16": ratio,
+        "kill_replica": kill,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'users':>5} {'valid req/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'valid failed':>12} {'malformed 4xx':>13}")
+    for level in levels + ([kill] if kill else []):
+        ok = level["malformed_requests"] - level["malformed_not_4xx"]
+        print(
+            f"{level['users']:>5} {level['valid_rps']:>11} {level['p50_ms']:>7} {level['p99_ms']:>7} "
+            f"{level['valid_failed']:>12} {ok:>6}/{level['malformed_requests']:<6}"
+        )
+    print(f"throughput 128/16: {ratio}; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
