@@ -421,7 +421,7 @@ def build_health_app(batch: int, concurrency: Concurrency) -> "Application":
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     class Health:
         def __init__(self) -> None:
-            self.checked, self.answer = 0.0, ({}, 503)
+            self.checked, self.answer, self.refreshing = 0.0, None, None
 
         def replicas(self) -> tuple[dict, int]:
             application = serve.status().applications.get(APP_NAME)
@@ -438,11 +438,20 @@ def build_health_app(batch: int, concurrency: Concurrency) -> "Application":
             }
             return body, 200 if running else 503
 
-        async def __call__(self, request) -> JSONResponse:
-            """Liveness: the running replicas (checked at most every 0.5 s), the compiled batch and the limits."""
-            if time.monotonic() - self.checked > 0.5:
+        async def refresh(self) -> None:
+            try:
                 self.answer = await asyncio.to_thread(self.replicas)
                 self.checked = time.monotonic()
+            finally:
+                self.refreshing = None
+
+        async def __call__(self, request) -> JSONResponse:
+            """Liveness: the running replicas, the compiled batch and the limits. The controller is asked in the
+            background at most every 0.25 s; a check answers from the last reply (at most ~0.5 s old) at once."""
+            if self.refreshing is None and time.monotonic() - self.checked > 0.25:
+                self.refreshing = asyncio.create_task(self.refresh())
+            if self.answer is None:
+                await asyncio.shield(self.refreshing)
             body, status = self.answer
             return JSONResponse(body, status_code=status)
 
