@@ -289,3 +289,30 @@ def video_reference_inputs(family, processor, videos, prompts, tokens):
     ids = torch.tensor(rows)
     pixels = torch.from_numpy(frame_pixels(family, processor, videos))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels}
+
+
+def test_serving_and_the_triton_repository_writer_import_without_the_compiler(cli_bundle, tmp_path):
+    """clse-serve's arguments and request parsing, and writing a Triton repository, in the import-blocked process."""
+    bundle = cli_bundle[0]
+    done = run_blocked(
+        f"""
+        from clse_fx.deploy import serve, triton
+        from clse_fx.deploy.engine import Engine
+        engine = Engine.load({str(bundle)!r})
+        prepared = serve.parse_request({{"prompt": "what", "image": {_png_base64()!r}}}, engine, serve.Limits())
+        assert prepared.feeds["input_ids"].shape == (1, engine.sequence_length)
+        triton.write_triton_repo({str(bundle)!r}, {str(tmp_path / "repo")!r})
+        from clse_fx.deploy.cli import serve_main
+        serve_main(["--help"])
+        """
+    )
+    assert "clse-serve" in done.stdout and (tmp_path / "repo" / "clse_generate" / "1" / "model.py").is_file()
+
+
+def _png_base64() -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clse_fx.cli import serve_main
+from clse_fx.deploy.cli import serve_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
 from clse_fx.deploy.serve import (
     Concurrency,

@@ -1,11 +1,14 @@
-"""``clse-run``: answer prompts about images or videos with a bundle. Imports only what deploy needs (numpy,
-onnxruntime, tokenizers, pillow): no torch, transformers or rich."""
+"""``clse-run`` (answer prompts about images or videos with a bundle) and ``clse-serve`` (serve it with Ray
+Serve). Imports only what deploy needs (numpy, onnxruntime, tokenizers, pillow; Ray to serve): no torch,
+transformers or rich."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import warnings
+from pathlib import Path
 
 
 def one_line_warnings() -> None:
@@ -86,4 +89,98 @@ def run_main(argv: list[str] | None = None) -> int:
                 f"[prefill {t.prefill_ms:.1f} ms, decode {t.decode_ms_per_token:.2f} ms/token, "
                 f"KV cache {t.kv_cache_bytes / 1024:.1f} KiB]"
             )
+    return 0
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    from clse_fx.deploy.serve import Limits
+
+    parser = argparse.ArgumentParser(
+        prog="clse-serve",
+        description="Serve a bundle with Ray Serve: POST /generate, GET /health, GET /metadata. Ctrl-C stops it.",
+    )
+    parser.add_argument("bundle", help="bundle directory written by clse-compile (same path on every node)")
+    parser.add_argument("--replicas", type=int, default=1, help="copies of the engines, one Ray actor each")
+    parser.add_argument("--address", help="join this Ray cluster (e.g. head-node:6379); default: start a local one")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP address; 0.0.0.0 accepts other machines")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="e.g. 1 for onnxruntime-gpu bundles")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: its CPUs)")
+    parser.add_argument("--image-root", help="allow image_path requests for files under this directory")
+    parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes)
+    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
+    parser.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens, help="the most a request may ask")
+    parser.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="requests one replica holds at once, running or waiting for its batch (default: 32 x compiled batch)",
+    )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="requests waiting for a replica when all are full, past which they get 503; -1 unbounded "
+        "(default: 2 x max-ongoing-requests x replicas)",
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="how long a short batch waits for more requests"
+    )
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = _serve_parser().parse_args(argv)
+    one_line_warnings()
+    import signal
+    import time
+
+    from clse_fx.deploy import serve
+
+    try:
+        if min(args.replicas, args.max_image_bytes, args.max_image_pixels, args.max_new_tokens) < 1:
+            raise ValueError("--replicas, --max-image-bytes, --max-image-pixels and --max-new-tokens must be >= 1")
+        if args.image_root and not Path(args.image_root).is_dir():
+            raise ValueError(f"--image-root {args.image_root} is not a directory")
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("clse-serve needs Ray Serve: pip install 'clse-fx[serve]'")
+        limits = serve.Limits(
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            max_new_tokens=args.max_new_tokens,
+            image_root=args.image_root,
+        )
+        from clse_fx.deploy.manifest import read_manifest
+
+        concurrency = serve.Concurrency.derive(
+            read_manifest(Path(args.bundle), verify=False).batch,
+            args.replicas,
+            args.max_ongoing_requests,
+            args.max_queued_requests,
+            args.batch_wait_ms / 1e3,
+        )
+        url = serve.start(
+            args.bundle,
+            limits,
+            address=args.address,
+            host=args.host,
+            port=args.port,
+            replicas=args.replicas,
+            num_cpus=args.num_cpus,
+            cpus_per_replica=args.cpus_per_replica,
+            gpus_per_replica=args.gpus_per_replica,
+            threads=args.threads,
+            concurrency=concurrency,
+        )
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"serving {args.bundle} at {url}: POST /generate, GET /health, GET /metadata; Ctrl-C stops", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)  # either one stops the service cleanly
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.stop(local=args.address is None)
     return 0
