@@ -76,6 +76,7 @@ def check_tensorrt_ready(model: onnx.ModelProto | str | Path) -> list[Finding]:
                 constants[node.output[0]] = value
                 types[node.output[0]] = value.data_type
     input_dims = {d.dim_param for v in graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    value_info = {value.name: value for value in graph.value_info}  # by name: one lookup per node output
 
     findings: list[Finding] = []
     for node in graph.node:
@@ -109,12 +110,11 @@ def check_tensorrt_ready(model: onnx.ModelProto | str | Path) -> list[Finding]:
         for name in list(node.input) + list(node.output):
             if types.get(name) in COMPLEX_TYPES:
                 flag(f"{name} is a complex tensor")
-        for value in graph.value_info:
-            if value.name in node.output:
-                for dim in value.type.tensor_type.shape.dim:
-                    # Expressions of the graph's declared input dims (e.g. "past_0 + 1") are fine for
-                    # optimisation profiles; "unk__" marks where ONNX shape inference gave up, not TensorRT.
-                    symbols = set(re.findall(r"[A-Za-z_]\w*", dim.dim_param)) - input_dims
-                    if symbols and not dim.dim_param.startswith("unk__"):
-                        flag(f"{value.name} has a data-dependent dimension {dim.dim_param}")
+        for value in (value_info[name] for name in node.output if name in value_info):
+            for dim in value.type.tensor_type.shape.dim:
+                # Expressions of the graph's declared input dims (e.g. "past_0 + 1") are fine for
+                # optimisation profiles; "unk__" marks where ONNX shape inference gave up, not TensorRT.
+                symbols = set(re.findall(r"[A-Za-z_]\w*", dim.dim_param)) - input_dims
+                if symbols and not dim.dim_param.startswith("unk__"):
+                    flag(f"{value.name} has a data-dependent dimension {dim.dim_param}")
     return findings
