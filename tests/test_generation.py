@@ -58,9 +58,7 @@ def _feeds(model, batch, seed=0):
     return ids, pixels
 
 
-@pytest.mark.parametrize(
-    "key", [(2, "uniform", "1:20,2:10,3:4"), (2, "per-layer", "1:20,2:10,3:4")]
-)
+@pytest.mark.parametrize("key", [(2, "uniform", "1:20,2:10,3:4"), (2, "per-layer", "1:20,2:10,3:4")])
 def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
     batch, policy, stages = key
     engine = Engine.load(bundles[key])
