@@ -189,7 +189,8 @@ def generation_loop(
     seq = feeds["input_ids"].shape[1]
     pad_counts = (seq - feeds["attention_mask"].sum(axis=1)).astype(np.int64)  # left padding
     token = sampling.next_token(logits[:, -1], rng)
-    generated, done = [token], np.isin(token, list(stops))
+    stop_ids = list(stops)  # np.isin takes a sequence; made once, not per step
+    generated, done = [token], np.isin(token, stop_ids)
     start = time.perf_counter()
     steps = 0
     cache = KVBuffers(past, max_new_tokens - 1)  # step s writes slot length + s, s < max_new_tokens - 1
@@ -200,7 +201,7 @@ def generation_loop(
         cache.write(new)
         token = sampling.next_token(logits[:, -1], rng)
         generated.append(token)
-        done |= np.isin(token, list(stops))
+        done |= np.isin(token, stop_ids)
         steps += 1
     timings.decode_ms_per_token = (time.perf_counter() - start) * 1e3 / max(steps, 1)
     ids = np.stack(generated, axis=1)

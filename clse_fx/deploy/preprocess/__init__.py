@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-# kind -> recipe(params, rows) -> pixel feeds; rows: per prompt, its items (a PIL image, or a video's frames).
-PixelRecipe = Callable[[dict, list[list]], dict[str, np.ndarray]]
+# kind -> recipe(params, items) -> pixel feeds; items: every prompt's in order (PIL images, or videos' frames).
+PixelRecipe = Callable[[dict, list], dict[str, np.ndarray]]
 PIXEL_RECIPES: dict[str, PixelRecipe] = {}
 RECIPE_MODULES = ("clip", "anyres", "qwen2_vl")  # modules of this package that register pixel recipes
 
@@ -103,7 +103,8 @@ class Preprocessor:
 
     def pixel_feeds(self, rows: list[list]) -> dict[str, np.ndarray]:
         """Each prompt's items (PIL images, or a video's frames) -> the pixel feeds of the compiled batch."""
-        return PIXEL_RECIPES[self.pixels_params["kind"]](self.pixels_params, rows)
+        items = [item for row in rows for item in row]
+        return PIXEL_RECIPES[self.pixels_params["kind"]](self.pixels_params, items)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from clse_fx.deploy.preprocess import pixel_recipe
 from clse_fx.deploy.preprocess.clip import clip_array
-from clse_fx.deploy.preprocess.ops import resize, to_rgb_array
+from clse_fx.deploy.preprocess.ops import resize, rgb_array_at
 
 
 def select_best_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:
@@ -62,18 +62,13 @@ def image_tiles(array: np.ndarray, params: dict) -> list[np.ndarray]:
 
 def anyres_image(image, params: dict) -> np.ndarray:
     """One PIL image -> float32 [tiles, 3, H, W], after resizing it to the compiled ``image_size``."""
-    array = to_rgb_array(image)
-    height, width = params["image_size"]
-    if tuple(array.shape[-2:]) != (height, width):
-        array = resize(array, height, width, params["resample"])
+    array = rgb_array_at(image, params["image_size"], params["resample"])
     return np.stack([clip_array(tile, params) for tile in image_tiles(array, params)])
 
 
 @pixel_recipe("anyres")
-def anyres_pixels(params: dict, rows: list[list]) -> dict[str, np.ndarray]:
-    """Every row's images in order: ``params["output"]`` [N, tiles, 3, H, W] and their sizes [N, 2] (all
-    the compiled size)."""
-    images = [image for row in rows for image in row]
+def anyres_pixels(params: dict, images: list) -> dict[str, np.ndarray]:
+    """The images as ``params["output"]`` [N, tiles, 3, H, W] and their sizes [N, 2] (all the compiled size)."""
     pixels = np.stack([anyres_image(image, params) for image in images])
     sizes = np.array([params["image_size"]] * len(images), dtype=np.int64)
     return {params["output"]: pixels, "image_sizes": sizes}

@@ -30,10 +30,9 @@ def clip_array(array: np.ndarray, params: dict) -> np.ndarray:
 
 
 @pixel_recipe("clip")
-def clip_pixels(params: dict, rows: list[list]) -> dict[str, np.ndarray]:
-    """Every row's items in order, stacked on the batch axis of ``params["output"]``: images as [N, 3, H, W],
-    videos (lists of frames) as [N, T, 3, H, W]."""
-    items = [item for row in rows for item in row]
+def clip_pixels(params: dict, items: list) -> dict[str, np.ndarray]:
+    """The items stacked on the batch axis of ``params["output"]``: images as [N, 3, H, W], videos (lists of
+    frames) as [N, T, 3, H, W]."""
     if params.get("video"):
         pixels = np.stack([np.stack([clip_image(frame, params) for frame in frames]) for frames in items])
     else:

@@ -22,6 +22,15 @@ def resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndar
     return np.moveaxis(np.asarray(pil.resize((width, height), resample=resample)), -1, 0)
 
 
+def rgb_array_at(image: Image.Image, size: list[int], resample: int) -> np.ndarray:
+    """uint8 [3, H, W] at the compiled ``size`` (H, W): a bundle's graph is static, so families whose processor
+    sizes each image by its own shape (any-resolution tiling, Qwen's smart resize) get it resized to the
+    compiled size first, aspect ratio not kept."""
+    array = to_rgb_array(image)
+    height, width = size
+    return array if tuple(array.shape[-2:]) == (height, width) else resize(array, height, width, resample)
+
+
 def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
     """(height, width) with the shorter side ``shortest`` and the aspect ratio kept (the longer side floored)."""
     short, long = (width, height) if width <= height else (height, width)

@@ -19,16 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 from clse_fx.deploy.preprocess import pixel_recipe
-from clse_fx.deploy.preprocess.ops import rescale_normalize, resize, to_rgb_array
+from clse_fx.deploy.preprocess.ops import rescale_normalize, rgb_array_at
 
 
 def qwen_frame(image, params: dict) -> np.ndarray:
     """One PIL image (or video frame) -> float32 [3, H, W] at the compiled size, rescaled and normalised."""
-    array = to_rgb_array(image)
-    height, width = params["image_size"]
-    if tuple(array.shape[-2:]) != (height, width):
-        array = resize(array, height, width, params["resample"])
-    return rescale_normalize(array, params)
+    return rescale_normalize(rgb_array_at(image, params["image_size"], params["resample"]), params)
 
 
 def patchify(frames: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarray:
@@ -54,7 +50,6 @@ def qwen_item(item, params: dict) -> np.ndarray:
 
 
 @pixel_recipe("qwen2_vl")
-def qwen2_vl_pixels(params: dict, rows: list[list]) -> dict[str, np.ndarray]:
-    """Every row's items in order, their patches concatenated into ``params["output"]``."""
-    items = [item for row in rows for item in row]
+def qwen2_vl_pixels(params: dict, items: list) -> dict[str, np.ndarray]:
+    """The items' patches concatenated into ``params["output"]``."""
     return {params["output"]: np.concatenate([qwen_item(item, params) for item in items])}
