@@ -61,11 +61,19 @@ LLAVA_7B = dict(hidden=4096, intermediate=11008, heads=32, vocab=32064, vision_h
 LLAVA_LATENCY = dict(hidden=512, intermediate=1376, heads=8, vocab=4096, vision_hidden=256, vision_layers=4)
 
 
-def build(geometry: dict, device: str = "cpu", seed: int = 0) -> LlavaForConditionalGeneration:
-    """The model for ``geometry``: on "meta" it holds no weights (FLOP and KV counting only)."""
+def build(
+    geometry: dict, device: str = "cpu", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LlavaForConditionalGeneration:
+    """The model for ``geometry``, initialised straight in ``dtype`` (a float32 7B model would need 28 GB first);
+    on "meta" it holds no weights (FLOP and KV counting, tracing)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        return LlavaForConditionalGeneration(llava_config(**geometry)).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlavaForConditionalGeneration(llava_config(**geometry)).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def prompt(model, text_len: int, device: str = "cpu", batch: int = 1) -> dict[str, torch.Tensor]:

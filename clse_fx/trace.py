@@ -8,6 +8,7 @@ import weakref
 import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clse_fx.models import adapter_for
 
@@ -92,8 +93,16 @@ def _export_dynamic(model: nn.Module, named: dict[str, torch.Tensor], constants:
     # *extra is one varargs tuple for torch.export's dynamic_shapes.
     extra_dims = tuple({dim: dims[kind] for dim, kind in layout.items()} if layout else None for layout in layouts)
     dynamic = ({0: dims["batch"], 1: dims["seq"]},) * 2 + ((extra_dims,) if extra else ())
-    # Size-oblivious reasoning keeps a batch of 1 symbolic instead of specialising it (0/1 specialisation).
-    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+    # Size-oblivious reasoning keeps a batch of 1 symbolic instead of specialising it (0/1 specialisation). The
+    # math-only SDPA context keeps the backend selectors out of the trace: torch 2.11's (CPU, and CUDA in half
+    # precision) test `attn_mask.size(0) == 1` with a plain guard (sdp::check_attn_mask_shape), which fixes the
+    # batch to 1 or to not-1 and fails the export. The graph records the backend-neutral SDPA op either way; the
+    # runtime still picks the fused kernel.
+    with (
+        torch.no_grad(),
+        torch.fx.experimental._config.patch(backed_size_oblivious=True),
+        sdpa_kernel([SDPBackend.MATH]),
+    ):
         module = PrefillModule(model, extra, constants)
         program = torch.export.export(module, tuple(named.values()), dynamic_shapes=dynamic, strict=False)
     gm = program.module()

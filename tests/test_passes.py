@@ -1,5 +1,6 @@
 """One test per pass, on the traced tiny LLaVA graph."""
 
+import pytest
 import torch
 
 from clse_fx.compiler import pass_settings
@@ -150,3 +151,37 @@ def test_trace_runs_once_per_geometry_and_weights(tiny_llava, monkeypatch):
     assert len(exports) == 3
     with torch.no_grad():
         assert torch.allclose(logits, model(**inputs).logits, atol=1e-5)
+
+
+def test_trace_keeps_the_batch_symbolic_past_sdpa_backend_selection(tiny_llava, monkeypatch):
+    """torch 2.11's SDPA backend selectors (CPU, and CUDA in half precision) ask ``attn_mask.size(0) == 1`` with
+    a plain guard, which specialises the batch and fails the export. Emulated here on any version: when a fused
+    backend is enabled, the call evaluates the same comparison. The trace enables only the math backend, so
+    nothing guards, and the graph keeps the backend-neutral SDPA op (the runtime still picks its kernel)."""
+    import contextlib
+    import copy
+
+    import torch.nn.functional as F
+
+    import clse_fx.trace
+
+    real = F.scaled_dot_product_attention
+
+    def selecting_sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        fused = torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+        if fused and attn_mask is not None and attn_mask.dim() == 4:
+            bool(attn_mask.shape[0] == 1)  # sdp::check_attn_mask_shape in torch 2.11
+        return real(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", selecting_sdpa)
+    _, inputs = _traced(tiny_llava)
+    inputs = {name: tensor[:1] for name, tensor in inputs.items()}  # a batch of 1: the 0/1 specialisation case
+    with monkeypatch.context() as unfixed:  # the emulation reproduces the failure without the math-only trace
+        unfixed.setattr(clse_fx.trace, "sdpa_kernel", lambda backends: contextlib.nullcontext())
+        with pytest.raises(torch._dynamo.exc.UserError, match="Constraints violated"):
+            trace_prefill(copy.deepcopy(tiny_llava), inputs)
+    model = copy.deepcopy(tiny_llava)  # a trace of its own, made through the emulated selector
+    gm = trace_prefill(model, inputs)
+    assert torch.ops.aten.scaled_dot_product_attention.default in _targets(gm)
+    gm = run_passes(gm, _settings(model, inputs))  # the passes need the batch symbol
+    assert gm(*example_args(model, inputs))[0].shape[0] == 1

@@ -1,0 +1,91 @@
+"""Does the pruned prefill trace on this PyTorch? `python -m benchmarks.trace_matrix` (about 3 minutes on 2 cores).
+
+Traces LLaVA-1.5-7B geometry and runs the passes and the static re-export (`prune_prefill`, budget 192) at
+batch 1 and 8 in float32, bfloat16 and float16:
+
+- at full width on the meta device (no weights): every shape, dtype and symbol of the real model, but SDPA's
+  backend selector does not run on meta;
+- at 1/8 width on the CPU with real tensors: the same depth, tokens and head ratio, through the CPU backend
+  selector, where torch 2.11 specialised the batch (`check_attn_mask_shape`, see clse_fx/trace.py);
+- at full width on CUDA when a GPU is visible (``--cuda``), through the CUDA selector.
+
+Writes one entry per PyTorch version into benchmarks/results/trace_matrix.json, keeping the other versions'
+entries, so running it from several environments builds the support table the `torch` pin is based on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import geometry
+from clse_fx.compiler import pass_settings, prune_prefill
+from clse_fx.plan import PruneConfig, plan_budget
+
+RESULTS = Path(__file__).parent / "results" / "trace_matrix.json"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BATCHES = (1, 8)
+
+
+def trace_case(model, batch: int, device: str, dtype: torch.dtype) -> dict:
+    """One `prune_prefill` at ``batch``: "ok" and its seconds, or the error's first line."""
+    cpu = geometry.prompt(model, 40, batch=batch)
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in cpu.items()}
+    prune = PruneConfig(plan=plan_budget(192, 32, 576))
+    start = time.perf_counter()
+    try:
+        # Settings from the CPU ids: a meta model's input ids cannot be read.
+        pruned = prune_prefill(model, prune, inputs, settings=pass_settings(model, prune, cpu))
+    except Exception as error:  # the matrix records failures instead of stopping at the first
+        return {"result": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"}
+    shapes = [list(arg.shape) for arg in pruned.example_args]
+    return {"result": "ok", "seconds": round(time.perf_counter() - start, 1), "input_shapes": shapes}
+
+
+def measure(cuda: bool) -> dict:
+    setups = [("meta", geometry.LLAVA_7B, "LLaVA-1.5-7B"), ("cpu", geometry.LLAVA_LATENCY, "LLaVA-1.5-7B at 1/8 width")]
+    if cuda:
+        setups.append(("cuda", geometry.LLAVA_7B, "LLaVA-1.5-7B"))
+    rows = []
+    for device, width, name in setups:
+        for dtype in DTYPES:
+            model = geometry.build(width, device, dtype=dtype)
+            for batch in BATCHES:
+                with torch.no_grad():
+                    row = {"device": device, "geometry": name, "dtype": str(dtype).removeprefix("torch.")}
+                    row |= {"batch": batch, **trace_case(model, batch, device, dtype)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return {
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if cuda else None,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_matrix", description=__doc__.splitlines()[0])
+    parser.add_argument("--cuda", action="store_true", help="also trace at full width on the visible GPU")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON to merge into (default: {RESULTS})")
+    args = parser.parse_args(argv)
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda: no CUDA device is visible")
+    entry = measure(args.cuda)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results[torch.__version__] = entry
+    args.out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
+    failed = [row for row in entry["rows"] if row["result"] != "ok"]
+    print(f"torch {torch.__version__}: {len(entry['rows']) - len(failed)} of {len(entry['rows'])} traced")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
