@@ -4,7 +4,8 @@ Random weights in bfloat16, batch 1 and 8, budgets 192/128/64 of 576 visual toke
 prefill ms of the unmodified model (eager), the eager reference pruner, the pass-built program (eager) and the
 same program compiled by Inductor with CUDA graphs, beside the unpruned program compiled the same way; the share
 of CLSE stage time in the eager pruned prefill (profiler, kernels under the stages' graph nodes); decode tokens/s
-of the compiled static-KV decode step at batch 1 and 32, pruned vs full KV; peak GPU memory. Writes
+of the compiled static-KV decode step at batch 1 and 32, pruned vs full KV; peak GPU memory; and, in float32 at
+1/8 width, whether the kept visual ids equal the reference pruner's. Writes
 benchmarks/results/gpu.json and prints a Markdown table naming the device and versions.
 
 `--smoke` runs the same code on the CPU at 1/64 width with 2 budgets, to check the script without a GPU.
@@ -23,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from torch import fx
 
 from benchmarks import geometry
-from clse_fx.compiler import prune_prefill
+from clse_fx.compiler import PrefillOutputs, prune_prefill
 from clse_fx.decode import StaticDecodeStep
 from clse_fx.export.torch_compile import compile_mode
 from clse_fx.plan import PruneConfig, plan_budget
@@ -117,18 +119,40 @@ def prefill_times(model, prune, inputs, pruned, unpruned_compiled, repeats: int,
     }
 
 
+def kept_ids_check(width: dict, budgets, batches, device: torch.device) -> list[dict]:
+    """In float32 on ``device``: are the visual ids the pass-built program keeps, eager and (first batch and budget)
+    compiled, identical to the eager reference pruner's? bfloat16 rounding may flip near-tied scores, so the
+    identity is checked where it is defined, in float32."""
+    model = geometry.build(width, device=device.type)
+    rows = []
+    for batch in batches:
+        inputs = geometry.prompt(model, 40, device=device.type, batch=batch)
+        for keep in budgets:
+            prune = PruneConfig(plan=plan_budget(keep, 32, 576))
+            with torch.no_grad():
+                pruned = prune_prefill(model, prune, inputs)
+                expected = reference_prune(model, prune, **inputs).kept
+                row = {"batch": batch, "budget": keep, "eager": _same_ids(pruned().kept, expected)}
+                if (batch, keep) == (batches[0], budgets[0]):  # one compile: the script's time is bounded
+                    fast = torch.compile(pruned.program.module(), mode=compile_mode(device), dynamic=False)
+                    flat = fast(*pruned.example_args)
+                    row["compiled"] = _same_ids(PrefillOutputs.from_flat(flat, len(expected)).kept, expected)
+            rows.append(row)
+            print(json.dumps({"kept_ids_identical": row}), flush=True)
+    return rows
+
+
+def _same_ids(kept: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    return len(kept) == len(expected) and all(torch.equal(a, b) for a, b in zip(kept, expected))
+
+
 def measure(smoke: bool) -> dict:
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
     budgets = (192, 64) if smoke else (192, 128, 64)
     batches = (1, 2) if smoke else (1, 8)
     repeats = 3 if smoke else 10
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight in bfloat16: a float32 7B model would need 28 GB first
-    try:
-        model = geometry.build(SMOKE if smoke else geometry.LLAVA_7B, device=device.type)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = geometry.build(SMOKE if smoke else geometry.LLAVA_7B, device=device.type, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     compiled = {}
@@ -170,19 +194,29 @@ def measure(smoke: bool) -> dict:
                 ),
                 "full_tokens_per_s": decode_tokens_per_s(model, [text_tokens + 576] * 32, batch, 32, device, dtype),
             }
+    kept = {
+        "geometry": "LLaVA-1.5-7B at " + ("1/64 width (smoke)" if smoke else "1/8 width") + ", float32",
+        "rows": kept_ids_check(SMOKE if smoke else geometry.LLAVA_LATENCY, budgets, batches, device),
+    }
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU (smoke, {platform.machine()})",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "geometry": "LLaVA-1.5-7B" + (" at 1/64 width (smoke)" if smoke else "") + f", {dtype}, 40 text + 576 visual",
         "prefill": rows,
         "decode_budget_192": decode,
+        "kept_ids_identical_float32": kept,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
 
 
 def markdown(results: dict) -> str:
     lines = [
-        f"### GPU prefill and decode, {results['geometry']}; {results['device']}, torch {results['versions']['torch']}",
+        f"### GPU prefill and decode, {results['geometry']}; {results['device']}, "
+        + ", ".join(f"{name} {version}" for name, version in results["versions"].items()),
         "",
         "| batch | budget | unmodified eager | reference eager | pruned eager | pruned compiled | unpruned compiled "
         "| compiled speedup | CLSE stage share |",
@@ -200,6 +234,14 @@ def markdown(results: dict) -> str:
             f"\nDecode at batch {batch} (192): {d['pruned_tokens_per_s']:.0f} tokens/s pruned KV, "
             f"{d['full_tokens_per_s']:.0f} full KV"
         )
+    check = results["kept_ids_identical_float32"]
+    kept = check["rows"]
+    compiled = [row["compiled"] for row in kept if "compiled" in row]
+    lines.append(
+        f"\nKept visual ids identical to the reference pruner's ({check['geometry']}): eager "
+        f"{sum(row['eager'] for row in kept)} of {len(kept)} budget x batch cases, compiled {sum(compiled)} of "
+        f"{len(compiled)}"
+    )
     if results["peak_memory_gib"] is not None:
         lines.append(f"\nPeak GPU memory: {results['peak_memory_gib']:.1f} GiB")
     return "\n".join(lines) + "\n"
