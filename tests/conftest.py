@@ -11,6 +11,21 @@ from transformers import LlavaForConditionalGeneration
 from clse_fx.demo import save_tiny_llava
 from clse_fx.models import adapter_for
 
+
+def _share_the_onnx_op_registry() -> None:
+    """torch.onnx.export rebuilds its registry of torchlib translations on every call (about 1.4 s on these
+    cores, a tenth of a tiny model's compile); the tests build it once per opset. Nothing here registers
+    custom translations, the only thing that changes a registry after it is built."""
+    import functools
+
+    from torch.onnx._internal.exporter import _registration
+
+    build = _registration.ONNXRegistry.from_torchlib.__func__
+    _registration.ONNXRegistry.from_torchlib = classmethod(functools.cache(build))
+
+
+_share_the_onnx_op_registry()
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: the workers already fill the cores, and oversubscribed threads slow
     # every matmul down.
@@ -86,20 +101,21 @@ def prompt_ids(model, layout: list[list[int | str]]) -> torch.Tensor:
 SLOW_FILES = [  # longest first, as measured (--durations=0 summed per file)
     "test_anyres.py",
     "test_video.py",
-    "test_generation.py",
     "test_qwen2_vl.py",
-    "test_onnx_export.py",
-    "test_aot_inductor.py",
     "test_compile_parity.py",
+    "test_serve.py",
+    "test_aot_inductor.py",
+    "test_onnx_export.py",
+    "test_generation.py",
     "test_video_llava.py",
     "test_tensorrt_and_targets.py",
-    "test_serve.py",
     "test_dtype.py",
     "test_readme.py",
-    "test_cli.py",
-    "test_triton.py",
+    "test_device.py",
+    "test_passes.py",
     "test_layouts.py",
     "test_merge.py",
+    "test_cli.py",
 ]
 
 

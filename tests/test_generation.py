@@ -18,24 +18,25 @@ from clse_fx.reference import reference_generate
 from .conftest import prompt_ids
 
 TEXT_LEN = 8
+STAGES = "1:20,2:10,3:4"
 UNPRUNED = (1, "uniform", "1:36,2:36,3:36")  # batch 1, every stage keeps all 36 visual tokens
 LAYOUTS = {
     1: [[5, 7, "img", 8, 9, 10, 11, 12, 13]],
     2: [[5, "img", 7, 8, 9, 10, 11, 12, 13], [5, 7, 8, 9, 10, 11, "img", 12, 13]],
 }
+# The uniform-KV bundle is the shared CLI bundle (conftest.cli_bundle: --keep 8 --batch 2 --text-len 12).
+CLI_PLAN = plan_budget(8, 4, 36)
+CLI_LAYOUT = [[5, "img", *range(7, 18)], [*range(5, 11), "img", *range(11, 17)]]
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_llava, tiny_llava_dir, tmp_path_factory):
+def bundles(tiny_llava, tiny_llava_dir, cli_bundle, tmp_path_factory):
+    """Bundles by KV policy: "uniform" (the CLI bundle), "per-layer" (batch 2, STAGES) and UNPRUNED."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    made = {}
-    for batch, policy, stages in [
-        (2, "uniform", "1:20,2:10,3:4"),
-        (2, "per-layer", "1:20,2:10,3:4"),
-        UNPRUNED,
-    ]:
+    made = {"uniform": cli_bundle[0]}
+    for key, batch, policy, stages in [("per-layer", 2, "per-layer", STAGES), (UNPRUNED, *UNPRUNED)]:
         out = tmp_path_factory.mktemp("bundle") / "b"
         clse_fx.compile(
             tiny_llava,
@@ -48,25 +49,29 @@ def bundles(tiny_llava, tiny_llava_dir, tmp_path_factory):
             verify=False,  # this file checks the bundles against the reference itself
             optimize_onnx=False,  # the graphs the optimizer rewrites are checked in test_onnx_export.py
         )
-        made[(batch, policy, stages)] = out
+        made[key] = out
     return made
 
 
-def _feeds(model, batch, seed=0):
-    ids = prompt_ids(model, LAYOUTS[batch])
+def _prune(policy: str) -> PruneConfig:
+    """What the ``policy`` bundle was compiled with."""
+    plan = CLI_PLAN if policy == "uniform" else plan_budget(None, 4, 36, stages=STAGES)
+    return PruneConfig(plan=plan, kv_policy=policy)
+
+
+def _feeds(model, batch, seed=0, layout=None):
+    ids = prompt_ids(model, layout or LAYOUTS[batch])
     pixels = torch.randn(batch, 3, 48, 48, generator=torch.Generator().manual_seed(seed))
     return ids, pixels
 
 
-@pytest.mark.parametrize("key", [(2, "uniform", "1:20,2:10,3:4"), (2, "per-layer", "1:20,2:10,3:4")])
-def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
-    batch, policy, stages = key
-    engine = Engine.load(bundles[key])
-    ids, pixels = _feeds(tiny_llava, batch)
+@pytest.mark.parametrize("policy", ["uniform", "per-layer"])
+def test_greedy_generation_equals_reference(tiny_llava, bundles, policy):
+    engine = Engine.load(bundles[policy])
+    ids, pixels = _feeds(tiny_llava, 2, layout=CLI_LAYOUT if policy == "uniform" else None)
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
     generated, timings = engine.generate_ids(feeds, max_new_tokens=16)
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=stages), kv_policy=policy)
-    expected = reference_generate(tiny_llava, prune, ids, pixels, max_new_tokens=16)
+    expected = reference_generate(tiny_llava, _prune(policy), ids, pixels, max_new_tokens=16)
     assert generated == expected.tolist()
     # The KV cache the engine actually holds after prefill is the manifest's figure.
     assert timings.kv_cache_bytes == engine.manifest.kv_cache_bytes.pruned
@@ -77,14 +82,15 @@ def test_greedy_generation_equals_reference(tiny_llava, bundles, key):
 def test_left_padded_prompts_from_the_processor_equal_reference(tiny_llava, bundles, policy):
     """Engine.encode left-pads short prompts; the padded rows still match the reference under both KV policies
     (per-layer: every layer's cache has its own length, and its padding sits at the front of each)."""
-    engine = Engine.load(bundles[(2, policy, "1:20,2:10,3:4")])
+    engine = Engine.load(bundles[policy])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8))
     feeds = engine.encode([image, image], ["describe ?", "how many red star ?"])
     assert feeds["attention_mask"][0].sum() < feeds["attention_mask"][1].sum() <= feeds["input_ids"].shape[1]
     generated, _ = engine.generate_ids(feeds, max_new_tokens=16)
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,2:10,3:4"), kv_policy=policy)
     expected = reference_generate(
-        tiny_llava, prune, *(torch.from_numpy(feeds[k]) for k in ("input_ids", "pixel_values", "attention_mask"))
+        tiny_llava,
+        _prune(policy),
+        *(torch.from_numpy(feeds[k]) for k in ("input_ids", "pixel_values", "attention_mask")),
     )
     assert generated == expected.tolist()
 
@@ -104,7 +110,7 @@ def test_pruning_disabled_equals_transformers_generate(tiny_llava, bundles):
 
 
 def test_generate_api_batches_any_number_of_prompts(bundles):
-    engine = Engine.load(bundles[(2, "uniform", "1:20,2:10,3:4")])
+    engine = Engine.load(bundles["uniform"])
     image = Image.new("RGB", (30, 40), "red")
     prompts = ["what is the colour of shape ?", "describe", "how many circle ?"]
     results = engine.generate([image] * 3, prompts, max_new_tokens=5)
