@@ -7,10 +7,10 @@ batch 1 and 8 in float32, bfloat16 and float16:
   backend selector does not run on meta;
 - at 1/8 width on the CPU with real tensors: the same depth, tokens and head ratio, through the CPU backend
   selector, where torch 2.11 specialised the batch (`check_attn_mask_shape`, see clse_fx/trace.py);
-- at full width on CUDA when a GPU is visible (``--cuda``), through the CUDA selector.
+- at full width on CUDA (``--device cuda``), through the CUDA selector.
 
-Writes one entry per PyTorch version into benchmarks/results/trace_matrix.json, keeping the other versions'
-entries, so running it from several environments builds the support table the `torch` pin is based on.
+Writes one entry per PyTorch version and device into benchmarks/results/trace_matrix.json, keeping the others,
+so running it from several environments builds the support table the `torch` pin is based on.
 """
 
 from __future__ import annotations
@@ -47,44 +47,51 @@ def trace_case(model, batch: int, device: str, dtype: torch.dtype) -> dict:
     return {"result": "ok", "seconds": round(time.perf_counter() - start, 1), "input_shapes": shapes}
 
 
-def measure(cuda: bool) -> dict:
-    setups = [("meta", geometry.LLAVA_7B, "LLaVA-1.5-7B"), ("cpu", geometry.LLAVA_LATENCY, "LLaVA-1.5-7B at 1/8 width")]
-    if cuda:
-        setups.append(("cuda", geometry.LLAVA_7B, "LLaVA-1.5-7B"))
+SETUPS = {  # device -> (width, geometry name)
+    "meta": (geometry.LLAVA_7B, "LLaVA-1.5-7B"),
+    "cpu": (geometry.LLAVA_LATENCY, "LLaVA-1.5-7B at 1/8 width"),
+    "cuda": (geometry.LLAVA_7B, "LLaVA-1.5-7B"),
+}
+
+
+def measure(device: str) -> dict:
+    """Every dtype and batch on ``device``: its rows, with the Python version and GPU name they ran with."""
+    width, name = SETUPS[device]
     rows = []
-    for device, width, name in setups:
-        for dtype in DTYPES:
-            model = geometry.build(width, device, dtype=dtype)
-            for batch in BATCHES:
-                with torch.no_grad():
-                    row = {"device": device, "geometry": name, "dtype": str(dtype).removeprefix("torch.")}
-                    row |= {"batch": batch, **trace_case(model, batch, device, dtype)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del model
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    return {
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if cuda else None,
-        "rows": rows,
-    }
+    for dtype in DTYPES:
+        model = geometry.build(width, device, dtype=dtype)
+        for batch in BATCHES:
+            with torch.no_grad():
+                row = {"geometry": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
+                row |= trace_case(model, batch, device, dtype)
+            rows.append(row)
+            print(json.dumps({"device": device, **row}), flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    return {"python": platform.python_version(), "gpu": gpu, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_matrix", description=__doc__.splitlines()[0])
-    parser.add_argument("--cuda", action="store_true", help="also trace at full width on the visible GPU")
+    parser.add_argument(
+        "--device", action="append", choices=sorted(SETUPS), help="where to trace (repeatable; default: meta and cpu)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON to merge into (default: {RESULTS})")
     args = parser.parse_args(argv)
-    if args.cuda and not torch.cuda.is_available():
-        parser.error("--cuda: no CUDA device is visible")
-    entry = measure(args.cuda)
+    devices = args.device or ["meta", "cpu"]
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results[torch.__version__] = entry
+    entries = results.setdefault(torch.__version__, {})
+    for device in devices:
+        entries[device] = measure(device)
     args.out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
-    failed = [row for row in entry["rows"] if row["result"] != "ok"]
-    print(f"torch {torch.__version__}: {len(entry['rows']) - len(failed)} of {len(entry['rows'])} traced")
-    return 1 if failed else 0
+    rows = [row for device in devices for row in entries[device]["rows"]]
+    traced = sum(row["result"] == "ok" for row in rows)
+    print(f"torch {torch.__version__}: {traced} of {len(rows)} traced ({', '.join(devices)})")
+    return 0 if traced == len(rows) else 1
 
 
 if __name__ == "__main__":

@@ -86,3 +86,31 @@ def test_accuracy_plot_only_redraws_from_results_json(tmp_path):
         "accuracy_by_row.png",
         "keep_heatmap.png",
     }
+
+
+def test_gpu_table_names_the_device_versions_and_every_figure():
+    """benchmarks.gpu runs only where a GPU is lent; its report is checked here on results shaped like its own."""
+    from benchmarks.gpu import markdown
+
+    times = dict(unmodified_eager=73.0, reference_eager=79.0, pruned_eager=77.8, pruned_compiled=15.6)
+    row = {"batch": 1, "budget": 192, "prefill_ms": {**times, "unpruned_compiled": 21.4}}
+    results = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "versions": {"torch": "2.11.0+cu130", "transformers": "5.24.0", "python": "3.11.7"},
+        "geometry": "LLaVA-1.5-7B, torch.bfloat16, 40 text + 576 visual",
+        "prefill": [{**row, "compiled_speedup": 21.4 / 15.6, "stage_share": 0.012}],
+        "decode_budget_192": {1: {"pruned_tokens_per_s": 90.0, "full_tokens_per_s": 80.0}},
+        "kept_ids_identical_float32": {
+            "geometry": "LLaVA-1.5-7B at 1/8 width, float32",
+            "rows": [
+                {"batch": 1, "budget": 192, "eager": True, "compiled": True},
+                {"batch": 8, "budget": 192, "eager": False},
+            ],
+        },
+        "peak_memory_gib": 15.2,
+    }
+    table = markdown(results)
+    assert "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, transformers 5.24.0" in table.splitlines()[0]
+    assert "| 1 | 192 | 73.0 ms | 79.0 ms | 77.8 ms | 15.6 ms | 21.4 ms | 1.37x | 1.2% |" in table
+    assert "90 tokens/s pruned KV, 80 full KV" in table and "Peak GPU memory: 15.2 GiB" in table
+    assert "(LLaVA-1.5-7B at 1/8 width, float32): eager 1 of 2 budget x batch cases, compiled 1 of 1" in table
