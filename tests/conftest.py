@@ -57,8 +57,9 @@ def odd_llava(odd_llava_dir):
 
 @pytest.fixture(scope="session")
 def cli_bundle(tmp_path_factory, tiny_llava_dir):
-    """One ``clse-compile`` of the tiny LLaVA (``--keep 8 --batch 2 --text-len 12 --triton-repo``), shared by the
-    CLI, serving and Triton tests: (bundle, Triton repository, the command's stdout). Built once per run even
+    """One ``clse-compile`` of the tiny LLaVA (``--keep 8 --batch 2 --text-len 12 --triton-repo
+    --no-onnx-optimize``; the optimised CLI path is the README demo's), shared by the CLI, serving, Triton and
+    generation tests: (bundle, Triton repository, the command's stdout). Built once per run even
     across xdist workers, under a file lock in their shared temporary directory (pytest-xdist's documented
     pattern); tests that change files copy it first."""
     import contextlib
@@ -75,7 +76,7 @@ def cli_bundle(tmp_path_factory, tiny_llava_dir):
         if not report.is_file():
             root.mkdir(exist_ok=True)
             argv = [str(tiny_llava_dir), "--keep", "8", "--batch", "2", "--text-len", "12"]
-            argv += ["-o", str(root / "bundle"), "--triton-repo", str(root / "repo"), "--force"]
+            argv += ["-o", str(root / "bundle"), "--triton-repo", str(root / "repo"), "--force", "--no-onnx-optimize"]
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 assert compile_main(argv) == 0, err.getvalue()
