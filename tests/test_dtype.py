@@ -25,27 +25,32 @@ def half_bundle(tiny_llava_dir, tmp_path_factory):
     return Engine.load(out)
 
 
+@pytest.fixture(scope="module")
+def float32_result(tiny_llava):
+    """The same compile in float32, which both float16 tests compare against."""
+    return clse_fx.compile(tiny_llava, **OPTIONS, verify=False)
+
+
 def test_checkpoint_loads_in_the_asked_dtype(tiny_llava_dir):
     for dtype in ("float16", "bfloat16"):
         model, _ = load_checkpoint(tiny_llava_dir, dtype=dtype)
         assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
 
 
-def test_manifest_records_the_dtype_and_float16_parity(half_bundle, tiny_llava):
+def test_manifest_records_the_dtype_and_float16_parity(half_bundle, float32_result):
     manifest = half_bundle.manifest
     assert (manifest.dtype, manifest.device, manifest.kv_cache_bytes.dtype) == ("float16", "cpu", "float16")
-    float32 = clse_fx.compile(tiny_llava, **OPTIONS, verify=False).manifest
-    assert manifest.kv_cache_bytes.pruned * 2 == float32.kv_cache_bytes.pruned
+    assert manifest.kv_cache_bytes.pruned * 2 == float32_result.manifest.kv_cache_bytes.pruned
     assert manifest.parity["reference_kept_identical"]
     assert manifest.parity["onnxruntime_max_abs_logits"] <= FLOAT16_ORT_MAX_ABS_LOGITS
 
 
-def test_float16_bundle_runs_in_onnx_runtime_close_to_float32(half_bundle, tiny_llava):
+def test_float16_bundle_runs_in_onnx_runtime_close_to_float32(half_bundle, tiny_llava, float32_result):
     assert half_bundle.manifest.graphs["prefill"]["outputs"][0]["dtype"] == "float16"
     inputs = example_inputs(tiny_llava, CompileOptions(**OPTIONS))  # the compile's own (seeded) inputs
     feeds = {name: tensor.numpy() for name, tensor in inputs.items()}  # float32 pixels, as processors give
     logits = torch.from_numpy(half_bundle.prefill.run(**feeds)[0]).float()
-    expected = clse_fx.compile(tiny_llava, **OPTIONS, verify=False).pruned().logits
+    expected = float32_result.pruned().logits
     assert (logits - expected).abs().max() <= FLOAT16_VS_FLOAT32_MAX_ABS_LOGITS
 
 
