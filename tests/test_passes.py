@@ -15,11 +15,15 @@ from clse_fx.trace import example_args, trace_prefill
 from .conftest import prompt_ids
 
 
-def _traced(model):
+def _inputs(model):
     ids = prompt_ids(model, [[5, "img", 7, 8], [5, 7, "img", 8]])
     size = model.config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def _traced(model):
+    inputs = _inputs(model)
     return trace_prefill(model, inputs), inputs
 
 
@@ -174,8 +178,8 @@ def test_trace_keeps_the_batch_symbolic_past_sdpa_backend_selection(tiny_llava, 
         return real(query, key, value, attn_mask, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", selecting_sdpa)
-    _, inputs = _traced(tiny_llava)
-    inputs = {name: tensor[:1] for name, tensor in inputs.items()}  # a batch of 1: the 0/1 specialisation case
+    # A batch of 1: the 0/1 specialisation case.
+    inputs = {name: tensor[:1] for name, tensor in _inputs(tiny_llava).items()}
     with monkeypatch.context() as unfixed:  # the emulation reproduces the failure without the math-only trace
         unfixed.setattr(clse_fx.trace, "sdpa_kernel", lambda backends: contextlib.nullcontext())
         with pytest.raises(torch._dynamo.exc.UserError, match="Constraints violated"):
