@@ -14,6 +14,7 @@ import clse_fx
 from clse_fx.demo import save_tiny_llava
 from clse_fx.deploy.aoti import AotiSession
 from clse_fx.deploy.engine import Engine
+from clse_fx.deploy.session import checked_feeds
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate
 
@@ -66,6 +67,23 @@ def test_packages_equal_pytorch_and_generate_like_the_reference(shallow_llava, a
     assert generated == reference_generate(shallow_llava, prune, ids, pixels, mask, max_new_tokens=8).tolist()
     with pytest.raises(ValueError, match=r"input_ids has shape \[1, 42\] but prefill.pt2 was compiled for \[2, 42\]"):
         engine.prefill.run(**{name: value[:1] for name, value in feeds.items()})
+
+
+def test_sessions_read_feeds_in_the_layout_they_were_built_for(shallow_llava, aot_bundle):
+    """A package reads its inputs with the strides it was compiled for: the preprocessor's pixels are a transposed
+    (HWC -> CHW) view, which gave wrong kept tokens and answers on real images before every session's feeds were
+    made row-major in one place (checked_feeds); a stride-0 size-1 dim (a [B, 1] token column) is normalised too."""
+    feeds = _feeds(shallow_llava)
+    transposed = np.ascontiguousarray(feeds["pixel_values"].transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not transposed.flags["C_CONTIGUOUS"] and np.array_equal(transposed, feeds["pixel_values"])
+    prefill = Engine.load(aot_bundle).prefill
+    expected = prefill.run(**feeds)
+    for have, want in zip(prefill.run(**{**feeds, "pixel_values": transposed}), expected):
+        assert np.array_equal(have, want)
+    column = np.lib.stride_tricks.as_strided(np.arange(2), shape=(2, 1), strides=(8, 0))
+    checked = checked_feeds("g", {"pixel_values": [2, 3, 48, 48], "ids": [2, 1]}, {**feeds, "ids": column})
+    assert checked["pixel_values"].strides == feeds["pixel_values"].strides and checked["ids"].strides == (8, 8)
+    assert checked["pixel_values"] is feeds["pixel_values"]  # already row-major: not copied
 
 
 def test_packages_load_without_the_model_code(shallow_llava, aot_bundle, tmp_path):

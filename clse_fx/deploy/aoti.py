@@ -3,6 +3,7 @@ that needs torch (libtorch runs the packages): it is imported only for bundles o
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ class AotiSession:
 
     def __init__(self, path: str | Path, graph: dict, device: str = "cpu") -> None:
         self.path, self.device = Path(path), device
+        # A package reads each input with the dtype, shape and strides it was compiled for and checks them only
+        # when this is set (read once per process, at a package's first run): a mismatch is then an error,
+        # not a silently wrong answer (pytorch/pytorch#122784). Feeds are made contiguous before every run.
+        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
         import torch
 
         self.runner = torch._inductor.aoti_load_package(str(path))

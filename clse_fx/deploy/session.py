@@ -64,7 +64,7 @@ class OnnxSession:
 
         def run(**feeds: np.ndarray) -> list[np.ndarray]:
             for name, array in checked_feeds(self.path.name, others, feeds).items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+                binding.bind_cpu_input(name, array)
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()
 
@@ -73,8 +73,12 @@ class OnnxSession:
 
 
 def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str, np.ndarray]:
-    """``feeds`` as arrays in ``inputs`` order, each checked against its compiled shape (a str or None dim is
-    dynamic); a missing input or a shape the graph was not compiled for is a one-line error."""
+    """``feeds`` as C-contiguous arrays in ``inputs`` order, each checked against its compiled shape (a str or None
+    dim is dynamic); a missing input or a shape the graph was not compiled for is a one-line error.
+
+    Every session gets its feeds through here, in the layout graphs are built for: an AOTInductor package reads
+    its inputs with the strides it was compiled with and does not check them by default, so a transposed view
+    (the preprocessor's HWC -> CHW pixels) would be read in the wrong order, silently."""
     arrays = {}
     for name, shape in inputs.items():
         if name not in feeds:
@@ -88,8 +92,16 @@ def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str,
                 f"{name} has shape {list(array.shape)} but {graph} was compiled for {list(shape)}; "
                 "recompile with matching --batch/--text-len/--image-size"
             )
-        arrays[name] = array
+        arrays[name] = row_major(array)
     return arrays
+
+
+def row_major(array: np.ndarray) -> np.ndarray:
+    """``array`` with the strides of a fresh C-order array (itself when it has them). Stricter than
+    ``np.ascontiguousarray``, which keeps any stride on a size-1 dimension, a stride AOTInductor's input check
+    rejects."""
+    expected = tuple(int(np.prod(array.shape[i + 1 :])) * array.itemsize for i in range(array.ndim))
+    return array if array.strides == expected else array.copy(order="C")
 
 
 def bound_decode(session):
