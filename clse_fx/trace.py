@@ -127,4 +127,28 @@ class _Replay(nn.Module):
 def export_static(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """Re-export a rewritten graph at fixed shapes (the compiled budget): every size becomes a constant."""
     with torch.no_grad():
-        return torch.export.export(_Replay(gm), args, strict=False)
+        program = torch.export.export(_Replay(gm), args, strict=False)
+    return constants_on_device(program, args[0].device)
+
+
+def constants_on_device(program: torch.export.ExportedProgram, device: torch.device) -> torch.export.ExportedProgram:
+    """Store the program's tensor constants on ``device`` (in place; returns ``program``).
+
+    torch.export records a tensor built from data inside the graph (the spectral filter's circulant matrices, a
+    member list) as a CPU constant that every run copies to the device: a host-to-device copy per call, which
+    also makes the program impossible to capture as a CUDA graph. On the device, that copy becomes a device-side
+    one; the export's metadata assertions on the constants are updated to the new device."""
+    names = program.graph_signature.inputs_to_lifted_tensor_constants
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+    for placeholder in placeholders:
+        name = names[placeholder.name]
+        if program.constants[name].device == device:
+            continue
+        program.constants[name] = program.constants[name].to(device)
+        copies = [user for user in placeholder.users if user.target is torch.ops.aten.lift_fresh_copy.default]
+        for node in (placeholder, *copies):
+            for user in list(node.users):
+                if user.target is torch.ops.aten._assert_tensor_metadata.default:
+                    user.kwargs = {**user.kwargs, "device": device}
+    program.graph_module.recompile()
+    return program

@@ -13,6 +13,7 @@ from clse_fx.decode import DecodeStep, decode_example
 from clse_fx.models.llava import LlavaAdapter
 from clse_fx.plan import PruneConfig, plan_budget, scored_count
 from clse_fx.reference import reference_generate, reference_prune
+from clse_fx.trace import constants_on_device
 
 from .conftest import prompt_ids
 from .test_layouts import LAYOUT
@@ -69,3 +70,25 @@ def test_meta_default_device_changes_nothing(tiny_llava, monkeypatch, score, mer
     for have, want in zip(got, expected):
         assert have.device.type == "cpu"
         assert have.shape == want.shape and torch.allclose(have, want, atol=1e-6)
+
+
+def test_program_constants_live_on_the_inputs_device(tiny_llava):
+    """torch.export keeps a tensor built from data (the spectral filter's circulants) as a CPU constant copied to
+    the device on every run, which blocks CUDA-graph capture (seen on an H200); `constants_on_device` stores them on
+    the device and updates the export's metadata assertions, so the program's only copy is device-side. Checked
+    here with "meta" standing in for the GPU."""
+    ids = prompt_ids(tiny_llava, [[5, "img", 7, 8, 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 48, 48)}
+    program = prune_prefill(tiny_llava, PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20")), inputs).program
+    assert program.constants, "the spectral stage should hold its filter as constants"
+    constants_on_device(program, torch.device("meta"))
+    assert {value.device.type for value in program.constants.values()} == {"meta"}
+    names = program.graph_signature.inputs_to_lifted_tensor_constants
+    checks = [
+        node
+        for node in program.graph.nodes
+        if node.target is torch.ops.aten._assert_tensor_metadata.default
+        and any(arg.op == "placeholder" and arg.name in names for arg in node.args[0].all_input_nodes + [node.args[0]])
+    ]
+    assert checks and {node.kwargs["device"].type for node in checks} == {"meta"}
+    assert "device(type='meta')" in program.module().code  # the unlifted module is rebuilt from the graph
