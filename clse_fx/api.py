@@ -112,7 +112,11 @@ def load_checkpoint(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.M
             f"clse-fx supports: {', '.join(supported_architectures())}"
         )
     model_class = getattr(transformers, supported[0])
-    model = model_class.from_pretrained(model_dir, attn_implementation="sdpa", dtype=getattr(torch, dtype)).eval()
+    # use_kernels=False: transformers >= 5.25 otherwise swaps layers for Hub kernels by default (code fetched at load
+    # time, numerics not the unmodified model's; without the `kernels` package the load fails).
+    model = model_class.from_pretrained(
+        model_dir, attn_implementation="sdpa", dtype=getattr(torch, dtype), use_kernels=False
+    ).eval()
     return model, load_processor(model_dir)
 
 
