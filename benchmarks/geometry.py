@@ -22,9 +22,10 @@ from transformers import (
 
 
 def llava_config(
-    hidden: int, intermediate: int, heads: int, vocab: int, vision_hidden: int, vision_layers: int
+    hidden: int, intermediate: int, heads: int, vocab: int, vision_hidden: int, vision_layers: int, layers: int = 32
 ) -> LlavaConfig:
-    """LLaVA-1.5 geometry: CLIP ViT/14 at 336 px (24x24 = 576 visual tokens), a 32-layer Llama decoder."""
+    """LLaVA-1.5 geometry: CLIP ViT/14 at 336 px (24x24 = 576 visual tokens), a 32-layer Llama decoder (fewer
+    ``layers`` for smoke runs)."""
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=4 * vision_hidden,
@@ -37,7 +38,7 @@ def llava_config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=32,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=4096,

@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
-# Every GPU figure in one run on a machine with its own CUDA PyTorch and no network (about 6 minutes on an H100):
-#   bash benchmarks/gpu_machine.sh WHEELS_DIR [RESULTS_DIR]
-# WHEELS_DIR holds the wheels this project needs beyond that PyTorch (transformers at least; fetch them beforehand
-# with `pip download --no-deps transformers==5.24.0 -d WHEELS_DIR`). Results land in benchmarks/results/ and are
-# copied to RESULTS_DIR when given.
-set -euo pipefail
-wheels=${1:?usage: bash benchmarks/gpu_machine.sh WHEELS_DIR [RESULTS_DIR]}
-python -m pip install -q --no-deps "$wheels"/*.whl
-python -m pip install -q --no-deps -e .
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+# Every GPU figure on a machine with its own CUDA PyTorch and no network, in two calls:
+#   bash benchmarks/gpu_machine.sh WHEELS_DIR RESULTS_DIR prefill                     # 4 min on an H200 without Inductor
+#   bash benchmarks/gpu_machine.sh WHEELS_DIR RESULTS_DIR targets [ONNX_DEMO_BUNDLE]  # about 5 minutes
+# prefill: a smoke run of benchmarks.gpu at 1/64 width and 4 layers (stops there if it fails: a broken script costs a
+# minute, not the lease), then benchmarks.gpu at LLaVA-1.5-7B geometry (172 s on an H200 before its Inductor
+# compiles, which start only in its first 300 s). targets: the trace matrix's CUDA rows (LLaVA-1.5-7B geometry, bf16
+# and fp16; 70 s) and the aot-inductor / torch-compile targets on the demo (benchmarks.gpu_targets; the aot-inductor
+# packages alone took 130 s; ONNX_DEMO_BUNDLE saves compiling the onnxruntime bundle).
+# WHEELS_DIR holds what this project needs beyond that machine's packages (see the README's GPU section for the
+# pip download line); they are installed into /tmp/site, ahead of the machine's own, and this checkout is imported
+# from where it is (an editable install would need the network). Results are written to RESULTS_DIR as they come,
+# so a run cut short keeps what it measured.
+set -uo pipefail
+usage="usage: bash benchmarks/gpu_machine.sh WHEELS_DIR RESULTS_DIR prefill|targets [ONNX_DEMO_BUNDLE]"
+wheels=${1:?$usage}
+out=${2:?$usage}
+part=${3:?$usage}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crash prints the Python stack
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+python3 -c "import torch, transformers, clse_fx; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 status=0
-timeout 300 python -m benchmarks.gpu || status=$?
-timeout 240 python -m benchmarks.trace_matrix --device cuda || status=$?
-if [ -n "${2:-}" ]; then
-    mkdir -p "$2" && cp benchmarks/results/gpu.json benchmarks/results/trace_matrix.json "$2"/ 2>/dev/null || true
-fi
+case "$part" in
+prefill)
+    timeout 90 python3 -m benchmarks.gpu --smoke --deadline 0 --out "$out/gpu_smoke.json" > "$out/gpu_smoke.log" 2>&1 || { grep -v USDT "$out/gpu_smoke.log" | tail -30; exit 2; }
+    grep -v USDT "$out/gpu_smoke.log" | tail -8
+    timeout 540 python3 -m benchmarks.gpu --out "$out/gpu.json" --deadline 300 > "$out/gpu.log" 2>&1 || status=$?
+    grep -v USDT "$out/gpu.log" | tail -25
+    ;;
+targets)
+    cp benchmarks/results/trace_matrix.json "$out/trace_matrix.json"
+    timeout 120 python3 -m benchmarks.trace_matrix --device cuda --dtype bfloat16 --dtype float16 --out "$out/trace_matrix.json" > "$out/trace_matrix.log" 2>&1 || status=$?
+    grep -v USDT "$out/trace_matrix.log" | tail -6
+    onnx=()
+    [ -n "${4:-}" ] && onnx=(--onnx-bundle "$4")
+    timeout 300 python3 -m benchmarks.gpu_targets "${onnx[@]}" --out "$out/gpu_targets.json" > "$out/gpu_targets.log" 2>&1 || status=$?
+    grep -v -e USDT -e warning "$out/gpu_targets.log" | tail -10
+    ;;
+*) echo "$usage"; exit 1 ;;
+esac
 exit $status

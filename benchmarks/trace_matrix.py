@@ -33,17 +33,21 @@ BATCHES = (1, 8)
 
 
 def trace_case(model, batch: int, device: str, dtype: torch.dtype) -> dict:
-    """One `prune_prefill` at ``batch``: "ok" and its seconds, or the error's first line."""
+    """One `prune_prefill` at ``batch``: "ok" and its seconds, or the error's first line. On CUDA the program also
+    runs once, and its logits must be finite."""
     cpu = geometry.prompt(model, 40, batch=batch)
     inputs = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in cpu.items()}
     prune = PruneConfig(plan=plan_budget(192, 32, 576))
     start = time.perf_counter()
     try:
         # Settings from the CPU ids: a meta model's input ids cannot be read.
-        prune_prefill(model, prune, inputs, settings=pass_settings(model, prune, cpu))
+        pruned = prune_prefill(model, prune, inputs, settings=pass_settings(model, prune, cpu))
+        seconds = round(time.perf_counter() - start, 1)
+        if device == "cuda" and not torch.isfinite(pruned().logits[:, -1]).all():
+            return {"result": "ran, but the last logits are not finite", "seconds": seconds}
     except Exception as error:  # the matrix records failures instead of stopping at the first
         return {"result": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"}
-    return {"result": "ok", "seconds": round(time.perf_counter() - start, 1)}
+    return {"result": "ok", "seconds": seconds} | ({"ran": True} if device == "cuda" else {})
 
 
 SETUPS = {  # device -> (width, geometry name)
@@ -53,11 +57,11 @@ SETUPS = {  # device -> (width, geometry name)
 }
 
 
-def measure(device: str) -> dict:
+def measure(device: str, dtypes: tuple[torch.dtype, ...] = DTYPES) -> dict:
     """Every dtype and batch on ``device``: its rows, with the Python version and GPU name they ran with."""
     width, name = SETUPS[device]
     rows = []
-    for dtype in DTYPES:
+    for dtype in dtypes:
         model = geometry.build(width, device, dtype=dtype)
         for batch in BATCHES:
             with torch.no_grad():
@@ -77,15 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", action="append", choices=sorted(SETUPS), help="where to trace (repeatable; default: meta and cpu)"
     )
+    parser.add_argument(
+        "--dtype", action="append", choices=[str(d).removeprefix("torch.") for d in DTYPES], help="default: all"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON to merge into (default: {RESULTS})")
     args = parser.parse_args(argv)
+    dtypes = tuple(getattr(torch, name) for name in args.dtype) if args.dtype else DTYPES
     devices = args.device or ["meta", "cpu"]
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = results.setdefault(torch.__version__, {})
     for device in devices:
-        entries[device] = measure(device)
+        entries[device] = measure(device, dtypes)
     args.out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
     rows = [row for device in devices for row in entries[device]["rows"]]
     traced = sum(row["result"] == "ok" for row in rows)

@@ -92,25 +92,33 @@ def test_gpu_table_names_the_device_versions_and_every_figure():
     """benchmarks.gpu runs only where a GPU is lent; its report is checked here on results shaped like its own."""
     from benchmarks.gpu import markdown
 
-    times = dict(unmodified_eager=73.0, reference_eager=79.0, pruned_eager=77.8, pruned_compiled=15.6)
-    row = {"batch": 1, "budget": 192, "prefill_ms": {**times, "unpruned_compiled": 21.4}}
+    times = dict(unmodified_eager=62.2, reference_eager=39.3, pruned_eager=40.5, unpruned_eager=35.1)
+    row = {"batch": 1, "budget": 192, "prefill_ms": {**times, "pruned_compiled": 14.0, "unpruned_compiled": 21.3}}
+    inductor = {"batch": 1, "budget": 192, "pruned_ms": 9.0, "unpruned_ms": 15.0, "speedup": 15 / 9}
     results = {
-        "device": "NVIDIA H100 80GB HBM3",
-        "versions": {"torch": "2.11.0+cu130", "transformers": "5.24.0", "python": "3.11.7"},
+        "device": "NVIDIA H200",
+        "versions": {"torch": "2.11.0+cu130", "transformers": "5.25.0", "python": "3.12.3"},
         "geometry": "LLaVA-1.5-7B, torch.bfloat16, 40 text + 576 visual",
-        "prefill": [{**row, "compiled_speedup": 21.4 / 15.6, "stage_share": 0.012}],
-        "decode_budget_192": {1: {"pruned_tokens_per_s": 90.0, "full_tokens_per_s": 80.0}},
+        "prefill": [{**row, "compiled_speedup": 21.3 / 14.0, "stage_share": 0.053}],
+        "decode_budget_192": {"1": {"pruned_tokens_per_s": 139.0, "full_tokens_per_s": 136.0}},
         "kept_ids_identical_float32": {
-            "geometry": "LLaVA-1.5-7B at 1/8 width, float32",
-            "rows": [
-                {"batch": 1, "budget": 192, "eager": True, "compiled": True},
-                {"batch": 8, "budget": 192, "eager": False},
-            ],
+            "geometry": "LLaVA-1.5-7B geometry, 512 wide, float32",
+            "rows": [{"batch": 1, "budget": 192, "eager": True}, {"batch": 8, "budget": 192, "eager": False}],
         },
-        "peak_memory_gib": 15.2,
+        "inductor": {
+            "prefill": [
+                {**inductor, "pruned_compile_s": 61.0, "unpruned_compile_s": 58.0},
+                {"batch": 8, "budget": 192, "skipped": "past the 150 s deadline"},
+            ],
+            "kept_ids_identical_float32": {"batch": 1, "budget": 192, "identical": True},
+        },
+        "peak_memory_gib": {"prefill": 16.3, "decode_budget_192": 28.7, "inductor": None},
     }
     table = markdown(results)
-    assert "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, transformers 5.24.0" in table.splitlines()[0]
-    assert "| 1 | 192 | 73.0 ms | 79.0 ms | 77.8 ms | 15.6 ms | 21.4 ms | 1.37x | 1.2% |" in table
-    assert "90 tokens/s pruned KV, 80 full KV" in table and "Peak GPU memory: 15.2 GiB" in table
-    assert "(LLaVA-1.5-7B at 1/8 width, float32): eager 1 of 2 budget x batch cases, compiled 1 of 1" in table
+    assert "NVIDIA H200, torch 2.11.0+cu130, transformers 5.25.0" in table.splitlines()[0]
+    assert "| 1 | 192 | 62.2 ms | 39.3 ms | 40.5 ms | 35.1 ms | 14.0 ms | 21.3 ms | 1.52x | 5.3% |" in table
+    assert "batch 1, budget 192: pruned 9.0 ms, unpruned 15.0 ms (1.67x; compiles 61 s and 58 s)" in table
+    assert "batch 8: skipped (past the 150 s deadline)" in table
+    assert "139 tokens/s pruned KV, 136 full KV (1.02x)" in table
+    assert "Peak GPU memory (GiB, cumulative): prefill 16.3, decode_budget_192 28.7" in table
+    assert "(LLaVA-1.5-7B geometry, 512 wide, float32): eager 1 of 2 budget x batch cases, Inductor-compiled" in table
