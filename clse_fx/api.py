@@ -25,6 +25,7 @@ from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
 from clse_fx.demo import PROXY_MODEL
 from clse_fx.deploy.files import staged_directory
 from clse_fx.deploy.manifest import KVCacheSection, Manifest, PlanSection, RuntimeSection
+from clse_fx.export import deploy_check
 from clse_fx.export.bundle import checkpoint_hash, write_manifest
 from clse_fx.export.targets import TARGETS, TargetSection, builders
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
@@ -337,6 +338,13 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             if processor is not None:
                 processor.save_pretrained(bundle)
             write_manifest(bundle, manifest)
+        if options.verify and (bundle is not None or module is not None):
+            with phases("deploy-path check: constant and flat-region images", "deploy_check"):
+                run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
+                manifest.parity.update(deploy_check.check(options.target, run, model, prune, inputs))
+            manifest.timings_s = dict(phases.timings)
+            if bundle is not None:
+                write_manifest(bundle, manifest)
     return CompileResult(
         pruned=pruned,
         bundle=options.output_dir if writes_bundle else None,

@@ -167,6 +167,18 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
             f"max |dlogits| {parity['onnxruntime_max_abs_logits']:.2e}, indices identical: "
             f"{parity['onnxruntime_indices_identical']}",
         )
+    deploy = [
+        key.removeprefix("deploy_").removesuffix("_kept_identical")
+        for key in parity
+        if key.endswith("_kept_identical") and key.startswith("deploy_")
+    ]
+    if deploy:
+        worst = max(parity[f"deploy_{name}_max_abs_last_logits"] for name in deploy)
+        table.add_row(
+            "deploy path vs reference",
+            f"{' and '.join(name.replace('_', ' ') for name in deploy)} images: kept identical, "
+            f"max |dlogits| {worst:.2e} (last token)",
+        )
     table.add_row("compile time", ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     if "torch_compile_max_abs_logits" in parity:
         table.add_row(

@@ -84,6 +84,36 @@ def cli_bundle(tmp_path_factory, tiny_llava_dir):
     return root / "bundle", root / "repo", report.read_text()
 
 
+@pytest.fixture(scope="session")
+def demo_model():
+    """The README's demo model (the shipped proxy LLaVA) and its processor, loaded as clse-compile loads it."""
+    from clse_fx.api import load_checkpoint
+    from clse_fx.demo import proxy_model_dir
+
+    return load_checkpoint(proxy_model_dir())
+
+
+@pytest.fixture(scope="session")
+def demo_aot_bundle(tmp_path_factory, demo_model):
+    """The demo (budget 64, spectral score, as the README) as an aot-inductor bundle at batch 2, shared by the
+    aot-inductor and cross-target tests; built once per run across xdist workers (see ``cli_bundle``)."""
+    from filelock import FileLock
+
+    import clse_fx
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "demo-aot"
+    bundle = root / "bundle"  # written by renaming a staged directory: present means complete
+    with FileLock(f"{root}.lock"):
+        if not bundle.is_dir():
+            model, processor = demo_model
+            # Test-only: an unoptimised C++ wrapper compiles faster; the kernels and the package format are the same.
+            with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):
+                options = dict(keep=64, score="clse", target="aot-inductor", batch=2, verify=False)
+                clse_fx.compile(model, output_dir=bundle, processor=processor, **options)
+    return bundle
+
+
 def prompt_ids(model, layout: list[list[int | str]]) -> torch.Tensor:
     """input_ids from per-row layouts: ints are text ids, "img" expands to one image's placeholder tokens."""
     per_image = adapter_for(model).tokens_per_image()

@@ -7,10 +7,18 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import clse_fx
 from clse_fx.cli import compile_main
 from clse_fx.deploy.cli import run_main
+from clse_fx.deploy.engine import Engine
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.reference import reference_generate, reference_prune
+from clse_fx.trace import graph_inputs
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -84,3 +92,49 @@ def test_sample_questions_get_the_answers_the_readme_shows(demo):
         assert result["text"].strip() == answer, (argv, result)
         # The demo model stops on its own: the answer word, then EOS.
         assert len(result["token_ids"]) == 2, result
+
+
+@pytest.fixture(scope="module")
+def torch_compiled(demo_model):
+    """The README's demo compile for the torch-compile target, at batch 2 (rows of different lengths are
+    left-padded), with the reference pruner's plan for it."""
+    compiled = clse_fx.compile(demo_model[0], keep=64, score="clse", target="torch-compile", batch=2, max_new_tokens=8)
+    return compiled, PruneConfig(plan=plan_budget(64, 6, 256), score="clse")
+
+
+def _tensors(feeds: dict) -> dict:
+    return {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
+
+
+def test_every_target_gives_the_readme_answers_keeping_the_reference_tokens(
+    demo, demo_model, demo_aot_bundle, torch_compiled
+):
+    """One model, one answer: the six README questions through onnxruntime (the README's bundle), aot-inductor and
+    torch-compile get the README's answers, and every target keeps the reference pruner's visual ids."""
+    (compiled, prune), model = torch_compiled, demo_model[0]
+    onnx, aoti = Engine.load(demo[0]), Engine.load(demo_aot_bundle)
+    questions = [
+        (Image.open(ROOT / argv[argv.index("--image") + 1]).convert("RGB"), argv[argv.index("--prompt") + 1], answer)
+        for argv, answer in _sample_questions()
+    ]
+    for image, question, answer in questions:
+        inputs = _tensors(onnx.encode([image], [question], chat=True))
+        expected = [stage[0].tolist() for stage in reference_prune(model, prune, **inputs).kept]
+        for engine in (onnx, aoti):
+            result = engine.generate([image], [question], 8, chat=True)[0]
+            assert (result.text.strip(), result.kept_ids) == (answer, expected), (engine.manifest.target, question)
+    # torch-compile, two questions a call: their prompts differ in length, so one row is left-padded.
+    stops = set(onnx.manifest.stop_token_ids())
+    for pair in (questions[i : i + 2] for i in range(0, len(questions), 2)):
+        inputs = _tensors(onnx.encode([image for image, _, _ in pair], [question for _, question, _ in pair], True))
+        kept = compiled.module(*graph_inputs(model, inputs).values()).kept
+        assert all(torch.equal(a, b) for a, b in zip(kept, reference_prune(model, prune, **inputs).kept))
+        generated = compiled.module.generate(inputs, 8, stops)
+        assert [onnx.preprocessor.decode(row).strip() for row in generated] == [answer for _, _, answer in pair]
+        reference = reference_generate(model, prune, max_new_tokens=8, **inputs).tolist()
+        assert generated == [row[: len(tokens)] for row, tokens in zip(reference, generated)]
+    assert compiled.module.generate(inputs, 1) == [row[:1] for row in generated]  # the same buffers, reloaded
+    with pytest.raises(ValueError, match="compiled for 1..8"):
+        compiled.module.generate(inputs, 9)
+    assert compiled.manifest.parity["torch_compile_max_abs_logits"] <= 1e-4
+    assert compiled.manifest.parity["deploy_constant_kept_identical"]

@@ -38,7 +38,11 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--json", action="store_true", help="print token ids, text and timings as one JSON object")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print token ids, text, kept visual ids (per stage) and timings as JSON",
+    )
     return parser
 
 
@@ -75,7 +79,14 @@ def run_main(argv: list[str] | None = None) -> int:
     asked = list(zip(paths, args.prompt))
     if args.json:
         rows = [
-            {kind: image, "prompt": prompt, "token_ids": r.token_ids, "text": r.text, "timings": vars(r.timings)}
+            {
+                kind: image,
+                "prompt": prompt,
+                "token_ids": r.token_ids,
+                "text": r.text,
+                "kept_ids": r.kept_ids,  # per stage, the visual tokens (grid order) the prefill kept
+                "timings": vars(r.timings),
+            }
             for (image, prompt), r in zip(asked, results)
         ]
         print(json.dumps({"results": rows}))

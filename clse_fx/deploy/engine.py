@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,13 @@ from clse_fx.deploy.session import bound_decode
 
 @dataclass
 class Generation:
-    """One prompt's answer: generated token ids (up to and including a stop token) and their text."""
+    """One prompt's answer: generated token ids (up to and including a stop token), their text, and per stage the
+    visual token ids (0..N-1, grid order) the prefill kept."""
 
     token_ids: list[int]
     text: str
     timings: Timings = field(default_factory=Timings)
+    kept_ids: list[list[int]] = field(default_factory=list)
 
 
 class Engine:
@@ -145,11 +148,13 @@ class Engine:
             # Fill a short last chunk with copies of its last row; their outputs are dropped.
             rows = chunk + [chunk[-1]] * (self.batch - len(chunk))
             feeds = self.encode([images[i] for i in rows], [prompts[i] for i in rows], chat)
-            ids, timings = self.generate_ids(feeds, max_new_tokens, sampling, rng, stops)
+            kept: list[np.ndarray] = []
+            ids, timings = self.generate_ids(feeds, max_new_tokens, sampling, rng, stops, kept_out=kept)
             for row in range(len(chunk)):
                 tokens = ids[row]
                 text = self.preprocessor.decode(tokens)
-                results.append(Generation(token_ids=tokens, text=text, timings=timings))
+                stages = [stage[row].tolist() for stage in kept]
+                results.append(Generation(token_ids=tokens, text=text, timings=timings, kept_ids=stages))
         return results
 
     def generate_ids(
@@ -159,9 +164,11 @@ class Engine:
         sampling: SamplingConfig = GREEDY,
         rng: np.random.Generator | None = None,
         stops: set[int] = frozenset(),
+        kept_out: list | None = None,
     ) -> tuple[list[list[int]], Timings]:
         """Prefill + decode on compiled-shape feeds; per row the new ids, cut after the first stop token.
-        ``rng`` defaults to ``sampling.rng()``."""
+        ``rng`` defaults to ``sampling.rng()``; ``kept_out``, if given, receives each stage's [B, keep] kept visual
+        ids."""
         check_sampling(sampling)
         self.check_feeds(feeds)
         decode = bound_decode(self.decode)
@@ -171,7 +178,7 @@ class Engine:
         pipeline_ms = (time.perf_counter() - start) * 1e3
         runtime = self.manifest.runtime
         rows, timings = generation_loop(
-            self.run_prefill,
+            functools.partial(self.run_prefill, kept_out=kept_out),
             decode,
             feeds,
             decode_start(feeds, runtime.decode_position_start, runtime.position_offset_input),
@@ -183,10 +190,15 @@ class Engine:
         timings.prefill_ms += pipeline_ms
         return rows, timings
 
-    def run_prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The prefill graph on (pipeline-completed) feeds: its logits and every layer's pruned key and value."""
-        logits, _, _, cache, valid = split_prefill_outputs(self.prefill.run(**feeds), self.num_stages)
+    def run_prefill(
+        self, feeds: dict[str, np.ndarray], kept_out: list | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The prefill graph on (pipeline-completed) feeds: its logits and every layer's pruned key and value
+        (``kept_out``, if given, receives each stage's kept visual ids)."""
+        logits, _, kept, cache, valid = split_prefill_outputs(self.prefill.run(**feeds), self.num_stages)
         check_valid_rows(valid)
+        if kept_out is not None:
+            kept_out.extend(kept)
         return logits, cache
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:

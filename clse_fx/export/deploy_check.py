@@ -1,0 +1,120 @@
+"""Compile-time verification through the deploy path, on inputs with the statistics of real images.
+
+The builders' parity checks feed random example tensors straight into each graph. Real images differ in two ways
+that have hidden bugs: large flat regions (many visual tokens with equal hidden states, saturated scores, exact
+ties in the top-K) and the preprocessor's array layout (a transposed HWC -> CHW view). So every built target also
+runs, the way users run it (a bundle through :class:`~clse_fx.deploy.engine.Engine`'s sessions and input graphs,
+the torch-compile target through its compiled module), on a constant image and on an image of flat rectangles
+with edges, and its kept visual ids and last logits are compared with the eager reference pruner's on the same
+inputs. A divergence fails the compile, naming the target and the stage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clse_fx.compiler import PrefillOutputs
+from clse_fx.deploy.manifest import split_prefill_outputs
+from clse_fx.reference import reference_prune
+from clse_fx.trace import graph_inputs
+
+# Largest |last-position logits - reference| allowed, relative to the reference's largest |logit|: float32 engines
+# agree to ~1e-5 (ONNX Runtime, Inductor); half precision rounds each layer. A wrong layout or gather is O(1).
+LOGITS_RELATIVE_BOUND = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+
+
+def constant_image(pixels: torch.Tensor) -> torch.Tensor:
+    """Every pixel the same value: every visual token equal, so every score ties and the tie rule alone selects."""
+    return torch.full_like(pixels, 0.25)
+
+
+def flat_regions(pixels: torch.Tensor) -> torch.Tensor:
+    """A background and two rectangles of other colours (a handful of distinct values, sharp edges). Image tensors
+    ([..., C, H, W]) get the rectangles in pixel space; patchified ones ([N, D]) get runs of identical rows."""
+    out = torch.full_like(pixels, -0.6)
+    if pixels.dim() >= 4:
+        h, w = pixels.shape[-2:]
+        out[..., : h // 2, w // 4 : 3 * w // 4] = 1.1
+        out[..., 1, 3 * h // 5 : 9 * h // 10, : w // 3] = 0.4  # one channel differs: a second colour
+        return out
+    rows = torch.arange(pixels.shape[0], device=pixels.device)
+    return torch.where(((rows // max(1, pixels.shape[0] // 6)) % 2 == 0)[:, None], out, torch.full_like(out, 0.9))
+
+
+IMAGES = {"constant": constant_image, "flat regions": flat_regions}
+
+
+def with_pixels(inputs: dict[str, torch.Tensor], make: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """``inputs`` with every pixel tensor replaced by ``make`` of it."""
+    return {k: make(v) if k.startswith("pixel") and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def as_deploy_feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Processor-style tensors as the preprocessor hands them to an engine: numpy, images as a transposed (HWC
+    stored, CHW viewed) array rather than a contiguous one."""
+    feeds = {}
+    for name, tensor in inputs.items():
+        array = tensor.detach().cpu().numpy()
+        if name.startswith("pixel") and array.ndim >= 4:
+            array = np.moveaxis(np.ascontiguousarray(np.moveaxis(array, -3, -1)), -1, -3)
+        feeds[name] = array
+    return feeds
+
+
+def bundle_runner(bundle: Path) -> Callable[[dict[str, torch.Tensor]], PrefillOutputs]:
+    """The bundle's prefill as :class:`Engine` runs it: loaded (hash-checked) from disk, input graphs first."""
+    from clse_fx.deploy.engine import Engine
+
+    with warnings.catch_warnings():  # e.g. onnxruntime-gpu's CPU fallback: the user's first load should say it
+        warnings.simplefilter("ignore")
+        engine = Engine.load(bundle)
+
+    def run(inputs: dict[str, torch.Tensor]) -> PrefillOutputs:
+        feeds = engine.run_input_graphs(as_deploy_feeds(inputs))
+        logits, positions, kept, _, valid = split_prefill_outputs(engine.prefill.run(**feeds), engine.num_stages)
+        as_tensors = [torch.from_numpy(np.asarray(a)) for a in (logits, positions, valid)]
+        return PrefillOutputs(*as_tensors[:2], [torch.from_numpy(k) for k in kept], [], as_tensors[2])
+
+    return run
+
+
+def module_runner(model, module) -> Callable[[dict[str, torch.Tensor]], PrefillOutputs]:
+    """An in-process compiled prefill (the torch-compile target's engine) on processor-style inputs."""
+    return lambda inputs: module(*graph_inputs(model, inputs).values()).cpu()
+
+
+def check(target: str, run: Callable[[dict[str, torch.Tensor]], PrefillOutputs], model, prune, inputs) -> dict:
+    """Run ``run`` and the reference pruner on each of :data:`IMAGES`; the figures for the manifest, or a one-line
+    RuntimeError at the first stage whose kept ids differ or on logits past :data:`LOGITS_RELATIVE_BOUND`."""
+    bound = LOGITS_RELATIVE_BOUND.get(next(model.parameters()).dtype, 1e-1)
+    stage_layers = [layer for layer, _ in prune.plan.stages]
+    figures = {}
+    for name, make in IMAGES.items():
+        realistic = with_pixels(inputs, make)
+        with torch.no_grad():
+            expected = reference_prune(model, prune, **realistic)
+            got = run(realistic)
+        for stage, (have, want) in enumerate(zip(got.kept, expected.kept)):
+            differing = sum(len(set(a) ^ set(b)) // 2 for a, b in zip(have.tolist(), want.cpu().tolist()))
+            if differing:
+                raise RuntimeError(
+                    f"{target} diverges from the reference pruner on a {name} image: stage {stage} (before layer "
+                    f"{stage_layers[stage]}) keeps {differing} visual token(s) the reference does not; the bundle "
+                    "was not written (report this with the model and flags)"
+                )
+        error = float((got.logits[:, -1].float() - expected.logits[:, -1].float().cpu()).abs().max())
+        scale = float(expected.logits[:, -1].float().abs().max()) or 1.0
+        if error > bound * scale:
+            raise RuntimeError(
+                f"{target} diverges from the reference pruner on a {name} image: last logits differ by {error:.3g} "
+                f"(bound {bound * scale:.3g}); the bundle was not written (report this with the model and flags)"
+            )
+        key = name.replace(" ", "_")
+        figures[f"deploy_{key}_kept_identical"] = True
+        figures[f"deploy_{key}_max_abs_last_logits"] = error
+    return figures

@@ -1,0 +1,81 @@
+"""Compile-time verification through the deploy path (clse_fx/export/deploy_check.py): every built target runs the
+way users run it on a constant image (every score tied: the tie rule alone selects) and on flat regions with
+edges, against the reference pruner; a divergence fails the compile naming the target and the stage."""
+
+import numpy as np
+import pytest
+import torch
+
+from clse_fx import static_ops
+from clse_fx.compiler import prune_prefill
+from clse_fx.export import deploy_check
+from clse_fx.plan import PruneConfig, plan_budget
+from clse_fx.reference import reference_prune
+from clse_fx.trace import graph_inputs
+
+from .conftest import prompt_ids
+
+STAGES = "1:20,3:6"
+
+
+@pytest.fixture(scope="module")
+def program(tiny_llava):
+    """The pass-built program of the tiny LLaVA at batch 2, and its prune config and processor-style inputs."""
+    ids = prompt_ids(tiny_llava, [[5, "img", 7, 8, 9], [5, 7, 8, "img", 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 48, 48)}
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages=STAGES), score="clse")
+    return prune_prefill(tiny_llava, prune, inputs), prune, inputs
+
+
+def test_images_have_the_statistics_of_real_ones(program):
+    _, _, inputs = program
+    constant = deploy_check.with_pixels(inputs, deploy_check.constant_image)["pixel_values"]
+    flat = deploy_check.with_pixels(inputs, deploy_check.flat_regions)["pixel_values"]
+    assert constant.unique().numel() == 1 and 3 <= flat.unique().numel() <= 4
+    rows = deploy_check.flat_regions(torch.randn(24, 8))  # patchified pixels: runs of identical rows
+    assert rows.unique(dim=0).shape[0] == 2
+    feeds = deploy_check.as_deploy_feeds({"pixel_values": flat, "input_ids": inputs["input_ids"]})
+    assert not feeds["pixel_values"].flags["C_CONTIGUOUS"] and np.array_equal(feeds["pixel_values"], flat.numpy())
+
+
+def test_a_program_that_runs_like_the_reference_passes_with_tied_scores(tiny_llava, program):
+    pruned, prune, inputs = program
+
+    def run(realistic):
+        return pruned(*graph_inputs(tiny_llava, realistic).values())
+
+    figures = deploy_check.check("onnxruntime", run, tiny_llava, prune, inputs)
+    assert figures["deploy_constant_kept_identical"] and figures["deploy_flat_regions_kept_identical"]
+    assert figures["deploy_constant_max_abs_last_logits"] <= 1e-5
+
+
+def test_a_target_that_reads_pixels_in_another_layout_fails_naming_the_stage(tiny_llava, program):
+    """What the aot-inductor bundles did on real images (pixels read with the wrong strides), caught."""
+    pruned, prune, inputs = program
+
+    def misread(realistic):
+        named = graph_inputs(tiny_llava, realistic)
+        pixels = named["pixel_values"]
+        named["pixel_values"] = pixels.permute(0, 2, 3, 1).reshape(pixels.shape)  # HWC bytes read as CHW
+        return pruned(*named.values())
+
+    with pytest.raises(RuntimeError, match=r"^aot-inductor diverges .* flat regions image: stage 0 \(before layer 1\)"):
+        deploy_check.check("aot-inductor", misread, tiny_llava, prune, inputs)
+
+
+def test_ties_go_to_the_lower_visual_index_on_a_constant_image(tiny_llava, program, monkeypatch):
+    """A constant image saturates the spectral score: 31 of the 36 visual tokens score exactly the same, and stage 1
+    keeps 20, so the cut falls inside the tie and the rule (lower visual index first) alone decides. The reference
+    and the pass-built program keep the tie's 20 lowest ids; every compile's deploy check holds each target to the
+    reference on this image (the ONNX Runtime, aot-inductor and torch-compile tests compile with ties like it)."""
+    pruned, prune, inputs = program
+    constant = deploy_check.with_pixels(inputs, deploy_check.constant_image)
+    scores = []
+    select = static_ops.topk_mask
+    monkeypatch.setattr(static_ops, "topk_mask", lambda s, keep: scores.append(s) or select(s, keep))
+    expected_kept = reference_prune(tiny_llava, prune, **constant).kept[0][0]
+    first = scores[0][0]
+    tied = (first == first.max()).nonzero().flatten()
+    assert len(tied) > 20 > len(tied) - 20, "the cut should fall inside the tie"
+    assert expected_kept.tolist() == tied[:20].tolist()
+    assert pruned(*graph_inputs(tiny_llava, constant).values()).kept[0][0].tolist() == tied[:20].tolist()
