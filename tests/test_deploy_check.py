@@ -79,3 +79,22 @@ def test_ties_go_to_the_lower_visual_index_on_a_constant_image(tiny_llava, progr
     assert len(tied) > 20 > len(tied) - 20, "the cut should fall inside the tie"
     assert expected_kept.tolist() == tied[:20].tolist()
     assert pruned(*graph_inputs(tiny_llava, constant).values()).kept[0][0].tolist() == tied[:20].tolist()
+
+
+def test_onnx_sessions_take_any_layout_and_refuse_other_dtypes_in_one_line(cli_bundle):
+    """Every session's feeds go through checked_feeds: made row-major (here a transposed pixel view into ONNX
+    Runtime; the aot-inductor test does the same for its packages) and checked against the graph's dtypes."""
+    from clse_fx.deploy.engine import Engine
+
+    engine = Engine.load(cli_bundle[0])
+    feeds = {
+        "input_ids": np.full((2, engine.sequence_length), 5, dtype=np.int64),
+        "attention_mask": np.ones((2, engine.sequence_length), dtype=np.int64),
+        "pixel_values": np.random.default_rng(0).standard_normal((2, 3, 48, 48), dtype=np.float32),
+    }
+    feeds["input_ids"][:, 1 : 1 + engine.manifest.geometry["num_visual"]] = engine.manifest.visual_token_ids[0]
+    transposed = np.moveaxis(np.ascontiguousarray(np.moveaxis(feeds["pixel_values"], 1, -1)), -1, 1)
+    for have, want in zip(engine.prefill.run(**{**feeds, "pixel_values": transposed}), engine.prefill.run(**feeds)):
+        assert np.array_equal(have, want)
+    with pytest.raises(ValueError, match=r"^pixel_values has dtype float64 but prefill.onnx takes float32; convert"):
+        engine.prefill.run(**{**feeds, "pixel_values": feeds["pixel_values"].astype(np.float64)})

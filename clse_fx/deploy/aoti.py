@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clse_fx.deploy.session import checked_feeds
+from clse_fx.deploy.session import ORT_TYPES, checked_feeds
 
 
 class AotiSession:
@@ -25,11 +25,15 @@ class AotiSession:
 
         self.runner = torch._inductor.aoti_load_package(str(path))
         self.inputs = {entry["name"]: entry["shape"] for entry in graph["inputs"]}
+        checkable = set(ORT_TYPES.values())  # the dtypes numpy has
+        self.dtypes = {
+            entry["name"]: entry["dtype"] if entry["dtype"] in checkable else None for entry in graph["inputs"]
+        }
 
     def run(self, **feeds) -> list[np.ndarray]:
         import torch
 
-        arrays = checked_feeds(self.path.name, self.inputs, feeds)
+        arrays = checked_feeds(self.path.name, self.inputs, feeds, self.dtypes)
         with torch.no_grad():
             outputs = self.runner(*(torch.from_numpy(array).to(self.device) for array in arrays.values()))
         return [output.cpu().numpy() for output in outputs]

@@ -10,6 +10,15 @@ import numpy as np
 from clse_fx.deploy.manifest import DECODE_STEP_INPUTS
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+# ONNX Runtime's input type names -> numpy dtype names (bfloat16 has no numpy dtype: not checked).
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
 
 
 def select_providers(target: str) -> list[str]:
@@ -41,9 +50,10 @@ class OnnxSession:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.dtypes = {i.name: ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, checked_feeds(self.path.name, self.inputs, feeds))
+        return self.session.run(None, checked_feeds(self.path.name, self.inputs, feeds, self.dtypes))
 
     def bind(self, fixed: dict[str, np.ndarray]):
         """A run function with the ``fixed`` inputs bound once through ONNX Runtime IO binding; each call
@@ -52,7 +62,7 @@ class OnnxSession:
         import onnxruntime
 
         others = {name: shape for name, shape in self.inputs.items() if name not in fixed}
-        checked = checked_feeds(self.path.name, {name: self.inputs[name] for name in fixed}, fixed)
+        checked = checked_feeds(self.path.name, {name: self.inputs[name] for name in fixed}, fixed, self.dtypes)
         binding = self.session.io_binding()
         values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in checked.items()}
         for name, value in values.items():
@@ -63,7 +73,7 @@ class OnnxSession:
             binding.bind_output(output.name, "cpu")
 
         def run(**feeds: np.ndarray) -> list[np.ndarray]:
-            for name, array in checked_feeds(self.path.name, others, feeds).items():
+            for name, array in checked_feeds(self.path.name, others, feeds, self.dtypes).items():
                 binding.bind_cpu_input(name, array)
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()
@@ -72,9 +82,12 @@ class OnnxSession:
         return run
 
 
-def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str, np.ndarray]:
+def checked_feeds(
+    graph: str, inputs: dict[str, list], feeds: dict, dtypes: dict[str, str | None] | None = None
+) -> dict[str, np.ndarray]:
     """``feeds`` as C-contiguous arrays in ``inputs`` order, each checked against its compiled shape (a str or None
-    dim is dynamic); a missing input or a shape the graph was not compiled for is a one-line error.
+    dim is dynamic) and its ``dtypes`` entry (numpy names; None: not checked, e.g. bfloat16, which numpy lacks); a
+    missing input, a shape the graph was not compiled for or another dtype is a one-line error.
 
     Every session gets its feeds through here, in the layout graphs are built for: an AOTInductor package reads
     its inputs with the strides it was compiled with and does not check them by default, so a transposed view
@@ -92,6 +105,9 @@ def checked_feeds(graph: str, inputs: dict[str, list], feeds: dict) -> dict[str,
                 f"{name} has shape {list(array.shape)} but {graph} was compiled for {list(shape)}; "
                 "recompile with matching --batch/--text-len/--image-size"
             )
+        want = (dtypes or {}).get(name)
+        if want is not None and array.dtype != np.dtype(want):
+            raise ValueError(f"{name} has dtype {array.dtype} but {graph} takes {want}; convert it before the call")
         arrays[name] = row_major(array)
     return arrays
 
