@@ -5,9 +5,11 @@ edges, against the reference pruner; a divergence fails the compile naming the t
 import numpy as np
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from clse_fx import static_ops
-from clse_fx.compiler import prune_prefill
+from clse_fx.compiler import PrefillOutputs, prune_prefill
+from clse_fx.demo import save_tiny_llava
 from clse_fx.export import deploy_check
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_prune
@@ -98,3 +100,49 @@ def test_onnx_sessions_take_any_layout_and_refuse_other_dtypes_in_one_line(cli_b
         assert np.array_equal(have, want)
     with pytest.raises(ValueError, match=r"^pixel_values has dtype float64 but prefill.onnx takes float32; convert"):
         engine.prefill.run(**{**feeds, "pixel_values": feeds["pixel_values"].astype(np.float64)})
+
+
+@pytest.fixture(scope="module")
+def shallow_tie(tmp_path_factory):
+    """A 2-layer tiny LLaVA (compiles fast) whose spectral score ties 3 ways at exactly 1.0 on a constant image
+    (visual ids 0, 1, 4): a one-stage plan keeping 2 cuts inside the tie. The model, its program and prune config
+    and inputs."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        save_tiny_llava(tmp_path_factory.mktemp("shallow"), num_layers=2)
+    ).eval()
+    ids = prompt_ids(model, [[5, "img", 7, 8, 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 48, 48)}
+    prune = PruneConfig(plan=plan_budget(None, 2, 36, stages="1:2"), score="clse")
+    return model, prune_prefill(model, prune, inputs), prune, inputs
+
+
+def test_every_cpu_target_cuts_a_tie_like_the_reference(shallow_tie, tmp_path):
+    """ONNX Runtime, Inductor and an AOTInductor package of one program keep the reference's ids where the cut
+    falls inside a tie (constant image), through the deploy check (flat regions too)."""
+    from clse_fx.deploy.aoti import AotiSession
+    from clse_fx.deploy.session import OnnxSession
+    from clse_fx.export.aot_inductor import signature
+    from clse_fx.export.onnxruntime import export_onnx, input_names
+
+    model, pruned, prune, inputs = shallow_tie
+    constant = deploy_check.with_pixels(inputs, deploy_check.constant_image)
+    assert reference_prune(model, prune, **constant).kept[0][0].tolist() == [0, 1]  # of the tie 0, 1, 4
+    with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # test-only: faster
+        package = torch._inductor.aoti_compile_and_package(pruned.program, package_path=str(tmp_path / "p.pt2"))
+    sessions = {
+        "aot-inductor": AotiSession(package, {"inputs": signature(input_names(pruned), list(pruned.example_args))}),
+        "onnxruntime": OnnxSession(export_onnx(pruned, tmp_path / "prefill.onnx", optimize=False)),
+    }
+    for target, session in sessions.items():
+
+        def run(realistic, session=session):
+            feeds = deploy_check.as_deploy_feeds(graph_inputs(model, realistic))
+            return PrefillOutputs.from_flat([torch.from_numpy(a) for a in session.run(**feeds)], 1)
+
+        assert deploy_check.check(target, run, model, prune, inputs)["deploy_constant_kept_identical"]
+    inductor = torch.compile(pruned.program.module())
+
+    def compiled(realistic):
+        return PrefillOutputs.from_flat(inductor(*graph_inputs(model, realistic).values()), 1)
+
+    assert deploy_check.check("torch-compile", compiled, model, prune, inputs)["deploy_constant_kept_identical"]
