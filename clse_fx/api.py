@@ -50,10 +50,12 @@ class CompileResult:
 
 @dataclass
 class Phases:
-    """Reports each compile phase through ``progress`` while it runs and adds up its seconds in ``timings``."""
+    """Reports each compile phase through ``progress`` while it runs, adds up its seconds in ``timings`` and
+    records the process's peak resident memory so far when it ends in ``peak_rss_mib`` (where memory grows)."""
 
     progress: Progress
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def __call__(self, label: str, key: str) -> Iterator[None]:
@@ -61,6 +63,14 @@ class Phases:
         with self.progress(label):
             yield
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+        self.peak_rss_mib[key] = peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``getrusage``; kilobytes on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -333,7 +343,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             section = build(context, bundle)
             add_section(manifest, section)
             module = section.module or module
-        manifest.timings_s = dict(phases.timings)
+        manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
         if bundle is not None:
             if processor is not None:
                 processor.save_pretrained(bundle)
@@ -342,7 +352,7 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             with phases("deploy-path check: constant and flat-region images", "deploy_check"):
                 run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
                 manifest.parity.update(deploy_check.check(options.target, run, model, prune, inputs))
-            manifest.timings_s = dict(phases.timings)
+            manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
             if bundle is not None:
                 write_manifest(bundle, manifest)
     return CompileResult(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,8 @@ class ReferenceOutput:
     positions: torch.Tensor
     cache: list[tuple[torch.Tensor, torch.Tensor]]
     cache_positions: list[torch.Tensor]
+    # scores[j]: [B, N] float32 score of each visual id at stage j (NaN for ids an earlier stage dropped)
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 def _layer0_inputs(model, adapter, model_inputs: dict) -> tuple[torch.Tensor, dict]:
@@ -169,6 +171,7 @@ def reference_prune(
     specs = {spec.layer: spec for spec in config.stage_specs(layout, adapter.visual_token_ids())} if num_visual else {}
     sizes = torch.ones(batch, num_visual, device=device)  # tokens each visual token stands for (merge="tome")
     kept: list[torch.Tensor] = []
+    stage_scores: list[torch.Tensor] = []
     layer_positions: list[torch.Tensor] = []
     with capture_attention_inputs(decoder) as records:
         for layer_idx, layer in enumerate(decoder.layers):
@@ -184,6 +187,8 @@ def reference_prune(
                 is_extra = torch.isin(vis_id, torch.tensor(spec.extras, device=device)) if spec.extras else None
                 scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra)
                 local = select_topk(scores, spec.visual_out)
+                by_id = torch.full((batch, num_visual), float("nan"), device=device)
+                stage_scores.append(by_id.scatter(1, vis_id, scores.to(torch.float32)))
                 if config.merge == "tome":
                     metric = z_cur if config.merge_metric == "hidden" else _gather_seq(key.mean(dim=1), vis_index, 1)
                     merged, sizes = _tome_merge(z_cur, metric, sizes, local)
@@ -227,7 +232,9 @@ def reference_prune(
             layer_pos = positions
         cache.append((key, value))
         cache_positions.append(layer_pos)
-    return ReferenceOutput(logits=logits, kept=kept, positions=positions, cache=cache, cache_positions=cache_positions)
+    return ReferenceOutput(
+        logits=logits, kept=kept, positions=positions, cache=cache, cache_positions=cache_positions, scores=stage_scores
+    )
 
 
 @torch.no_grad()

@@ -146,3 +146,14 @@ def test_every_cpu_target_cuts_a_tie_like_the_reference(shallow_tie, tmp_path):
         return PrefillOutputs.from_flat(inductor(*graph_inputs(model, realistic).values()), 1)
 
     assert deploy_check.check("torch-compile", compiled, model, prune, inputs)["deploy_constant_kept_identical"]
+
+
+def test_near_tie_trades_are_told_apart_from_divergence():
+    """Engines round differently, so tokens scored within the tolerance of the cut may trade places (recorded, the
+    comparison stops there); keeping a token the reference scores far below the cut is a divergence."""
+    scores = torch.tensor([[0.9, 0.5, 0.50004, 0.1]])
+    want = torch.tensor([[0, 2]])  # the reference's cut: 0.50004
+    assert deploy_check.near_tie_flips(want, want, scores, 1e-4) == 0
+    assert deploy_check.near_tie_flips(torch.tensor([[0, 1]]), want, scores, 1e-4) == 1
+    assert deploy_check.near_tie_flips(torch.tensor([[0, 3]]), want, scores, 1e-4) is None
+    assert deploy_check.near_tie_flips(torch.tensor([[0, 1]]), want, scores, 1e-6) is None

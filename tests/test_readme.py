@@ -134,6 +134,16 @@ def test_every_target_gives_the_readme_answers_keeping_the_reference_tokens(
         reference = reference_generate(model, prune, max_new_tokens=8, **inputs).tolist()
         assert generated == [row[: len(tokens)] for row, tokens in zip(reference, generated)]
     assert compiled.module.generate(inputs, 1) == [row[:1] for row in generated]  # the same buffers, reloaded
+    # The processor's own output as it comes (padded to the longer prompt, shorter than the compiled length).
+    processor, pair = demo_model[1], questions[:2]
+    texts = [f"user : <image> {question} assistant :" for _, question, _ in pair]
+    batch = dict(processor(images=[image for image, _, _ in pair], text=texts, padding=True, return_tensors="pt"))
+    assert batch["input_ids"].shape[1] < inputs["input_ids"].shape[1]
+    answers = [onnx.preprocessor.decode(row).strip() for row in compiled.module.generate(batch, 8, stops)]
+    assert answers == [answer for _, _, answer in pair]
+    longer = dict(processor(images=[pair[0][0]] * 2, text=texts[:1] * 2, padding="max_length", max_length=300))
+    with pytest.raises(ValueError, match=r"compiled for 2 prompt\(s\) of at most 288 tokens; .*max_length=288"):
+        compiled.module.generate({k: torch.as_tensor(v) for k, v in longer.items()}, 8)
     with pytest.raises(ValueError, match="compiled for 1..8"):
         compiled.module.generate(inputs, 9)
     assert compiled.manifest.parity["torch_compile_max_abs_logits"] <= 1e-4

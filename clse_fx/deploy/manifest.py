@@ -119,6 +119,7 @@ class Manifest:
     opset: int | None = None
     tensorrt_readiness: dict[str, list[str]] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the compile's peak memory at each phase's end
     files: dict[str, dict] = field(default_factory=dict)  # bundle file -> sha256 and bytes (written last)
     schema_version: int = SCHEMA_VERSION
 

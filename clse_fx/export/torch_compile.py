@@ -47,17 +47,40 @@ class CompiledEngine:
             flat = self.prefill_module(*(args or self.pruned.example_args))
         return PrefillOutputs.from_flat(flat, len(self.pruned.settings.stages))
 
+    def fit_to_compiled_length(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Processor output as it comes (unpadded, or padded to the batch's longest prompt): ``input_ids`` and
+        ``attention_mask`` left-padded to the compiled sequence length, as every engine expects; a longer prompt or
+        another batch size is a one-line error."""
+        ids = inputs["input_ids"]
+        batch, length = self.pruned.example_args[0].shape
+        if ids.shape[0] != batch or ids.shape[1] > length:
+            raise ValueError(
+                f"input_ids has shape {list(ids.shape)} but this engine was compiled for {batch} prompt(s) of at "
+                f"most {length} tokens; recompile with batch={ids.shape[0]} / a longer text_len, or pass the "
+                f"processor padding='max_length', max_length={length}"
+            )
+        pad = length - ids.shape[1]
+        if pad == 0:
+            return inputs
+        mask = inputs.get("attention_mask", torch.ones_like(ids))
+        pad_id = self.model.config.text_config.pad_token_id or 0
+        return {
+            **inputs,
+            "input_ids": torch.cat([ids.new_full((batch, pad), pad_id), ids], dim=1),
+            "attention_mask": torch.cat([mask.new_zeros((batch, pad)), mask], dim=1),
+        }
+
     @torch.no_grad()
     def generate(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, stops: set[int] = frozenset()):
-        """Greedy generation for processor-style ``inputs`` of the compiled shapes: per row the new token ids,
-        cut after the first stop token. Decode positions continue after the unpruned prompt length (plus the
-        rope deltas under M-RoPE), as in every other runtime."""
+        """Greedy generation for processor-style ``inputs`` (the compiled batch; shorter prompts are left-padded to
+        the compiled length): per row the new token ids, cut after the first stop token. Decode positions continue
+        after the unpruned prompt length (plus the rope deltas under M-RoPE), as in every other runtime."""
         if not 1 <= max_new_tokens <= self.max_new_tokens:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens}: this engine was compiled for 1..{self.max_new_tokens}; "
                 f"recompile with max_new_tokens={max_new_tokens}"
             )
-        named = graph_inputs(self.model, inputs)
+        named = graph_inputs(self.model, self.fit_to_compiled_length(inputs))
         out = self(*named.values())
         self.decode.load(out.cache)
         ids, mask = named["input_ids"], named["attention_mask"]

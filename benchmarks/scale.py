@@ -1,0 +1,125 @@
+"""Compile LLaVA-1.5 geometry at growing widths through the CLI, as a user does: `python -m benchmarks.scale`.
+
+Per width (``--width 1/8 --width 1/4 --width 1``; 1 is the full 7B): a float16 checkpoint with random weights
+written by ``save_pretrained`` (32 layers, 576 visual tokens, the real 32064-token vocabulary; text and vision
+widths scaled), then ``clse-compile CKPT --keep 192 --dtype float16`` in a child process, then one prompt through
+the bundle's ``Engine`` (prefill and 4 decode tokens) in another. Records parameters, checkpoint bytes, the
+compile's wall and CPU seconds, its peak RSS (the child's, from ``getrusage``) and the seconds and peak RSS at
+the end of each phase (from the manifest), the bundle's bytes, and the loaded Engine's peak RSS and time. Merges
+into benchmarks/results/scale.json (keyed by width) and prints the ratios the scale targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from benchmarks import geometry
+
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+ENGINE_RUN = """
+import json, resource, sys, time
+import numpy as np
+from clse_fx.deploy.engine import Engine
+start = time.perf_counter()
+engine = Engine.load(sys.argv[1])
+loaded = time.perf_counter() - start
+m = engine.manifest
+ids = np.full((m.batch, m.sequence_length), 5, dtype=np.int64)
+ids[:, 1 : 1 + m.geometry["num_visual"]] = m.image_token_id
+pixels = np.random.default_rng(0).standard_normal((m.batch, 3, 336, 336)).astype(np.float32)
+start = time.perf_counter()
+feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels}
+tokens, timings = engine.generate_ids(feeds, 5)
+print(json.dumps({"load_s": loaded, "generate_s": time.perf_counter() - start, "prefill_ms": timings.prefill_ms,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def width_geometry(width: Fraction) -> dict:
+    """LLaVA-1.5-7B's geometry with text and vision widths scaled by ``width`` (heads keep their 128 / 64 dims)."""
+    full = geometry.LLAVA_7B
+    return dict(
+        hidden=int(full["hidden"] * width),
+        intermediate=int(full["intermediate"] * width),
+        heads=max(1, int(full["heads"] * width)),
+        vocab=full["vocab"],
+        vision_hidden=int(full["vision_hidden"] * width),
+        vision_layers=full["vision_layers"],
+    )
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def measure(width: Fraction, work: Path) -> dict:
+    checkpoint, bundle = work / "checkpoint", work / "bundle"
+    model = geometry.build(width_geometry(width), dtype=torch.float16)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(checkpoint)
+    del model
+    command = [sys.executable, "-m", "clse_fx.cli", str(checkpoint), "--keep", "192", "--dtype", "float16"]
+    command += ["-o", str(bundle), "--force"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"clse-compile failed at width {width}: {done.stderr.strip().splitlines()[-1]}")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    engine = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(bundle)], capture_output=True, text=True)
+    if engine.returncode != 0:
+        raise RuntimeError(f"the Engine failed at width {width}: {engine.stderr.strip().splitlines()[-1]}")
+    checkpoint_bytes = directory_bytes(checkpoint)
+    row = {
+        "parameters": parameters,
+        "checkpoint_bytes": checkpoint_bytes,
+        "compile_wall_s": round(wall, 1),
+        "compile_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+        "compile_peak_rss_bytes": after.ru_maxrss * 1024,  # the largest child so far: this compile
+        "phase_seconds": manifest["timings_s"],
+        "phase_peak_rss_mib": manifest.get("peak_rss_mib", {}),
+        "bundle_bytes": directory_bytes(bundle),
+        "bundle_files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
+        "engine": json.loads(engine.stdout.strip().splitlines()[-1]),
+    }
+    row["compile_peak_rss_over_checkpoint"] = row["compile_peak_rss_bytes"] / checkpoint_bytes
+    row["bundle_over_checkpoint"] = row["bundle_bytes"] / checkpoint_bytes
+    row["engine_rss_over_checkpoint"] = row["engine"]["peak_rss_bytes"] / checkpoint_bytes
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--width", action="append", type=Fraction, help="e.g. 1/8 (repeatable; default 1/8)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON to merge into (default: {RESULTS})")
+    args = parser.parse_args(argv)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for width in args.width or [Fraction(1, 8)]:
+        with tempfile.TemporaryDirectory() as work:
+            row = measure(width, Path(work))
+        results[str(width)] = row
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(
+            f"width {width}: {row['parameters'] / 1e6:.0f}M parameters, checkpoint "
+            f"{row['checkpoint_bytes'] / 2**30:.2f} GiB; compile {row['compile_wall_s']:.0f} s, peak RSS "
+            f"{row['compile_peak_rss_over_checkpoint']:.1f}x the checkpoint; bundle "
+            f"{row['bundle_over_checkpoint']:.2f}x; Engine RSS {row['engine_rss_over_checkpoint']:.2f}x",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
