@@ -157,3 +157,28 @@ def test_near_tie_trades_are_told_apart_from_divergence():
     assert deploy_check.near_tie_flips(torch.tensor([[0, 1]]), want, scores, 1e-4) == 1
     assert deploy_check.near_tie_flips(torch.tensor([[0, 3]]), want, scores, 1e-4) is None
     assert deploy_check.near_tie_flips(torch.tensor([[0, 1]]), want, scores, 1e-6) is None
+
+
+def test_bundle_stores_each_weight_once(cli_bundle, tiny_llava_dir):
+    """prefill.onnx and decode.onnx point into one weights.data, which holds each distinct tensor once: about the
+    checkpoint's bytes, not twice them."""
+    import onnx
+
+    from clse_fx.deploy.manifest import read_manifest
+
+    bundle = cli_bundle[0]
+    manifest = read_manifest(bundle)
+    assert not list(bundle.glob("*.onnx.data")) and (bundle / "weights.data").is_file()
+    assert {name: graph["external_data"] for name, graph in manifest.graphs.items()} == {
+        "prefill": ["weights.data"],
+        "decode": ["weights.data"],
+    }
+    checkpoint = sum(f.stat().st_size for f in tiny_llava_dir.glob("*.safetensors"))
+    assert (bundle / "weights.data").stat().st_size <= 1.05 * checkpoint
+    offsets = {}
+    for graph in ("prefill.onnx", "decode.onnx"):
+        for tensor in onnx.load(str(bundle / graph), load_external_data=False).graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {entry.key: entry.value for entry in tensor.external_data}
+                offsets.setdefault(graph, set()).add(int(info["offset"]))
+    assert offsets["prefill.onnx"] & offsets["decode.onnx"], "the graphs should share the decoder's weights"

@@ -9,7 +9,6 @@ from clse_fx.compiler import prune_prefill
 from clse_fx.deploy.session import OnnxSession
 from clse_fx.export.onnxruntime import export_decode_onnx, export_onnx, graph_signature
 from clse_fx.plan import PruneConfig, plan_budget
-from clse_fx.reference import reference_generate
 
 from .conftest import prompt_ids
 
@@ -103,34 +102,20 @@ def test_baseline_scores_export_as_constants(tiny_llava, tmp_path, score):
     assert torch.equal(pruned.flat()[2], torch_out[2])  # the same tokens on every call
 
 
-def test_graphs_over_the_protobuf_limit_use_external_data(tiny_llava, tmp_path, monkeypatch):
-    """Weights over 2 GiB go to ``<graph>.onnx.data``; simulated by lowering the exporter's size threshold. The
-    checks read such graphs by path, the manifest hashes the data files, and the cached decode export writes the
-    data file again."""
+def test_decode_exports_served_from_the_cache_bring_their_weights(tiny_llava, tmp_path):
+    """Every graph keeps its weights in ``<graph>.onnx.data`` (bundles then share them in weights.data, see
+    tests/test_deploy_check.py); a decode export served from the cache writes its data file again."""
     import copy
 
-    from torch.onnx._internal.exporter import _onnx_program
-
-    import clse_fx
-    from clse_fx.deploy.engine import Engine
-    from clse_fx.deploy.manifest import read_manifest
-
-    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
     model = copy.deepcopy(tiny_llava)  # a decode export of its own
-    bundle = tmp_path / "bundle"
-    result = clse_fx.compile(model, stages="1:20,3:6", text_len=6, output_dir=bundle, verify=False, optimize_onnx=False)
-    files = read_manifest(bundle).files  # verifies every hash
-    assert {"prefill.onnx.data", "decode.onnx.data"} <= set(files)
-    initializers = onnx.load(str(bundle / "prefill.onnx"), load_external_data=False).graph.initializer
+    ids = prompt_ids(model, [[5, "img", 7, 8, 9]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 48, 48)}
+    cache = prune_prefill(model, PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20")), inputs)().cache
+    paths = [tmp_path / folder / "decode.onnx" for folder in ("first", "cached")]
+    for path in paths:
+        path.parent.mkdir()
+        export_decode_onnx(model, cache, path, optimize=False)
+    first, cached = (path.with_name("decode.onnx.data") for path in paths)
+    assert first.stat().st_size > 0 and cached.read_bytes() == first.read_bytes()
+    initializers = onnx.load(str(paths[1]), load_external_data=False).graph.initializer
     assert any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in initializers)
-    again = tmp_path / "again" / "decode.onnx"  # served from the decode-export cache: the data file comes along
-    again.parent.mkdir()
-    export_decode_onnx(model, result.pruned().cache, again, optimize=False)
-    assert again.with_name("decode.onnx.data").read_bytes() == (bundle / "decode.onnx.data").read_bytes()
-    engine = Engine.load(bundle)
-    ids = prompt_ids(model, [[5, "img", 7, 8, 9, 10, 11]])
-    pixels = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "pixel_values": pixels.numpy()}
-    generated, _ = engine.generate_ids(feeds, max_new_tokens=4)
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="1:20,3:6"))
-    assert generated == reference_generate(model, prune, ids, pixels, max_new_tokens=4).tolist()

@@ -15,6 +15,7 @@ from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.deploy.manifest import decode_names, prefill_output_names
 from clse_fx.deploy.session import OnnxSession
+from clse_fx.export.shared_weights import share_weights
 from clse_fx.export.targets import TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
 from clse_fx.models import adapter_for, deploy_recipe_for
@@ -212,6 +213,7 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         device_out = context.program_output()  # on the model's device; parity is measured on the CPU
         torch_out = device_out.cpu()
         decode_program, decode_path = export_decode_onnx(model, device_out.cache, bundle / "decode.onnx", optimize)
+        share_weights([*pre_paths.values(), prefill_path, decode_path])
     with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
         produced, parity = run_input_graphs(model, input_graphs, pre_paths, inputs) if pre_paths else ({}, {})
         feeds = dict(zip(input_names(pruned), pruned.example_args)) | produced
