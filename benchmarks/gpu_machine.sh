@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_machine.sh WHEELS_DIR RESULTS_DIR targets [ONNX_DEMO_BUNDLE]  # about 5 minutes
 # prefill: a smoke run of benchmarks.gpu at 1/64 width and 4 layers (stops there if it fails: a broken script costs a
 # minute, not the lease), then benchmarks.gpu at LLaVA-1.5-7B geometry (172 s on an H200 before its Inductor
-# compiles, which start only in its first 300 s). targets: the trace matrix's CUDA rows (LLaVA-1.5-7B geometry, bf16
+# compiles, which start only in its first 260 s; the whole part fits one 600 s call). targets: the trace matrix's CUDA rows (LLaVA-1.5-7B geometry, bf16
 # and fp16; 70 s) and the aot-inductor / torch-compile targets on the demo (benchmarks.gpu_targets; the aot-inductor
 # packages alone took 130 s; ONNX_DEMO_BUNDLE saves compiling the onnxruntime bundle).
 # WHEELS_DIR holds what this project needs beyond that machine's packages (see the README's GPU section for the
@@ -26,7 +26,7 @@ case "$part" in
 prefill)
     timeout 90 python3 -m benchmarks.gpu --smoke --deadline 0 --out "$out/gpu_smoke.json" > "$out/gpu_smoke.log" 2>&1 || { grep -v USDT "$out/gpu_smoke.log" | tail -30; exit 2; }
     grep -v USDT "$out/gpu_smoke.log" | tail -8
-    timeout 540 python3 -m benchmarks.gpu --out "$out/gpu.json" --deadline 300 > "$out/gpu.log" 2>&1 || status=$?
+    timeout 480 python3 -m benchmarks.gpu --out "$out/gpu.json" --deadline 260 > "$out/gpu.log" 2>&1 || status=$?
     grep -v USDT "$out/gpu.log" | tail -25
     ;;
 targets)
