@@ -76,8 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "--image-size", type=_image_size, help="HxW (or one side) pixels, for models of variable resolution (Qwen2-VL)"
     )
     parser.add_argument("--frames", type=int, default=1, help="frames per video (video models; static)")
-    parser.add_argument("--text-len", type=int, default=32, help="non-image tokens per prompt (static)")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per call (static)")
+    parser.add_argument("--text-len", type=int, default=32, help="non-image tokens per prompt (static; default: 32)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per call (static; default: 1)")
     parser.add_argument("--images", type=int, default=1, help="images per prompt (static)")
     parser.add_argument("-o", "--output", help="bundle directory (default: clse-out/<model name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")

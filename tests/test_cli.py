@@ -183,3 +183,42 @@ def test_a_checkpoint_processor_that_fails_to_load_is_a_warning(tiny_llava_dir, 
     with pytest.warns(UserWarning, match="processor did not load .*run from token ids and pixels only"):
         assert load_processor(copy) is None
     assert load_processor(tmp_path / "missing") is None  # no checkpoint dir (an in-memory model): no warning
+
+
+def test_clse_run_output_into_a_closed_pipe_and_a_file_as_bundle(cli_bundle, tmp_path):
+    """`clse-run ... | head -1` must not end in a BrokenPipeError traceback; a graph file given as the bundle names
+    the directory to pass instead."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    bundle = cli_bundle[0]
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    argv = ["--image", str(tmp_path / "red.png"), "--prompt", "what", "--max-new-tokens", "2"]
+    code = "import sys; from clse_fx.deploy.cli import run_main; sys.exit(run_main(sys.argv[1:]))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(bundle), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) in (0, 1) and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(bundle / "prefill.onnx"), *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: {bundle / 'prefill.onnx'} is a file; pass the bundle directory (the folder with manifest.json), "
+        f"e.g. {bundle}"
+    )
+
+
+def test_help_shows_the_defaults_of_numeric_options():
+    from clse_fx.cli import _parser
+    from clse_fx.deploy.cli import _run_parser, _serve_parser
+
+    parsers = (_parser, _run_parser, _serve_parser)
+    compile_help, run_help, serve_help = (" ".join(parser().format_help().split()) for parser in parsers)
+    assert "(static; default: 32)" in compile_help and "(static; default: 1)" in compile_help
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens to generate at most (default: 32)" in run_help
+    assert "--port PORT HTTP port (default: 8000)" in serve_help

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,10 +33,10 @@ def _run_parser() -> argparse.ArgumentParser:
         "--video", action="append", help="folder of frames or animated GIF/WebP (repeat for several prompts)"
     )
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image/--video)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="with --sample; 0: every token (default: 0)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
@@ -47,6 +48,16 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def run_main(argv: list[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe must fail here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:  # the reader left (`clse-run ... | head -1`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     args = _run_parser().parse_args(argv)
     one_line_warnings()
     import json
@@ -114,15 +125,22 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replicas", type=int, default=1, help="copies of the engines, one Ray actor each")
     parser.add_argument("--address", help="join this Ray cluster (e.g. head-node:6379); default: start a local one")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP address; 0.0.0.0 accepts other machines")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="e.g. 1 for onnxruntime-gpu bundles")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default: 1)")
+    parser.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, help="e.g. 1 for onnxruntime-gpu bundles (default: 0)"
+    )
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: its CPUs)")
     parser.add_argument("--image-root", help="allow image_path requests for files under this directory")
-    parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes)
-    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
-    parser.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens, help="the most a request may ask")
+    parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes, help="(default: %(default)s)")
+    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=Limits.max_new_tokens,
+        help="the most a request may ask (default: %(default)s)",
+    )
     parser.add_argument(
         "--max-ongoing-requests",
         type=int,

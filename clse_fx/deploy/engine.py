@@ -58,6 +58,10 @@ class Engine:
         from clse_fx.deploy.session import OnnxSession, select_providers
 
         bundle = Path(bundle)
+        if bundle.is_file():
+            raise FileNotFoundError(
+                f"{bundle} is a file; pass the bundle directory (the folder with manifest.json), e.g. {bundle.parent}"
+            )
         if not bundle.is_dir():
             raise FileNotFoundError(f"bundle {bundle} does not exist; compile one with clse-compile")
         manifest = read_manifest(bundle, verify=True)
