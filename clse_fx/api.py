@@ -131,10 +131,15 @@ def load_checkpoint(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.M
     return model, load_processor(model_dir)
 
 
+def require_device(device: str | None, asked_by: str = "--device cuda") -> None:
+    """A one-line error when ``device`` is cuda and no CUDA device is visible."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{asked_by} needs CUDA, but no CUDA device is visible; run on a GPU machine")
+
+
 def place_model(model: nn.Module, device: str | None, dtype: str | None) -> nn.Module:
     """``model`` moved to ``device`` and cast to ``dtype`` (None: as it is), with a clear error without CUDA."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but no CUDA device is visible; run on a GPU machine or use --device cpu")
+    require_device(device)
     if device is not None:
         model = model.to(device)
     return model.to(getattr(torch, dtype)) if dtype is not None else model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import signal
 import sys
 import tempfile
 import time
@@ -28,8 +29,24 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver is installed (its device nodes or nvidia-smi), without importing torch."""
+    import shutil
+
+    return any(Path("/dev").glob("nvidia*")) or shutil.which("nvidia-smi") is not None
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def _budget(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a budget: pass a visual-token count (e.g. 128) or a ratio in (0, 1) (e.g. 0.25)"
+        ) from None
     return int(value) if value.is_integer() and value >= 1 else value
 
 
@@ -239,6 +256,8 @@ def phase_progress(console) -> Callable[[str], contextlib.AbstractContextManager
 def compile_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     one_line_warnings()
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the staged output directory is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     from rich.console import Console
 
     console = Console(stderr=False)
@@ -281,10 +300,20 @@ def compile_main(argv: list[str] | None = None) -> int:
             dump_graph=args.dump_graph,
             optimize_onnx=args.optimize_onnx,
         )
+        device = options.device or TARGETS[options.target].device
+        asked_by = "--device cuda" if options.device else f"--target {options.target}"
+        if device == "cuda" and not _nvidia_driver_present():  # before importing torch: a second, not four
+            raise RuntimeError(f"{asked_by} needs CUDA, but this machine has no NVIDIA driver; run on a GPU machine")
         # Only now, with every argument checked, is a hub id looked up in the local Hugging Face cache.
         model_dir = _model_dir(args)
         options = dataclasses.replace(options, source=model_dir)
         _quiet_transformers()  # only now: every argument has been checked without importing torch or transformers
+        # What the target needs (its extras, CUDA) is checked before the checkpoint loads: minutes for a 7B model.
+        from clse_fx.api import require_device
+        from clse_fx.export.targets import builders
+
+        builders(options.target)
+        require_device(device, asked_by)
         with step("loading the checkpoint"):
             from clse_fx.api import compile as compile_model
             from clse_fx.api import load_checkpoint
@@ -306,6 +335,9 @@ def compile_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted: nothing was written", highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

@@ -149,11 +149,17 @@ class Plan:
 
 
 def check_budget_given(keep: float | None, stages: object | None) -> None:
-    """Exactly one of a budget and explicit stages."""
+    """Exactly one of a budget and explicit stages; a budget is a whole count >= 1 or a ratio in (0, 1) (whether
+    the count fits the model's visual tokens is checked once the model is known)."""
     if keep is None and stages is None:
         raise ValueError("give a budget (--keep N or --keep RATIO) or explicit --stages LAYER:KEEP,...")
     if keep is not None and stages is not None:
         raise ValueError("--keep and --stages both given; pass one: a budget or explicit stages")
+    if keep is not None and not (0 < keep < 1 or (keep >= 1 and float(keep).is_integer())):
+        raise ValueError(
+            f"keep={keep:g} is neither a token count nor a ratio in (0, 1): use a budget of at least 1 or a ratio, "
+            "e.g. --keep 128 or 0.25"
+        )
 
 
 def parse_stages(text: str) -> list[tuple[int, int]]:
@@ -219,10 +225,8 @@ def plan_budget(
             stages = parse_stages(stages)
         return _validated(list(stages), num_layers, num_visual)
     is_ratio = isinstance(keep, float) and 0 < keep < 1
-    if not is_ratio and keep != int(keep):
-        raise ValueError(f"keep={keep} is neither a token count nor a ratio in (0, 1); pass e.g. --keep 128 or 0.25")
     count = keep * num_visual if is_ratio else int(keep)
-    if count < 1:
+    if count < 1:  # a ratio too small for this model (other budgets were checked above)
         raise ValueError(f"keep={keep} leaves less than one visual token; use a budget of at least 1")
     if count > num_visual:
         raise ValueError(

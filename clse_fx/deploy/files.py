@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 def check_output_dir(target: str | Path, force: bool) -> None:
-    """An existing output directory is only replaced with ``force``."""
+    """An existing output directory is only replaced with ``force``; a file there never is."""
+    if Path(target).is_file():
+        raise FileExistsError(f"output {target} is a file; pass a directory path (it is created)")
     if Path(target).exists() and not force:
         raise FileExistsError(f"output directory {target} already exists; pass --force to replace it")
 
