@@ -91,7 +91,21 @@ def test_sample_questions_get_the_answers_the_readme_shows(demo):
         result = json.loads(out)["results"][0]
         assert result["text"].strip() == answer, (argv, result)
         # The demo model stops on its own: the answer word, then EOS.
-        assert len(result["token_ids"]) == 2, result
+        assert len(result["token_ids"]) == 2 and result["warnings"] == [], result
+
+
+def test_prompts_the_model_cannot_read_are_answered_with_a_warning(demo):
+    """Words outside the demo's vocabulary, and a question without its prompt format: one warning line each
+    (once), and the same in --json."""
+    image = str(ROOT / "examples/demo/shapes-1.png")
+    argv = [str(demo[0]), "--image", image, "--prompt", "What is in the picture?", "--chat", "--max-new-tokens", "2"]
+    code, out, err = _captured(run_main, argv)
+    assert code == 0 and err.splitlines() == [
+        "warning: the model's vocabulary has no 'What', 'in', 'picture?': the prompt reaches it as unknown tokens"
+    ]
+    code, out, err = _captured(run_main, [*argv[:4], "what colour is the circle ?", "--json"])
+    (warning,) = json.loads(out)["results"][0]["warnings"]
+    assert code == 0 and "not in the model's chat format (ending 'assistant :'); pass --chat" in warning
 
 
 @pytest.fixture(scope="module")

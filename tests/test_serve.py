@@ -229,6 +229,7 @@ def test_batched_requests_answer_as_engine_generate(engine, image_root):
     for (i, p, n), result in zip(cases, results):
         (expected,) = engine.generate([images[i]], [PROMPTS[p]], max_new_tokens=n)
         assert (result["token_ids"], result["text"]) == (expected.token_ids, expected.text)
+        assert result["warnings"] == expected.warnings  # what the prompt has that the model cannot read
     (expected,) = engine.generate([images[0]], [PROMPTS[1]], max_new_tokens=16, sampling=sampling)  # the limit
     assert results[-1]["token_ids"] == expected.token_ids
     assert [r["batch_size"] for r in results] == [2, 2, 2, 2, 1, 1]

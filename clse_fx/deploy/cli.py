@@ -88,6 +88,8 @@ def _run(argv: list[str] | None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     asked = list(zip(paths, args.prompt))
+    for warning in dict.fromkeys(w for r in results for w in r.warnings):  # each once, one line
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         rows = [
             {
@@ -96,6 +98,7 @@ def _run(argv: list[str] | None) -> int:
                 "token_ids": r.token_ids,
                 "text": r.text,
                 "kept_ids": r.kept_ids,  # per stage, the visual tokens (grid order) the prefill kept
+                "warnings": r.warnings,
                 "timings": vars(r.timings),
             }
             for (image, prompt), r in zip(asked, results)

@@ -33,6 +33,7 @@ class Generation:
     text: str
     timings: Timings = field(default_factory=Timings)
     kept_ids: list[list[int]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what in the prompt the model cannot read
 
 
 class Engine:
@@ -158,7 +159,8 @@ class Engine:
                 tokens = ids[row]
                 text = self.preprocessor.decode(tokens)
                 stages = [stage[row].tolist() for stage in kept]
-                results.append(Generation(token_ids=tokens, text=text, timings=timings, kept_ids=stages))
+                warned = self.preprocessor.prompt_warnings(prompts[chunk[row]], chat)
+                results.append(Generation(tokens, text, timings, kept_ids=stages, warnings=warned))
         return results
 
     def generate_ids(

@@ -113,6 +113,7 @@ class Prepared:
     max_new_tokens: int
     sampling: SamplingConfig
     stops: frozenset[int]
+    warnings: tuple[str, ...] = ()  # what in the prompt the model cannot read (answered all the same)
 
     def group(self) -> tuple:
         """Requests with equal groups share engine calls; a seeded sample runs alone, so only its seed decides it."""
@@ -268,6 +269,7 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         stops=frozenset(engine.manifest.stop_token_ids() if stops is None else stops),
+        warnings=tuple(engine.preprocessor.prompt_warnings(prompt, chat)),
     )
 
 
@@ -298,6 +300,7 @@ def run_batch(engine: Engine, items: list[Prepared]) -> list[dict]:
                     "token_ids": tokens,
                     "timings": vars(timings),
                     "batch_size": len(chunk),
+                    "warnings": list(items[index].warnings),
                 }
     return results
 

@@ -101,6 +101,23 @@ class Preprocessor:
             expanded += [token] * text.tokens_per_item if token == text.placeholder_id else [token]
         return expanded
 
+    def prompt_warnings(self, prompt: str, chat: bool = False) -> list[str]:
+        """What in ``prompt`` the model cannot read, one line each: words its tokenizer maps to the unknown token,
+        and (asked without chat) a prompt not in the model's chat format. Such prompts still run; their answers are
+        guesses."""
+        found = []
+        unknown_id = self.tokenizer.token_to_id(getattr(self.tokenizer.model, "unk_token", None) or "") or None
+        if unknown_id is not None:
+            encoding = self.tokenizer.encode(prompt, add_special_tokens=False)
+            words = [prompt[a:b] for token, (a, b) in zip(encoding.ids, encoding.offsets) if token == unknown_id]
+            if words:
+                listed = ", ".join(dict.fromkeys(repr(word) for word in words))
+                found.append(f"the model's vocabulary has no {listed}: the prompt reaches it as unknown tokens")
+        suffix = (self.text.chat_suffix or "").strip()
+        if not chat and suffix and not prompt.strip().endswith(suffix):
+            found.append(f"the prompt is not in the model's chat format (ending {suffix!r}); pass --chat (chat=True)")
+        return found
+
     def pixel_feeds(self, rows: list[list]) -> dict[str, np.ndarray]:
         """Each prompt's items (PIL images, or a video's frames) -> the pixel feeds of the compiled batch."""
         items = [item for row in rows for item in row]
