@@ -1,6 +1,6 @@
 """Compile time per phase and peak memory of one compile, run in a child process so its RSS is its own.
 
-`python -m benchmarks.compile_time demo|latency OUT.json` compiles that model into a bundle and writes the
+`python -m benchmarks.compile_time tiny|demo|latency OUT.json` compiles that model into a bundle and writes the
 phase timings; :func:`measure` runs it and adds the child's peak RSS (from wait4's rusage).
 """
 
@@ -36,13 +36,19 @@ def _compile(model_name: str) -> dict:
 
     import clse_fx
 
-    if model_name == "demo":
+    score = "clse_attn"
+    if model_name == "tiny":  # the tests' random tiny LLaVA: CI checks its figures (benchmarks/thresholds.json)
         from clse_fx.api import load_checkpoint
         from clse_fx.demo import save_tiny_llava
 
         with tempfile.TemporaryDirectory() as scratch:
-            model, processor = load_checkpoint(save_tiny_llava(Path(scratch) / "demo"))
+            model, processor = load_checkpoint(save_tiny_llava(Path(scratch) / "tiny"))
         keep, text_len = 8, 32
+    elif model_name == "demo":  # what `clse-compile --demo --keep 64 --score clse` compiles (the README's command)
+        from clse_fx.api import load_checkpoint
+        from clse_fx.demo import proxy_model_dir
+
+        (model, processor), keep, text_len, score = load_checkpoint(proxy_model_dir()), 64, 32, "clse"
     else:
         from benchmarks import geometry
 
@@ -50,7 +56,9 @@ def _compile(model_name: str) -> dict:
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         start = time.perf_counter()
         bundle = Path(scratch) / "bundle"
-        result = clse_fx.compile(model, keep=keep, text_len=text_len, output_dir=bundle, processor=processor)
+        result = clse_fx.compile(
+            model, keep=keep, score=score, text_len=text_len, output_dir=bundle, processor=processor
+        )
         total = time.perf_counter() - start
         nodes = {name: len(onnx.load(str(bundle / f"{name}.onnx")).graph.node) for name in ("prefill", "decode")}
     manifest = result.manifest

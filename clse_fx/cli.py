@@ -303,7 +303,10 @@ def compile_main(argv: list[str] | None = None) -> int:
         device = options.device or TARGETS[options.target].device
         asked_by = "--device cuda" if options.device else f"--target {options.target}"
         if device == "cuda" and not _nvidia_driver_present():  # before importing torch: a second, not four
-            raise RuntimeError(f"{asked_by} needs CUDA, but this machine has no NVIDIA driver; run on a GPU machine")
+            extra = " with the tensorrt extra: pip install 'clse-fx[tensorrt]'" if options.target == "tensorrt" else ""
+            raise RuntimeError(
+                f"{asked_by} needs CUDA, but no CUDA device is visible (no NVIDIA driver); run on a GPU machine{extra}"
+            )
         # Only now, with every argument checked, is a hub id looked up in the local Hugging Face cache.
         model_dir = _model_dir(args)
         options = dataclasses.replace(options, source=model_dir)
