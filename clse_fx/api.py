@@ -358,8 +358,8 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
                 run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
                 manifest.parity.update(deploy_check.check(options.target, run, model, prune, inputs))
             manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
-            if bundle is not None:
-                write_manifest(bundle, manifest)
+            if bundle is not None:  # the check only read the bundle: its files' hashes stand
+                write_manifest(bundle, manifest, rehash=False)
     return CompileResult(
         pruned=pruned,
         bundle=options.output_dir if writes_bundle else None,

@@ -184,7 +184,11 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
             f"max |dlogits| {parity['onnxruntime_max_abs_logits']:.2e}, indices identical: "
             f"{parity['onnxruntime_indices_identical']}",
         )
-    deploy = [key[7:-15] for key in parity if key.startswith("deploy_") and key.endswith("_kept_identical")]
+    deploy = [
+        key.removeprefix("deploy_").removesuffix("_kept_identical")
+        for key in parity
+        if key.startswith("deploy_") and key.endswith("_kept_identical")
+    ]
     if deploy:
         parts = []
         for name in deploy:

@@ -1,5 +1,5 @@
 """Compile-time verification through the deploy path (clse_fx/export/deploy_check.py): every built target runs the
-way users run it on a constant image (every score tied: the tie rule alone selects) and on flat regions with
+way users run it on a constant image (saturated, tied scores: the tie rule decides at the cut) and on flat regions with
 edges, against the reference pruner; a divergence fails the compile naming the target and the stage."""
 
 import numpy as np

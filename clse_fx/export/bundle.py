@@ -24,11 +24,13 @@ def checkpoint_hash(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(bundle: Path, manifest: Manifest) -> None:
-    """Write manifest.json, adding the size and sha256 of every other file in the bundle."""
-    manifest.files = {
-        str(path.relative_to(bundle)): {"sha256": sha256(path), "bytes": path.stat().st_size}
-        for path in sorted(bundle.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
+def write_manifest(bundle: Path, manifest: Manifest, rehash: bool = True) -> None:
+    """Write manifest.json, adding the size and sha256 of every other file in the bundle (``rehash=False``: keep
+    ``manifest.files``, for a rewrite after which no other file changed; a 7B bundle's weights take a minute)."""
+    if rehash:
+        manifest.files = {
+            str(path.relative_to(bundle)): {"sha256": sha256(path), "bytes": path.stat().st_size}
+            for path in sorted(bundle.rglob("*"))
+            if path.is_file() and path.name != MANIFEST
+        }
     (bundle / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
