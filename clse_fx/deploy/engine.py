@@ -75,7 +75,7 @@ class Engine:
                 from clse_fx.deploy.aoti import AotiSession
 
                 return AotiSession(path, graphs[name], manifest.device)
-            return OnnxSession(path, providers, threads)
+            return OnnxSession(path, providers, threads, manifest.dtype)
 
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None
