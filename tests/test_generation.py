@@ -165,6 +165,18 @@ def test_bad_input(tiny_llava, bundles, tmp_path):
             },
             4,
         )
+    one = {"input_ids": ids[:1].numpy(), "attention_mask": feeds["attention_mask"][:1], "pixel_values": pixels.numpy()}
+    vocab = engine.manifest.vocab_size()
+    for bad_id in (-1, vocab):  # ONNX Runtime wraps -1 to a real token; an AOTInductor package aborts on either
+        bad = dict(one, input_ids=one["input_ids"].copy())
+        bad["input_ids"][0, -1] = bad_id
+        with pytest.raises(ValueError, match=rf"token id {bad_id}, outside the model's vocabulary \[0, {vocab}\)"):
+            engine.generate_ids(bad, 4)
+    for value in (np.nan, np.inf):
+        bad = dict(one, pixel_values=one["pixel_values"].copy())
+        bad["pixel_values"][0, 0, 0, 0] = value
+        with pytest.raises(ValueError, match="pixel_values holds NaN or infinite values"):
+            engine.generate_ids(bad, 4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Engine.load(tmp_path / "nope")
     broken = tmp_path / "broken"

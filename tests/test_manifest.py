@@ -4,6 +4,8 @@ one-line errors that say to recompile, never a KeyError inside a generation loop
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -65,3 +67,77 @@ def test_undecodable_manifest_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="is corrupted .*recompile the bundle"):
         read_manifest(tmp_path)
     assert Manifest.__dataclass_fields__["schema_version"].default == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m | {"geometry": {**m["geometry"], "batch": -1}}, "geometry.batch is -1, not an integer in"),
+        (lambda m: m | {"geometry": {**m["geometry"], "batch": 0}}, "geometry.batch is 0, not an integer in"),
+        (lambda m: m | {"geometry": {**m["geometry"], "batch": "1"}}, "geometry.batch is '1', not an integer"),
+        (lambda m: m | {"geometry": {**m["geometry"], "sequence_length": 10**12}}, "geometry.sequence_length is"),
+        (lambda m: m | {"geometry": {**m["geometry"], "text_len": -5}}, "geometry.text_len is -5"),
+        (lambda m: m | {"runtime": {**m["runtime"], "max_new_tokens": -3}}, "runtime.max_new_tokens is -3"),
+    ],
+)
+def test_manifest_numbers_are_checked_on_load(manifest_json, tmp_path, change, message):
+    (tmp_path / MANIFEST).write_text(json.dumps(change(manifest_json)))
+    with pytest.raises(ValueError, match="recompile the bundle") as error:
+        read_manifest(tmp_path, verify=False)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _edited_copy(bundle, tmp_path, edit) -> object:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    edit(manifest, copy)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    return copy
+
+
+def _graph_file(name):
+    def edit(manifest, copy):
+        manifest["graphs"]["prefill"]["file"] = name(copy) if callable(name) else name
+
+    return edit
+
+
+def _outside_link(manifest, copy):
+    (copy / "linked.onnx").symlink_to(copy.parent / "elsewhere.onnx")
+    (copy.parent / "elsewhere.onnx").write_bytes((copy / "prefill.onnx").read_bytes())
+    manifest["graphs"]["prefill"]["file"] = "linked.onnx"
+
+
+def _unlisted(manifest, copy):
+    (copy / "other.onnx").write_bytes((copy / "prefill.onnx").read_bytes())
+    manifest["graphs"]["prefill"]["file"] = "other.onnx"
+
+
+def _listed_fifo(manifest, copy):
+    os.mkfifo(copy / "pipe.onnx")
+    manifest["files"]["pipe.onnx"] = {"sha256": "0" * 64, "bytes": 0}
+
+
+def _tokenizer_outside(manifest, copy):
+    manifest["preprocess"]["text"]["tokenizer"] = "/etc/passwd"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_graph_file(lambda copy: str(copy / "prefill.onnx")), "graphs.prefill names '/"),
+        (_graph_file("../prefill.onnx"), "graphs.prefill names '../prefill.onnx' outside the bundle"),
+        (_graph_file(""), "graphs.prefill is not a file name"),
+        (_outside_link, "a link that leads outside the bundle"),
+        (_unlisted, "not listed (so not hash-checked)"),
+        (_listed_fifo, "files.pipe.onnx names 'pipe.onnx', which is not a regular file"),
+        (_tokenizer_outside, "preprocess.text.tokenizer names '/etc/passwd' outside the bundle"),
+    ],
+)
+def test_a_bundle_reads_only_its_own_listed_files(cli_bundle, tmp_path, edit, message):
+    bundle, _, _ = cli_bundle
+    copy = _edited_copy(bundle, tmp_path, edit)
+    with pytest.raises(ValueError, match="recompile the bundle") as error:
+        read_manifest(copy)  # returns (never hangs on the FIFO, never reads outside) with one line
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -13,6 +13,7 @@ from clse_fx.deploy.loop import (
     GREEDY,
     SamplingConfig,
     Timings,
+    check_finite_feeds,
     check_prompt_feeds,
     check_sampling,
     check_valid_rows,
@@ -208,8 +209,9 @@ class Engine:
         return logits, cache
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        """:func:`check_prompt_feeds` against this bundle's compiled geometry (bundles written before the
-        manifest named every visual token id and count fall back to the image token and ``num_visual``)."""
+        """:func:`check_prompt_feeds` and :func:`check_finite_feeds` against this bundle's compiled geometry
+        (bundles written before the manifest named every visual token id and count fall back to the image token
+        and ``num_visual``)."""
         geometry, manifest = self.manifest.geometry, self.manifest
         check_prompt_feeds(
             np.asarray(feeds["input_ids"]),
@@ -217,7 +219,9 @@ class Engine:
             (self.batch, self.sequence_length),
             manifest.visual_token_ids,
             geometry.get("visual_tokens_per_prompt", geometry["num_visual"]),
+            manifest.vocab_size(),
         )
+        check_finite_feeds(feeds)
 
     def run_input_graphs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the bundle's pre-prefill graphs (e.g. vision tower, M-RoPE index) in order, adding their outputs."""

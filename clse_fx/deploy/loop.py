@@ -71,11 +71,13 @@ def check_prompt_feeds(
     shape: tuple[int, int],
     visual_token_ids: list[int],
     per_prompt: int,
+    vocab_size: int | None = None,
 ) -> None:
     """Refuse feeds the prefill graph was not built for, with a one-line error: ids or mask not of the compiled
-    ``shape`` [batch, sequence], non-integer ids, a mask that is not 0/1 or not left padded (zeros, then ones) or
-    holds no token, or a row whose visual placeholders are not exactly the compiled ``per_prompt`` or sit in
-    the padding. The graph indexes visual tokens by count, so these would fail deep inside it or answer
+    ``shape`` [batch, sequence], non-integer ids or ids outside ``[0, vocab_size)`` (ONNX Runtime would wrap -1 to
+    a real token; an AOTInductor package aborts the process), a mask that is not 0/1 or not left padded (zeros,
+    then ones) or holds no token, or a row whose visual placeholders are not exactly the compiled ``per_prompt``
+    or sit in the padding. The graph indexes visual tokens by count, so these would fail deep inside it or answer
     silently wrong."""
     for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if tuple(array.shape) != tuple(shape):
@@ -85,6 +87,9 @@ def check_prompt_feeds(
             )
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    if vocab_size is not None and input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        bad = int(input_ids.min()) if input_ids.min() < 0 else int(input_ids.max())
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
     if not (np.issubdtype(attention_mask.dtype, np.integer) or attention_mask.dtype == np.bool_):
         raise ValueError(f"attention_mask must be integers 0/1, got {attention_mask.dtype}")
     if not np.isin(attention_mask, (0, 1)).all():
@@ -210,3 +215,12 @@ def generation_loop(
         cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         rows.append(row[:cut])
     return rows, timings
+
+
+def check_finite_feeds(feeds: dict[str, np.ndarray]) -> None:
+    """Refuse floating-point feeds (pixels) holding NaN or infinity, with a one-line error: the graph would answer
+    NaN logits, decoded as token 0, as if it had seen an image."""
+    for name, array in feeds.items():
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise ValueError(f"{name} holds NaN or infinite values; pass finite pixel values")

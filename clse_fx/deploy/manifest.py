@@ -139,6 +139,10 @@ class Manifest:
     def num_layers(self) -> int:
         return len(self.plan.visual_tokens_per_layer)
 
+    def vocab_size(self) -> int:
+        """The model's vocabulary size: the last dimension of the prefill's logits."""
+        return int(self.graphs[PREFILL]["outputs"][0]["shape"][-1])
+
     def stop_token_ids(self) -> list[int]:
         """The model's end-of-sequence token ids."""
         eos = self.eos_token_id
@@ -170,10 +174,68 @@ class Manifest:
                 raise KeyError(f"geometry.{missing[0]}")
             if PREFILL not in manifest.graphs or DECODE not in manifest.graphs:
                 raise KeyError(f"graphs.{PREFILL if PREFILL not in manifest.graphs else DECODE}")
+            _check_numbers(manifest)
         except (KeyError, TypeError) as error:
             detail = error.args[0] if error.args else error
             raise ValueError(f"{where} is invalid ({detail}); recompile the bundle") from None
         return manifest
+
+
+# Manifest numbers a runtime sizes arrays and loops by: each must be an int in its range (a hand-edited batch of
+# -1 would answer nothing, 10**12 tokens would allocate terabytes).
+MAX_SEQUENCE_LENGTH = 1 << 20
+NUMBER_RANGES = {
+    "geometry.batch": (1, 4096),
+    "geometry.text_len": (1, MAX_SEQUENCE_LENGTH),
+    "geometry.images": (1, 4096),
+    "geometry.num_visual": (1, MAX_SEQUENCE_LENGTH),
+    "geometry.visual_tokens_per_prompt": (1, MAX_SEQUENCE_LENGTH),
+    "geometry.sequence_length": (2, MAX_SEQUENCE_LENGTH),
+    "runtime.decode_position_start": (1, MAX_SEQUENCE_LENGTH),
+    "runtime.max_new_tokens": (0, MAX_SEQUENCE_LENGTH),
+    "image_token_id": (0, 1 << 31),
+    "pad_token_id": (0, 1 << 31),
+}
+
+
+def _check_numbers(manifest: Manifest) -> None:
+    """Each of :data:`NUMBER_RANGES` an int in its range (``runtime.max_new_tokens`` may be null), or a TypeError
+    naming the field."""
+    for key, (low, high) in NUMBER_RANGES.items():
+        section, _, name = key.rpartition(".")
+        owner = getattr(manifest, section) if section else manifest
+        value = owner.get(name) if isinstance(owner, dict) else getattr(owner, name)
+        if value is None and key == "runtime.max_new_tokens":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise TypeError(f"{key} is {value!r}, not an integer in [{low}, {high}]")
+    if manifest.sequence_length <= manifest.geometry["visual_tokens_per_prompt"]:
+        raise TypeError("geometry.sequence_length leaves no room for text after the visual tokens")
+
+
+def bundle_file(bundle: Path, manifest: Manifest, name: object, entry: str) -> Path:
+    """The bundle file ``name`` that the manifest's ``entry`` refers to, after checking that it stays inside the
+    bundle: a relative path that resolves (links followed) under ``bundle`` to a regular file listed (so hashed)
+    in ``files``. Anything else is a one-line ValueError naming the entry (FileNotFoundError for a listed file that
+    is gone): a bundle reads only itself."""
+    root = bundle.resolve()
+    path = Path(name) if isinstance(name, str) and name else None
+    problem = None
+    if path is None:
+        problem = "is not a file name"
+    elif path.is_absolute() or ".." in path.parts:
+        problem = f"names {name!r} outside the bundle"
+    elif not (bundle / path).resolve().is_relative_to(root):
+        problem = f"names {name!r}, a link that leads outside the bundle"
+    elif name not in manifest.files:
+        problem = f"names {name!r}, which is not listed (so not hash-checked) in the manifest's files"
+    elif not (bundle / path).exists():
+        raise FileNotFoundError(f"bundle file {name} is missing from {bundle}; recompile the bundle")
+    elif not (bundle / path).is_file():
+        problem = f"names {name!r}, which is not a regular file in the bundle"
+    if problem:
+        raise ValueError(f"{MANIFEST} entry {entry} {problem}; recompile the bundle")
+    return bundle / path
 
 
 def _section(cls: type, data: object):
@@ -215,11 +277,15 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is corrupted ({error}); recompile the bundle") from error
     manifest = Manifest.from_dict(data, str(path))
+    for name, graph in manifest.graphs.items():  # every file a runtime opens: inside the bundle, listed, hashed
+        for file in [graph.get("file"), *graph.get("external_data", [])]:
+            bundle_file(bundle, manifest, file, f"graphs.{name}")
+    tokenizer = ((manifest.preprocess or {}).get("text") or {}).get("tokenizer")
+    if tokenizer is not None:
+        bundle_file(bundle, manifest, tokenizer, "preprocess.text.tokenizer")
     if verify:
         for name, entry in manifest.files.items():
-            file = bundle / name
-            if not file.is_file():
-                raise FileNotFoundError(f"bundle file {name} is missing from {bundle}; recompile the bundle")
-            if sha256(file) != entry["sha256"]:
+            file = bundle_file(bundle, manifest, name, f"files.{name}")  # never read a FIFO or a file outside
+            if not isinstance(entry, dict) or sha256(file) != entry.get("sha256"):
                 raise ValueError(f"bundle file {name} does not match its manifest hash (corrupted?); recompile")
     return manifest

@@ -238,7 +238,7 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     top_k = _typed(body, "top_k", int, 0)
     seed = _typed(body, "seed", int, None)
     chat = _typed(body, "chat", bool, False)
-    vocab = engine.manifest.graphs["prefill"]["outputs"][0]["shape"][-1]
+    vocab = engine.manifest.vocab_size()
     if not 0 <= top_k <= vocab:
         raise RequestError(422, f"top_k must be between 0 (all tokens) and the vocabulary size {vocab}")
     try:  # temperature: finite, and > 0 when sampling; seed: none or >= 0

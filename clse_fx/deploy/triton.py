@@ -134,6 +134,7 @@ def generate_settings(manifest: Manifest, max_new_tokens: int, limit: int) -> di
         "position_offset_input": manifest.runtime.position_offset_input,
         "visual_token_ids": manifest.visual_token_ids,
         "visual_tokens_per_prompt": manifest.geometry["visual_tokens_per_prompt"],
+        "vocab_size": manifest.vocab_size(),
         "stop_token_ids": manifest.stop_token_ids(),
         "max_new_tokens": min(max_new_tokens, limit),
         "max_new_tokens_limit": limit,

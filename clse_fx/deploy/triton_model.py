@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from clse_runtime import SamplingConfig, check_prompt_feeds, check_valid_rows, decode_start, generation_loop
+from clse_runtime import (
+    SamplingConfig,
+    check_finite_feeds,
+    check_prompt_feeds,
+    check_valid_rows,
+    decode_start,
+    generation_loop,
+)
 
 
 class TritonPythonModel:
@@ -82,7 +89,9 @@ class TritonPythonModel:
             settings["shape"],
             settings["visual_token_ids"],
             settings["visual_tokens_per_prompt"],
+            settings["vocab_size"],
         )
+        check_finite_feeds(feeds)
         for graph in settings["pipeline"]:  # as Engine.run_input_graphs: each adds its outputs to the feeds
             feeds.update(zip(graph["outputs"], self._infer(graph, feeds)))
         ids, _ = generation_loop(
