@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits
+
 
 def one_line_warnings() -> None:
     """Show warnings (e.g. a GPU bundle falling back to the CPU) as one ``warning:`` line, without the Python
@@ -44,7 +46,27 @@ def _run_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print token ids, text, kept visual ids (per stage) and timings as JSON",
     )
+    add_image_limit_flags(parser)
     return parser
+
+
+def add_image_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The image size limits, checked from each image's header before decoding (the same defaults in clse-run,
+    Engine and clse-serve)."""
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_LIMITS.max_pixels, help="(default: %(default)s)"
+    )
+    parser.add_argument("--max-image-side", type=int, default=DEFAULT_LIMITS.max_side, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-aspect-ratio", type=float, default=DEFAULT_LIMITS.max_aspect_ratio, help="(default: %(default)s)"
+    )
+
+
+def image_limits(args: argparse.Namespace) -> ImageLimits:
+    """The limits of :func:`add_image_limit_flags`, each checked to be positive."""
+    if min(args.max_image_pixels, args.max_image_side) < 1 or not args.max_aspect_ratio >= 1:
+        raise ValueError("--max-image-pixels and --max-image-side must be >= 1, --max-aspect-ratio >= 1")
+    return ImageLimits(args.max_image_pixels, args.max_image_side, args.max_aspect_ratio)
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -62,7 +84,7 @@ def _run(argv: list[str] | None) -> int:
     one_line_warnings()
     import json
 
-    from clse_fx.deploy.preprocess.media import load_image, load_video
+    from clse_fx.deploy.preprocess.media import as_rgb, load_image, load_video
 
     kind, paths = ("video", args.video) if args.video else ("image", args.image)
     try:
@@ -73,14 +95,21 @@ def _run(argv: list[str] | None) -> int:
         from clse_fx.deploy.engine import Engine, SamplingConfig
 
         sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        limits = image_limits(args)
         engine = Engine.load(args.bundle)
-        modality = engine.preprocessor.modality if engine.preprocessor else kind
+        engine.image_limits = limits
+        if engine.preprocessor is None:
+            raise ValueError(
+                "this bundle has no preprocessing (the checkpoint's processor did not load at compile time), so it "
+                "runs from token ids and pixels only (Engine.generate_ids); recompile with a loadable processor"
+            )
+        modality = engine.preprocessor.modality
         if modality != kind:
             raise ValueError(f"this bundle was compiled for {modality} prompts; pass --{modality}")
         if kind == "video":
-            media = [load_video(path, engine.preprocessor.frames) for path in paths]
+            media = [load_video(path, engine.preprocessor.frames, limits) for path in paths]
         else:
-            media = [load_image(path).convert("RGB") for path in paths]
+            media = [as_rgb(load_image(path, limits)) for path in paths]
         results = engine.generate(
             media, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat
         )
@@ -137,7 +166,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: its CPUs)")
     parser.add_argument("--image-root", help="allow image_path requests for files under this directory")
     parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes, help="(default: %(default)s)")
-    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels, help="(default: %(default)s)")
+    add_image_limit_flags(parser)
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -170,15 +199,18 @@ def serve_main(argv: list[str] | None = None) -> int:
     from clse_fx.deploy import serve
 
     try:
-        if min(args.replicas, args.max_image_bytes, args.max_image_pixels, args.max_new_tokens) < 1:
-            raise ValueError("--replicas, --max-image-bytes, --max-image-pixels and --max-new-tokens must be >= 1")
+        if min(args.replicas, args.max_image_bytes, args.max_new_tokens) < 1:
+            raise ValueError("--replicas, --max-image-bytes and --max-new-tokens must be >= 1")
+        sizes = image_limits(args)
         if args.image_root and not Path(args.image_root).is_dir():
             raise ValueError(f"--image-root {args.image_root} is not a directory")
         if importlib.util.find_spec("ray") is None:
             raise ValueError("clse-serve needs Ray Serve: pip install 'clse-fx[serve]'")
         limits = serve.Limits(
             max_image_bytes=args.max_image_bytes,
-            max_image_pixels=args.max_image_pixels,
+            max_image_pixels=sizes.max_pixels,
+            max_image_side=sizes.max_side,
+            max_image_aspect_ratio=sizes.max_aspect_ratio,
             max_new_tokens=args.max_new_tokens,
             image_root=args.image_root,
         )

@@ -22,6 +22,7 @@ from clse_fx.deploy.loop import (
 )
 from clse_fx.deploy.manifest import Manifest, split_prefill_outputs
 from clse_fx.deploy.preprocess import Preprocessor
+from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, check_image
 from clse_fx.deploy.session import bound_decode
 
 
@@ -50,6 +51,7 @@ class Engine:
         self.images_per_prompt, self.text_len = geometry["images"], geometry["text_len"]
         self.num_stages, self.num_layers = manifest.num_stages, manifest.num_layers
         self.pad_id = manifest.pad_token_id
+        self.image_limits = DEFAULT_LIMITS  # what generate() accepts (clse-run and clse-serve set their flags')
 
     @classmethod
     def load(cls, bundle: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Engine:
@@ -106,6 +108,8 @@ class Engine:
                     f"the bundle was compiled for videos of {self.preprocessor.frames} frames; sample that many "
                     "(clse_fx.deploy.preprocess.media.load_video does)"
                 )
+            for image in (frame for entry in row for frame in (entry if video else [entry])):
+                check_image(image, self.image_limits)  # before any resize: a 50000x1 image would take GBs
             ids = self.preprocessor.encode_text(prompt, len(row), chat)
             if len(ids) > self.sequence_length:
                 text_tokens = len(ids) - (self.sequence_length - self.text_len)

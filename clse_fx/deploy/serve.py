@@ -23,6 +23,7 @@ import numpy as np
 
 from clse_fx.deploy.engine import Engine, SamplingConfig
 from clse_fx.deploy.manifest import Manifest, read_manifest
+from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, as_rgb, open_image
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -54,7 +55,9 @@ class Limits:
     """What one request may ask for. Server-side image paths are refused unless ``image_root`` is set."""
 
     max_image_bytes: int = 20 << 20
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = DEFAULT_LIMITS.max_pixels
+    max_image_side: int = DEFAULT_LIMITS.max_side
+    max_image_aspect_ratio: float = DEFAULT_LIMITS.max_aspect_ratio
     max_new_tokens: int = 256
     image_root: str | None = None
 
@@ -191,16 +194,13 @@ def _path_bytes(path: str, limits: Limits) -> bytes:
 
 
 def _decode_image(data: bytes, limits: Limits):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    too_large = f"the image has more than the {limits.max_image_pixels} pixels allowed; downscale it"
+    sizes = ImageLimits(limits.max_image_pixels, limits.max_image_side, limits.max_image_aspect_ratio)
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > limits.max_image_pixels:
-            raise RequestError(413, too_large)
-        return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise RequestError(413, too_large) from error
+        return as_rgb(open_image(io.BytesIO(data), sizes))
+    except ImageTooLarge as error:
+        raise RequestError(413, str(error)) from error
     except UnidentifiedImageError as error:  # its text is the repr of our in-memory buffer: say it plainly
         raise RequestError(400, "cannot decode the image: not a format Pillow reads; send PNG, JPEG or WebP") from error
     except (OSError, SyntaxError, ValueError) as error:

@@ -7,13 +7,16 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from clse_fx.deploy.preprocess.media import as_rgb
+
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """A PIL image -> uint8 [3, H, W]; transparency is composited onto white, as the processors do."""
+    """A PIL image -> uint8 [3, H, W]; transparency is composited onto white, as the processors do; 16-bit images
+    are scaled to 8 bits (:func:`clse_fx.deploy.preprocess.media.as_rgb`)."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.moveaxis(np.asarray(image.convert("RGB")), -1, 0)
+    return np.moveaxis(np.asarray(as_rgb(image)), -1, 0)
 
 
 def resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
