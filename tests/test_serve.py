@@ -11,14 +11,17 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import hypothesis
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 from PIL import Image
 
 from clse_fx.deploy.cli import serve_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
 from clse_fx.deploy.serve import (
     Concurrency,
+    GenerateRequest,
     Limits,
     RequestError,
     max_new_tokens_limit,
@@ -72,7 +75,14 @@ def image_root(tmp_path_factory):
 
 
 def _limits(image_root) -> Limits:
-    return Limits(max_image_bytes=50_000, max_image_pixels=512 * 512, max_new_tokens=16, image_root=str(image_root))
+    return Limits(
+        max_image_bytes=50_000,
+        max_image_pixels=512 * 512,
+        max_new_tokens=16,
+        image_root=str(image_root),
+        max_prompt_chars=4096,
+        max_body_bytes=1 << 20,
+    )
 
 
 def _bad_requests(image_root) -> list[tuple[object, int, str]]:
@@ -104,6 +114,11 @@ def _bad_requests(image_root) -> list[tuple[object, int, str]]:
         ({"prompt": "describe", "image": ok, "seed": -1}, 422, "seed must be a non-negative"),
         ({"prompt": "describe", "image": ok, "stop_token_ids": "2"}, 422, "stop_token_ids must be a list"),
         ({"prompt": "describe", "image": ok, "chat": True}, 422, "ask without chat"),
+        ({"prompt": "describe \ud800", "image": ok}, 422, "prompt holds a lone surrogate"),
+        ({"prompt": "x" * 5000, "image": ok}, 413, "over the 4096-character limit"),
+        ({"prompt": "describe", "image_path": "a" * 5000}, 422, "at most 1024 characters"),
+        ({"prompt": "describe", "image_path": "a" * 300}, 400, "cannot be read"),
+        ({"prompt": "describe", "image": _b64(Image.new("RGB", (400, 10)))}, 413, "20:1 aspect ratio limit"),
     ]
 
 
@@ -170,6 +185,51 @@ def test_out_of_range_sampling_parameters_are_422(engine, image_root, extra, mes
         parse_request(body, engine, _limits(image_root))
     assert caught.value.status == 422 and message in str(caught.value), str(caught.value)
     assert len(str(caught.value)) < 200  # a huge integer is described by its size, not printed
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=40)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+)
+
+
+@st.composite
+def request_bodies(draw, image: str):
+    """/generate bodies: the schema's fields (from the OpenAPI model), each a typed value or any JSON value, plus
+    the odd unknown field, or a body that is not an object at all."""
+    fields = list(GenerateRequest.model().model_fields)
+    if draw(st.integers(0, 9)) == 0:
+        return draw(JSON_VALUES)
+    body = {}
+    for name in draw(st.lists(st.sampled_from([*fields, "extra"]), max_size=6, unique=True)):
+        typed = {
+            "prompt": st.text(max_size=80),
+            "image": st.sampled_from([image, [image], "", "!!"]),
+            "image_path": st.sampled_from(["ok.png", "../x", "a" * 2000, "missing.png"]),
+            "max_new_tokens": st.integers(-5, 40),
+            "temperature": st.floats(allow_nan=True),
+            "top_k": st.integers(-5, 10**6),
+            "seed": st.integers(-5, 2**70),
+            "stop_token_ids": st.lists(st.integers(-5, 10**6), max_size=80),
+        }.get(name, JSON_VALUES)
+        body[name] = draw(typed | JSON_VALUES)
+    return body
+
+
+def test_fuzzed_request_bodies_get_an_answer_or_a_4xx_never_an_exception(engine, image_root):
+    """A bounded property-based fuzz of the /generate body: parse_request prepares it or refuses it with a 4xx
+    and one line; nothing else escapes (an escaping exception is the server's 500)."""
+    limits, image = _limits(image_root), _b64(_images()[0])
+
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(request_bodies(image))
+    def check(body):
+        try:
+            parse_request(body, engine, limits)
+        except RequestError as error:
+            assert 400 <= error.status < 500 and "\n" not in str(error), (body, error.status, str(error))
+
+    check()
 
 
 def test_concurrency_limits_come_from_the_compiled_batch_and_the_flags():
@@ -289,7 +349,12 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
 
 def test_ray_serve_bad_requests_get_4xx_and_the_service_keeps_answering(service, engine, image_root):
     generate = f"{service}/generate"
+    schema = _call(f"{service}/openapi.json")[1]["paths"]["/generate"]["post"]["requestBody"]
+    assert schema["content"]["application/json"]["schema"]["required"] == ["prompt"]  # what fuzzers and clients see
     assert _call(generate, raw=b"{not json") == (400, {"error": "the request body is not JSON; send a JSON object"})
+    assert _call(generate, raw=b"[" * 5000 + b"]" * 5000)[0] == 400  # nested past the parser's depth: not a 500
+    status, answer = _call(generate, raw=b" " * (2 << 20))  # past --max-body-bytes: refused before parsing
+    assert status == 413 and "1048576-byte limit (--max-body-bytes)" in answer["error"]
     bad = _bad_requests(image_root)
     good = {"prompt": PROMPTS[0], "image": _b64(_images()[0]), "max_new_tokens": 8}
     # Bad requests sent alongside good ones: each bad one gets its 4xx, no batch fails, no replica dies.

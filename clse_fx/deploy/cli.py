@@ -167,6 +167,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", help="allow image_path requests for files under this directory")
     parser.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes, help="(default: %(default)s)")
     add_image_limit_flags(parser)
+    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="(default: %(default)s)")
+    parser.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars, help="(default: %(default)s)")
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -199,8 +201,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     from clse_fx.deploy import serve
 
     try:
-        if min(args.replicas, args.max_image_bytes, args.max_new_tokens) < 1:
-            raise ValueError("--replicas, --max-image-bytes and --max-new-tokens must be >= 1")
+        sized = (args.replicas, args.max_image_bytes, args.max_new_tokens, args.max_body_bytes, args.max_prompt_chars)
+        if min(sized) < 1:
+            raise ValueError(
+                "--replicas, --max-image-bytes, --max-body-bytes, --max-prompt-chars and --max-new-tokens must be >= 1"
+            )
         sizes = image_limits(args)
         if args.image_root and not Path(args.image_root).is_dir():
             raise ValueError(f"--image-root {args.image_root} is not a directory")
@@ -213,6 +218,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             max_image_aspect_ratio=sizes.max_aspect_ratio,
             max_new_tokens=args.max_new_tokens,
             image_root=args.image_root,
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_chars=args.max_prompt_chars,
         )
         from clse_fx.deploy.manifest import read_manifest
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import os
 import time
 from collections import defaultdict
@@ -34,6 +35,7 @@ MAX_TEMPERATURE = 100.0  # past this every token is as likely as any other: a ty
 MIN_SAMPLING_TEMPERATURE = 1e-3  # below this logits / temperature overflows; greedy is do_sample false
 MAX_SEED = 2**64 - 1
 MAX_STOP_TOKENS = 64
+MAX_PATH_CHARS = 1024
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -50,6 +52,41 @@ FIELDS = (
 )
 
 
+class GenerateRequest:
+    """The ``/generate`` body as a pydantic model, for the OpenAPI schema only: the ingress reads the body itself
+    (capped by --max-body-bytes before parsing) and :func:`parse_request` checks it, with messages that say
+    what to change."""
+
+    @staticmethod
+    def model():
+        from pydantic import BaseModel, ConfigDict, Field
+
+        class Generate(BaseModel):
+            model_config = ConfigDict(extra="forbid", title="GenerateRequest")
+            prompt: str = Field(description="the question about the image(s)")
+            image: str | list[str] | None = Field(None, description="base64 image file(s); or image_path")
+            image_path: str | list[str] | None = Field(None, description="file(s) under the server's --image-root")
+            max_new_tokens: int | None = Field(None, ge=1)
+            do_sample: bool = False
+            temperature: float = Field(1.0, ge=0)
+            top_k: int = Field(0, ge=0)
+            seed: int | None = Field(None, ge=0)
+            stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKENS)
+            chat: bool = False
+
+        return Generate
+
+    @classmethod
+    def openapi_body(cls) -> dict:
+        """The ``openapi_extra`` that declares the body of ``POST /generate``."""
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": cls.model().model_json_schema()}},
+            }
+        }
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for. Server-side image paths are refused unless ``image_root`` is set."""
@@ -60,6 +97,8 @@ class Limits:
     max_image_aspect_ratio: float = DEFAULT_LIMITS.max_aspect_ratio
     max_new_tokens: int = 256
     image_root: str | None = None
+    max_prompt_chars: int = 16384  # checked before tokenizing: a 10 MB prompt took 26 s to reach its 422
+    max_body_bytes: int = 32 << 20  # the largest image in base64 (27 MB at the default) and room for the rest
 
 
 @dataclass(frozen=True)
@@ -178,6 +217,8 @@ def _path_bytes(path: str, limits: Limits) -> bytes:
         raise RequestError(
             403, "server-side image paths are disabled; send the image as base64 or start clse-serve with --image-root"
         )
+    if len(path) > MAX_PATH_CHARS or "\0" in path:
+        raise RequestError(422, f"image_path must be a file name of at most {MAX_PATH_CHARS} characters")
     root = Path(limits.image_root).resolve()
     try:
         target = (root / path).resolve()
@@ -186,11 +227,14 @@ def _path_bytes(path: str, limits: Limits) -> bytes:
         raise RequestError(400, f"image_path {path!r} is not a usable path ({error})") from error
     if not inside:
         raise RequestError(403, f"image_path {path!r} is outside the server's image root; use a path under it")
-    if not target.is_file():
-        raise RequestError(404, f"image_path {path!r} is not a file under the server's image root")
-    if target.stat().st_size > limits.max_image_bytes:
-        raise RequestError(413, f"the image is over the {limits.max_image_bytes}-byte limit; send a smaller one")
-    return target.read_bytes()
+    try:
+        if not target.is_file():
+            raise RequestError(404, f"image_path {path!r} is not a file under the server's image root")
+        if target.stat().st_size > limits.max_image_bytes:
+            raise RequestError(413, f"the image is over the {limits.max_image_bytes}-byte limit; send a smaller one")
+        return target.read_bytes()
+    except OSError as error:  # e.g. a name component past the file system's limit, or no permission
+        raise RequestError(400, f"image_path {path!r} cannot be read ({error.strerror or error})") from error
 
 
 def _decode_image(data: bytes, limits: Limits):
@@ -219,6 +263,32 @@ def load_images(body: dict, limits: Limits) -> list:
     return [_decode_image(read(value, limits), limits) for value in values]
 
 
+def read_body(raw: bytes) -> object:
+    """A request body's JSON (the ingress has already capped its size), or a 400 saying why not: not UTF-8, not
+    JSON, or nested past the parser's depth."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(error, RecursionError) else "not JSON"
+        raise RequestError(400, f"the request body is {reason}; send a JSON object") from None
+
+
+async def capped_body(request, limit: int) -> bytes:
+    """The request's body, read up to ``limit`` bytes: a 413 as soon as the declared length or the bytes received
+    pass it, before anything is parsed or held beyond the limit."""
+    too_large = RequestError(413, f"the request body is over the server's {limit}-byte limit (--max-body-bytes)")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     """Validate a /generate body and encode it to one compiled-shape row; RequestError says what is wrong."""
     if not isinstance(body, dict):
@@ -229,6 +299,12 @@ def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise RequestError(422, "prompt (a string) is required")
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError(413, f"the prompt is over the {limits.max_prompt_chars}-character limit; shorten it")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON allows a lone surrogate escape ("\ud800"); text cannot hold one
+        raise RequestError(422, "prompt holds a lone surrogate (invalid Unicode); send valid UTF-8 text") from error
     limit, reason = max_new_tokens_limit(engine.manifest, limits)
     max_new_tokens = _typed(body, "max_new_tokens", int, min(DEFAULT_NEW_TOKENS, limit))
     if not 1 <= max_new_tokens <= limit:
@@ -380,13 +456,13 @@ def build_app(
             """The bundle's manifest."""
             return await self.engines.metadata.remote()
 
-        @api.post("/generate")
+        @api.post("/generate", openapi_extra=GenerateRequest.openapi_body())
         async def generate(self, request: Request) -> JSONResponse:
             """Answer one prompt about its image(s): text, token ids and timings, or a 4xx saying what to fix."""
             try:
-                body = await request.json()
-            except ValueError:
-                return JSONResponse({"error": "the request body is not JSON; send a JSON object"}, status_code=400)
+                body = read_body(await capped_body(request, limits.max_body_bytes))
+            except RequestError as error:
+                return JSONResponse({"error": str(error)}, status_code=error.status)
             if self.slots.locked() and 0 <= queued <= self.waiting:
                 return JSONResponse(
                     {"error": "the service is at its queue limit (--max-queued-requests); retry later"},
