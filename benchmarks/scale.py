@@ -12,6 +12,7 @@ into benchmarks/results/scale.json (keyed by width) and prints the ratios the sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -59,10 +60,11 @@ def width_geometry(width: Fraction) -> dict:
 
 
 def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
-    """Run ``command``, sampling its memory every 0.2 s: the peak anonymous memory (what the kernel cannot drop) and
-    the peak file-backed resident memory (memory-mapped weights: clean pages the kernel reclaims under pressure and
-    reads again), in MiB. Peak RSS counts both; the scale targets are stated in RSS."""
-    peaks = {"anon_peak": 0.0, "file_peak": 0.0}
+    """Run ``command``, sampling its memory every 0.2 s: the peak anonymous memory (what the kernel cannot drop), the
+    peak file-backed resident memory (memory-mapped weights: clean pages the kernel reclaims under pressure and
+    reads again) and the peak proportional set size (PSS: a page mapped twice, as ONNX Runtime maps the shared
+    weights file once per session, counts once; RSS counts it twice), in MiB. The scale targets are stated in RSS."""
+    peaks = {"anon_peak": 0.0, "file_peak": 0.0, "pss_peak": 0.0}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
         while child.poll() is None:
@@ -73,6 +75,10 @@ def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, 
             fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith("Rss")}
             peaks["anon_peak"] = max(peaks["anon_peak"], int(fields.get("RssAnon", 0)) / 1024)
             peaks["file_peak"] = max(peaks["file_peak"], int(fields.get("RssFile", 0)) / 1024)
+            with contextlib.suppress(OSError):
+                rollup = Path(f"/proc/{child.pid}/smaps_rollup").read_text().splitlines()
+                pss = next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+                peaks["pss_peak"] = max(peaks["pss_peak"], pss / 1024)
             time.sleep(0.2)
         child.wait()
         out.seek(0), err.seek(0)
@@ -121,6 +127,7 @@ def measure(width: Fraction, work: Path) -> dict:
     row["engine_rss_over_checkpoint"] = row["engine"]["peak_rss_bytes"] / checkpoint_bytes
     row["compile_anon_peak_over_checkpoint"] = compile_memory["anon_peak"] * 2**20 / checkpoint_bytes
     row["engine_anon_peak_over_checkpoint"] = engine_memory["anon_peak"] * 2**20 / checkpoint_bytes
+    row["engine_pss_peak_over_checkpoint"] = engine_memory["pss_peak"] * 2**20 / checkpoint_bytes
     return row
 
 
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['compile_peak_rss_over_checkpoint']:.1f}x the checkpoint (anonymous "
             f"{row['compile_anon_peak_over_checkpoint']:.1f}x); bundle {row['bundle_over_checkpoint']:.2f}x; "
             f"Engine RSS "
-            f"{row['engine_rss_over_checkpoint']:.2f}x (anonymous {row['engine_anon_peak_over_checkpoint']:.2f}x)",
+            f"{row['engine_rss_over_checkpoint']:.2f}x (anonymous {row['engine_anon_peak_over_checkpoint']:.2f}x, "
+            f"PSS {row['engine_pss_peak_over_checkpoint']:.2f}x)",
             flush=True,
         )
     return 0
