@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 import warnings
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import numpy as np
 from clse_fx.deploy.manifest import DECODE_STEP_INPUTS
 
 LOW_PRECISION = ("float16", "bfloat16")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
 # ONNX Runtime's input type names -> numpy dtype names (bfloat16 has no numpy dtype: not checked).
 ORT_TYPES = {
@@ -39,6 +43,17 @@ def select_providers(target: str) -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
+def return_freed_memory() -> None:
+    """Make glibc return large freed blocks to the OS. After large frees its mmap threshold adapts upward (to 32
+    MB) and freed blocks below it stay in the heap: the CPU provider's per-op float32 casts of float16 weights
+    then piled up as anonymous memory (16 GB beside a 7B model's 13 GB of weights; 0.3 GB at 1/8 width, 0 with
+    this). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) serves every block over 64 KiB by mmap, unmapped
+    when freed. No-op where the C library has no mallopt."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 << 10)
+
+
 class OnnxSession:
     """An ONNX Runtime session that checks feeds against the shapes the graph was compiled for."""
 
@@ -59,6 +74,7 @@ class OnnxSession:
             # memory); without the arena the per-op casts are returned at once instead of pooled.
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
             options.enable_cpu_mem_arena = False
+            return_freed_memory()
         self.session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.dtypes = {i.name: ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
