@@ -5,7 +5,9 @@ demo model (``clse-compile --demo --keep 64 --score clse``), serves it with 2 re
 bound to 127.0.0.1, and runs each user level (16, 64, 128 concurrent users, no think time) for a bounded time.
 One request in ten is malformed (a wrong type, bad base64, an unknown field, ``temperature: 1e309``, a body that
 is not JSON): each must get a 4xx, and no valid request may fail. A poller checks ``GET /health`` every 0.25 s
-throughout. A last run kills one replica's actor (``ray.kill``) mid-load and counts the valid requests lost.
+throughout. Two last runs kill, mid-load (``ray.kill``), one engine replica's actor and then one of the two HTTP
+ingress replicas, and count the valid requests lost, the longest gap between answers and the /health checks that
+said "degraded".
 Writes benchmarks/results/serve_load.json and prints a table per level and the 128/16 throughput ratio.
 
 Throughput is wall-clock requests per second on whatever machine runs it, shared with whatever else runs there:
@@ -91,6 +93,7 @@ def make_user_class():
             with self.client.post("/generate", json=body, name="valid", catch_response=True) as answer:
                 if answer.status_code == 200:
                     answer.success()
+                    ANSWERED.append(time.perf_counter())
                 else:
                     answer.failure(f"valid request answered {answer.status_code}: {answer.text[:200]}")
 
@@ -98,17 +101,20 @@ def make_user_class():
 
 
 JSON = {"Content-Type": "application/json"}
+ANSWERED: list[float] = []  # when each valid request was answered 200 (the longest gap between answers)
 
 
 def health_poller(url: str, samples: list, period: float = 0.25) -> None:
+    """(seconds the check took, HTTP status, the body's status: ok / degraded / unavailable) every ``period``."""
     while True:
         start = time.perf_counter()
+        state = None
         try:
             with NO_PROXY.open(f"{url}/health", timeout=30) as answer:
-                status = answer.status
+                status, state = answer.status, json.load(answer).get("status")
         except Exception as error:  # urllib raises for 5xx too
             status = getattr(error, "code", -1)
-        samples.append((time.perf_counter() - start, status))
+        samples.append((time.perf_counter() - start, status, state))
         gevent.sleep(period)
 
 
@@ -123,6 +129,7 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
     env.stats.reset_all()
     health: list = []
     poller = gevent.spawn(health_poller, url, health)
+    ANSWERED.clear()
     start = time.perf_counter()
     if on_half is not None:
         gevent.sleep(seconds / 3)
@@ -131,6 +138,7 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
     else:
         gevent.sleep(seconds)
     elapsed = time.perf_counter() - start
+    answered = [start, *sorted(t for t in ANSWERED if start <= t <= start + elapsed), start + elapsed]
     poller.kill()
     # Stop and let every request in flight finish, so none is counted as neither answered nor failed.
     snapshot = {name: (entry.num_requests, entry.num_failures) for (name, _), entry in env.stats.entries.items()}
@@ -138,7 +146,7 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
     runner.quit()
     valid = env.stats.get("valid", "POST")
     malformed = [entry for (name, _), entry in env.stats.entries.items() if name.startswith("malformed:")]
-    health_s = sorted(seconds for seconds, _ in health) or [float("nan")]
+    health_s = sorted(seconds for seconds, _, _ in health) or [float("nan")]
     errors = {str(error.error): error.occurrences for error in env.stats.errors.values()}
     return {
         "users": users,
@@ -151,7 +159,9 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
         "malformed_requests": sum(entry.num_requests for entry in malformed),
         "malformed_not_4xx": sum(entry.num_failures for entry in malformed),
         "health_checks": len(health),
-        "health_not_200": sum(status != 200 for _, status in health),
+        "health_not_200": sum(status != 200 for _, status, _ in health),
+        "health_degraded": sum(state == "degraded" for _, _, state in health),
+        "longest_gap_between_answers_s": round(max(b - a for a, b in zip(answered, answered[1:])), 2),
         "health_p99_ms": round(1e3 * health_s[min(len(health_s) - 1, int(0.99 * len(health_s)))], 1),
         "health_max_ms": round(1e3 * health_s[-1], 1),
         "errors": errors,
@@ -172,8 +182,9 @@ url = serve.start({bundle!r}, serve.Limits(), port={port}, replicas={replicas}, 
 import ray
 print("ready", flush=True)
 for line in sys.stdin:
-    if line.strip() == "kill":
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "BundleServer" in a["name"]]
+    if line.startswith("kill "):  # kill BundleServer (an engine replica) or kill Ingress (an HTTP front end)
+        kind = line.split()[1]
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if kind in a["name"]]
         ray.kill(ray.get_actor(sorted(names)[0], namespace="serve"), no_restart=True)
         print("killed", sorted(names)[0], flush=True)
     elif line.strip() == "stop":
@@ -182,17 +193,18 @@ serve.stop(local=True)
 """
 
 
-def wait_healthy(url: str, replicas: int, timeout: float = 180.0) -> float:
+def wait_healthy(url: str, replicas: int, timeout: float = 180.0, key: str = "replicas") -> float:
+    """Seconds until /health reports ``replicas`` under ``key`` (replicas: engines; ingress_replicas: front ends)."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
         try:
             with NO_PROXY.open(f"{url}/health", timeout=5) as answer:
-                if json.load(answer).get("replicas") == replicas:
+                if json.load(answer).get(key) == replicas:
                     return time.perf_counter() - start
         except Exception:
             pass
         gevent.sleep(0.25)
-    raise TimeoutError(f"{url}/health did not report {replicas} replicas in {timeout:.0f} s")
+    raise TimeoutError(f"{url}/health did not report {replicas} {key} in {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--seconds", type=float, default=40.0, help="measured time per level")
     parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--kill-users", type=int, default=64, help="users during the kill-a-replica run (0: skip)")
+    parser.add_argument(
+        "--kill-users", type=int, default=64, help="users during the kill-an-engine and kill-an-ingress runs (0: skip)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -232,24 +246,26 @@ def main(argv: list[str] | None = None) -> int:
             for users in args.users:
                 levels.append(run_level(url, users, args.seconds, args.warmup))
                 print(json.dumps(levels[-1]), flush=True)
-            kill = None
-            if args.kill_users:
+            kills = {}
+            for kind, key, count in (("BundleServer", "replicas", args.replicas), ("Ingress", "ingress_replicas", 2)):
+                if not args.kill_users:
+                    break
                 killed = {}
 
-                def kill_one() -> None:
-                    server.stdin.write("kill\n")
+                def kill_one(kind=kind, key=key, count=count, killed=killed) -> None:
+                    server.stdin.write(f"kill {kind}\n")
                     server.stdin.flush()
                     start = time.perf_counter()
                     killed["replica"] = server.stdout.readline().strip()
                     # Time from the kill until /health (Serve's controller) reports the loss and then all replicas.
-                    killed["noticed_s"] = round(wait_healthy(url, args.replicas - 1, 60.0) + 0.0, 1)
-                    wait_healthy(url, args.replicas)
+                    killed["noticed_s"] = round(wait_healthy(url, count - 1, 60.0, key) + 0.0, 1)
+                    wait_healthy(url, count, 180.0, key)
                     killed["recovered_s"] = round(time.perf_counter() - start, 1)
 
                 kill = run_level(url, args.kill_users, args.seconds, args.warmup, on_half=kill_one)
-                wait_healthy(url, args.replicas)
-                kill.update({f"kill_{key}": value for key, value in killed.items()})
-                print(json.dumps(kill), flush=True)
+                wait_healthy(url, count, 180.0, key)
+                kills[kind] = kill | {f"kill_{name}": value for name, value in killed.items()}
+                print(json.dumps(kills[kind]), flush=True)
             server.stdin.write("stop\n")
             server.stdin.flush()
             server.wait(timeout=60)
@@ -268,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_level": args.seconds,
         "levels": levels,
         "ratio_128_over_16": ratio,
-        "kill_replica": kill,
+        "kill_replica": kills.get("BundleServer"),
+        "kill_ingress": kills.get("Ingress"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'users':>5} {'valid req/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'valid failed':>12} {'malformed 4xx':>13}")
-    for level in levels + ([kill] if kill else []):
+    for level in levels + list(kills.values()):
         ok = level["malformed_requests"] - level["malformed_not_4xx"]
         print(
             f"{level['users']:>5} {level['valid_rps']:>11} {level['p50_ms']:>7} {level['p99_ms']:>7} "

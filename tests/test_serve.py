@@ -331,6 +331,7 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     status, health = _call(f"{service}/health")  # its own application: it never waits behind generation
     assert status == 200 and health["status"] == "ok" and health["batch"] == 2 and health["replicas"] == 2
+    assert health["ingress_replicas"] == 2  # two HTTP front ends: killing one leaves the service answering
     assert _call(f"{service}/metadata") == (200, engine.manifest.to_dict())
     images = _images()
     cases = [(i, p) for i in range(len(images)) for p in range(len(PROMPTS))][:8]

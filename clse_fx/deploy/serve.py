@@ -36,6 +36,7 @@ MIN_SAMPLING_TEMPERATURE = 1e-3  # below this logits / temperature overflows; gr
 MAX_SEED = 2**64 - 1
 MAX_STOP_TOKENS = 64
 MAX_PATH_CHARS = 1024
+INGRESS_REPLICAS = 2  # HTTP front ends: no single point of failure on one node
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -439,11 +440,15 @@ def build_app(
     # The ingress only forwards. It lets replicas x max_ongoing_requests requests reach the engines and queues
     # the rest itself, first come first served, up to max_queued_requests (then 503 at once): requests wait in
     # bounded FIFO queues, never in Ray Serve's router, whose back-off-and-retry left replicas idle under load.
-    running = concurrency.max_ongoing_requests * replicas
+    # INGRESS_REPLICAS of them, each with its share, so killing one loses only its requests in flight.
+    running = -(-concurrency.max_ongoing_requests * replicas // INGRESS_REPLICAS)
     queued = concurrency.max_queued_requests
+    queued = queued if queued < 0 else -(-queued // INGRESS_REPLICAS)
     capacity = running + (queued if queued >= 0 else 100_000)
 
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity + 100)
+    @serve.deployment(
+        num_replicas=INGRESS_REPLICAS, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity + 100
+    )
     @serve.ingress(api)
     class Ingress:
         def __init__(self, engines) -> None:
@@ -491,9 +496,10 @@ def build_app(
     return Ingress.bind(BundleServer.bind())
 
 
-def build_health_app(batch: int, concurrency: Concurrency) -> "Application":
+def build_health_app(batch: int, concurrency: Concurrency, replicas: int = 1) -> "Application":
     """``GET /health`` as its own application with no engine: it answers from Serve's controller how many
-    replicas of the bundle's deployment are running (503 when none is), so it never queues behind generation."""
+    replicas of the bundle's engines and of the HTTP ingress are running: "ok" with all of them, "degraded" (still
+    200) while one is being replaced, 503 when either has none; it never queues behind generation."""
     from ray import serve
     from starlette.responses import JSONResponse
 
@@ -505,17 +511,21 @@ def build_health_app(batch: int, concurrency: Concurrency) -> "Application":
         def replicas(self) -> tuple[dict, int]:
             application = serve.status().applications.get(APP_NAME)
             engines = application and application.deployments.get("BundleServer")
-            if engines is None:
-                return {"status": "starting", "replicas": 0, "batch": batch}, 503
+            ingress = application and application.deployments.get("Ingress")
+            if engines is None or ingress is None:
+                return {"status": "starting", "replicas": 0, "ingress_replicas": 0, "batch": batch}, 503
             running = engines.replica_states.get("RUNNING", 0)
+            fronts = ingress.replica_states.get("RUNNING", 0)
+            whole = running >= replicas and fronts >= INGRESS_REPLICAS
             body = {
-                "status": "ok" if running else "unavailable",
+                "status": "ok" if whole else "degraded" if running and fronts else "unavailable",
                 "replicas": running,
+                "ingress_replicas": fronts,
                 "batch": batch,
                 "max_ongoing_requests": concurrency.max_ongoing_requests,
                 "max_queued_requests": concurrency.max_queued_requests,
             }
-            return body, 200 if running else 503
+            return body, 200 if running and fronts else 503
 
         async def refresh(self) -> None:
             try:
@@ -568,7 +578,7 @@ def start(
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    serve.run(build_health_app(batch, concurrency), name=HEALTH_APP_NAME, route_prefix="/health")
+    serve.run(build_health_app(batch, concurrency, replicas), name=HEALTH_APP_NAME, route_prefix="/health")
     return f"http://{host}:{port}"
 
 
