@@ -230,6 +230,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             args.max_queued_requests,
             args.batch_wait_ms / 1e3,
         )
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.default_int_handler)  # either one stops the service cleanly, even starting
         url = serve.start(
             args.bundle,
             limits,
@@ -246,12 +248,23 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # stopped while deploying: take down what was started, quietly
+        _stop_quietly(serve, args.address is None)
+        print("interrupted: the service was stopped before it started", file=sys.stderr)
+        return 130
     print(f"serving {args.bundle} at {url}: POST /generate, GET /health, GET /metadata; Ctrl-C stops", flush=True)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.default_int_handler)  # either one stops the service cleanly
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.stop(local=args.address is None)
+        _stop_quietly(serve, args.address is None)
     return 0
+
+
+def _stop_quietly(serve, local: bool) -> None:
+    """``serve.stop``, with a second Ctrl-C during the shutdown ignored instead of printing a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve.stop(local=local)

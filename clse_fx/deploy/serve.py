@@ -569,6 +569,8 @@ def start(
     import ray
     from ray import serve
 
+    quiet_ray_logs()  # after importing Serve, which sets its logger to INFO
+
     batch = read_manifest(Path(bundle), verify=False).batch
     concurrency = concurrency or Concurrency.derive(batch, replicas)
     app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads, concurrency)
@@ -582,14 +584,23 @@ def start(
     return f"http://{host}:{port}"
 
 
+def quiet_ray_logs() -> None:
+    """Keep a normal start and stop to clse-serve's own lines: Ray Serve's INFO lines ("Started Serve", "Connecting
+    to existing Serve app ... will not be applied", which reads as a problem but is how a second application joins
+    Serve) and the notice that token authentication is on (it stays on; the cluster listens on loopback) are
+    dropped. Warnings and errors from Ray still show."""
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
 def stop(local: bool) -> None:
-    """Remove the application; for a local cluster shut Serve and Ray down too."""
+    """Remove the applications from a cluster clse-serve joined; a local cluster it started is shut down whole."""
     import ray
     from ray import serve
 
-    if local:
-        serve.shutdown()
-    else:
+    if not local:  # a local cluster ends with ray.shutdown (Serve's own shutdown there logged a failed retry)
         serve.delete(HEALTH_APP_NAME)
         serve.delete(APP_NAME)
     ray.shutdown()
