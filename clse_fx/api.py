@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import platform
 import time
 import warnings
@@ -148,7 +149,8 @@ def place_model(model: nn.Module, device: str | None, dtype: str | None) -> nn.M
 def load_processor(path: str | Path) -> object | None:
     """The processor saved in a local checkpoint directory, or None: graphs compile without one, but a
     bundle without it can only run from token ids and pixels, which a warning says when the checkpoint has
-    processor files that fail to load (e.g. a video processor that needs torchvision)."""
+    processor files that fail to load. A processor whose video processor cannot load (transformers' video
+    processors need torchvision) is built without it: :func:`processor_without_video`."""
     import transformers
 
     path = Path(path)
@@ -157,6 +159,9 @@ def load_processor(path: str | Path) -> object | None:
     try:
         return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError, ImportError, AttributeError) as error:
+        with contextlib.suppress(OSError, ValueError, TypeError, ImportError, AttributeError, KeyError):
+            if (processor := processor_without_video(path)) is not None:
+                return processor
         if any(path.glob("*processor*.json")) or (path / "tokenizer.json").is_file():
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(
@@ -165,6 +170,51 @@ def load_processor(path: str | Path) -> object | None:
                 stacklevel=2,
             )
         return None
+
+
+def processor_without_video(path: Path) -> object | None:
+    """The checkpoint's processor built from its tokenizer, image processor and ``processor_config.json``
+    settings, with no video processor; None for a processor class that has none. The video recipes read the
+    image processor's settings, which the LLaVA and Qwen families' video processors share
+    (:func:`clse_fx.models.recipes.video_pixels`)."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    processor_class = PROCESSOR_MAPPING[type(config)]
+    parts = processor_class.get_attributes()
+    if "video_processor" not in parts:
+        return None
+    saved, _ = processor_class.get_processor_dict(path)
+    accepted = inspect.signature(processor_class.__init__).parameters
+    settings = {name: value for name, value in saved.items() if name in accepted and name not in parts}
+
+    class WithoutVideoProcessor(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            # ProcessorMixin checks each part's class; the video processor's class is what fails to import.
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def save_pretrained(self, save_directory, **kwargs) -> None:
+            """The files it was built from (ProcessorMixin's would save the absent video processor too)."""
+            self.tokenizer.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(save_directory)
+            own = {name: value for name, value in settings.items() if name != "chat_template"}
+            config = json.dumps({"processor_class": processor_class.__name__, **own}, indent=2)
+            (Path(save_directory) / "processor_config.json").write_text(config + "\n")
+            if self.chat_template:
+                (Path(save_directory) / "chat_template.jinja").write_text(self.chat_template)
+
+    WithoutVideoProcessor.__name__ = WithoutVideoProcessor.__qualname__ = processor_class.__name__
+    return WithoutVideoProcessor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(path, trust_remote_code=False),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+        video_processor=None,
+        **settings,
+    )
 
 
 def example_inputs(model: nn.Module, options: CompileOptions, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -122,11 +122,10 @@ def test_bundle_generation_equals_reference(family, tmp_path):
     size = (40, 64)
     inputs, scored = _inputs(model, size)
     stages = [(1, scored // 2), (2, scored // 4), (3, scored // 10)]
-    # LLaVA-NeXT's tiny checkpoint is saved with its processor; OneVision's cannot be (see tiny_processor)
-    processor = tiny_processor(name) if name == "llava_onevision" else None
+    # The processor comes from the checkpoint, as in clse-compile (OneVision's without its video processor)
     result = clse_fx.compile(
         model, stages=stages, batch=2, text_len=9, image_size=size, output_dir=tmp_path / "b", verify=False,
-        processor=processor, optimize_onnx=False,
+        optimize_onnx=False,
     )  # fmt: skip
     manifest = result.manifest
     assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
@@ -142,7 +141,7 @@ def test_bundle_generation_equals_reference(family, tmp_path):
     assert manifest.preprocess["pixels"]["kind"] == "anyres"
     images = [image.convert("RGB").resize(size[::-1]) for image in sample_images()[:2]]
     answers = engine.generate(images, PROMPTS, max_new_tokens=8)
-    processor = processor or tiny_processor(name)
+    processor = tiny_processor(name)
     batch = processor(images=images, text=[f"<image>\n{prompt}" for prompt in PROMPTS], return_tensors="pt")
     batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
     greedy_answers_match(answers, reference_generate(model, prune, max_new_tokens=8, **batch), engine)

@@ -274,3 +274,40 @@ def test_sigterm_during_a_compile_leaves_nothing_behind(tiny_llava_dir, tmp_path
     assert process.wait(timeout=120) == 130
     assert "interrupted: nothing was written" in process.stderr.read()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "video_llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_a_video_checkpoint_processor_loads_without_its_video_processor(family, tmp_path):
+    """transformers' video processors need torchvision, which this set-up does not install: the checkpoint's
+    processor is built from its tokenizer, image processor and processor_config.json instead, with no warning,
+    and equals the processor the tests build (same tokens, image processor and settings); the bundle's copy
+    (save_pretrained) loads back the same way."""
+    import warnings
+
+    from clse_fx.api import load_processor
+
+    from . import tiny_models
+
+    configs = {
+        "llava_next_video": tiny_models.tiny_llava_next_video_config,
+        "video_llava": tiny_models.tiny_video_llava_config,
+        "llava_onevision": tiny_models.tiny_llava_onevision_config,
+    }
+    config = configs[family]() if family in configs else tiny_models.tiny_qwen_config(family)
+    expected = tiny_models.tiny_processor(family)
+    config.save_pretrained(tmp_path / "ckpt")
+    expected.save_pretrained(tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_processor(tmp_path / "ckpt")
+        loaded.save_pretrained(tmp_path / "bundle")
+        config.save_pretrained(tmp_path / "bundle")
+        reloaded = load_processor(tmp_path / "bundle")
+    prompt = f"{expected.video_token} {expected.image_token} what colour is the circle ?"
+    for processor in (loaded, reloaded):
+        assert type(processor).__name__ == type(expected).__name__ and processor.video_processor is None
+        assert (processor.image_token, processor.video_token) == (expected.image_token, expected.video_token)
+        assert processor.tokenizer(prompt)["input_ids"] == expected.tokenizer(prompt)["input_ids"]
+        assert processor.image_processor.to_dict() == expected.image_processor.to_dict()
+        for name in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "num_image_tokens"):
+            assert getattr(processor, name, None) == getattr(expected, name, None), name

@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import clse_fx
+from clse_fx.cli import compile_main
 from clse_fx.compiler import prune_prefill
 from clse_fx.deploy.engine import Engine
+from clse_fx.deploy.manifest import read_manifest
 from clse_fx.models import adapter_for
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate, reference_prune
@@ -100,20 +101,14 @@ def video_bundle(video_model, tmp_path_factory):
     qwen = "Qwen" in type(video_model).__name__
     tokens = 4 * (63 if qwen else adapter_for(video_model).tokens_per_frame())
     stages = [(1, tokens // 2), (2, tokens // 4), (3, tokens // 12)]
-    size = {"image_size": (56, 72)} if qwen else {}
-    text_len = (
-        9 - qwen
-    )  # the rows of video_inputs (9 text tokens), Qwen's with vision start/end markers around the video
-    # The graph's parity with the reference pruner is test_video_pass_equals_reference's; this bundle is checked
-    # against ONNX Runtime (in the manifest) and by generation.
-    # The bundle gets the tiny processor (it cannot be saved with the checkpoint: tiny_processor, save_tiny_qwen)
-    family = "qwen2_5_vl" if qwen else "llava_next_video"
-    processor = tiny_processor(family)
-    result = clse_fx.compile(
-        video_model, stages=stages, batch=2, text_len=text_len, frames=4, output_dir=out, verify=False,
-        processor=processor, optimize_onnx=False, **size,
-    )  # fmt: skip
-    return out, result.manifest, stages
+    # text_len: the rows of video_inputs (9 text tokens), Qwen's with vision start/end markers around the video
+    argv = ["--batch", "2", "--text-len", str(9 - qwen), "--frames", "4", "--no-onnx-optimize"]
+    argv += ["--stages", ",".join(f"{layer}:{keep}" for layer, keep in stages)]
+    argv += ["--image-size", "56x72"] if qwen else []
+    # clse-compile as a user runs it on the checkpoint dir: its processor loads without the video processor,
+    # which needs torchvision (api.load_processor); the bundle's preprocessing comes from it.
+    assert compile_main([video_model.name_or_path, *argv, "-o", str(out)]) == 0
+    return out, read_manifest(out), stages
 
 
 def test_video_bundle_generation_equals_reference(video_model, video_bundle):

@@ -83,11 +83,11 @@ def test_video_bundle_generation_equals_reference(model, tmp_path):
     and text, Engine.generate answers as the reference fed what the processor gives (frames as the per-frame
     image processing its video processor does: that one needs torchvision)."""
     stages = [(1, 32), (2, 16), (3, 6)]
-    processor = tiny_processor("video_llava")
-    result = clse_fx.compile(
+    result = clse_fx.compile(  # the processor comes from the checkpoint, without its video processor
         model, stages=stages, batch=2, text_len=9, frames=4, output_dir=tmp_path / "b", verify=False,
-        processor=processor, optimize_onnx=False,
+        optimize_onnx=False,
     )  # fmt: skip
+    processor = tiny_processor("video_llava")
     manifest = result.manifest
     assert manifest.parity["onnxruntime_max_abs_logits"] <= 1e-4 and manifest.parity["onnxruntime_indices_identical"]
     assert manifest.geometry["layout"] == [["extra", 1], ["grid", 1, 4, 4]] * 4

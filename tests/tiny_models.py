@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -60,10 +63,10 @@ def tiny_qwen_config(family: str):
 
 
 def save_tiny_qwen(path, family: str):
-    """The tiny checkpoint, saved without a processor: ``AutoProcessor`` would also load a Qwen video processor,
-    which needs torchvision, so bundles get :func:`tiny_processor` passed in instead."""
+    """The tiny checkpoint, saved with :func:`tiny_processor`'s files (its video processor's aside)."""
     model_class = QWEN_FAMILIES[family][1]
     torch.manual_seed(0)
+    tiny_processor(family).save_pretrained(path)
     return _widen_and_reload(model_class(tiny_qwen_config(family)).eval(), model_class, path)
 
 
@@ -82,6 +85,7 @@ def save_tiny_llava_next_video(path):
     model = LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config()).eval()
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 0.2)
+    tiny_processor("llava_next_video").save_pretrained(path)
     return _widen_and_reload(model, LlavaNextVideoForConditionalGeneration, path)
 
 
@@ -136,6 +140,7 @@ def save_tiny_video_llava(path):
 
     torch.manual_seed(0)
     model = VideoLlavaForConditionalGeneration(tiny_video_llava_config()).eval()
+    tiny_processor("video_llava").save_pretrained(path)
     return _widen_and_reload(model, VideoLlavaForConditionalGeneration, path)
 
 
@@ -195,6 +200,7 @@ def save_tiny_llava_onevision(path):
     model = LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config()).eval()
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 0.2)
+    tiny_processor("llava_onevision").save_pretrained(path)
     return _widen_and_reload(model, LlavaOnevisionForConditionalGeneration, path)
 
 
@@ -279,9 +285,13 @@ def tiny_processor(family: str):
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *args: None):
         processor = make(image_processor=image, video_processor=None, tokenizer=tokens, **kwargs)
 
-    def save_pretrained(path, **kwargs):
+    def save_pretrained(path, **ignored):
+        """As a Hub checkpoint holds it, minus the video processor's file: tokenizer, image processor and the
+        processor's own settings (processor_config.json)."""
         processor.tokenizer.save_pretrained(path)
         processor.image_processor.save_pretrained(path)
+        settings = {"processor_class": make.__name__, **kwargs}
+        (Path(path) / "processor_config.json").write_text(json.dumps(settings, indent=2))
 
     processor.save_pretrained = save_pretrained
     return processor
