@@ -182,3 +182,45 @@ def test_bundle_stores_each_weight_once(cli_bundle, tiny_llava_dir):
                 info = {entry.key: entry.value for entry in tensor.external_data}
                 offsets.setdefault(graph, set()).add(int(info["offset"]))
     assert offsets["prefill.onnx"] & offsets["decode.onnx"], "the graphs should share the decoder's weights"
+
+
+def test_engine_maps_the_shared_weights_once(cli_bundle, tmp_path):
+    """Engine's prefill and decode sessions read every weight from one memory map of weights.data (shared
+    initializers, from the manifest's table of each graph's initializers), so the file's pages count once in RSS;
+    the answers equal sessions that load their weights themselves (no table); a table entry that does not fit the
+    file is a one-line error at load."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from clse_fx.deploy.engine import Engine
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(cli_bundle[0], bundle)
+    engine = Engine.load(bundle)
+    weights = (bundle / "weights.data").resolve()
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(weights))]
+    start, end = (int(part, 16) for part in maps[0].split()[0].split("-"))
+    assert len(maps) == 1, maps
+    tables = {name: engine.manifest.graphs[name]["initializers"] for name in ("prefill", "decode")}
+    for name, session in (("prefill", engine.prefill), ("decode", engine.decode)):
+        assert set(session.initializers) == set(tables[name]) and tables[name]
+        assert all(start <= value.data_ptr() < end for value in session.initializers.values())
+    ids = np.full((engine.manifest.batch, engine.sequence_length), 5, dtype=np.int64)
+    ids[:, 1 : 1 + engine.manifest.geometry["num_visual"]] = engine.manifest.image_token_id
+    pixels = np.random.default_rng(0).standard_normal(engine.prefill.inputs["pixel_values"]).astype(np.float32)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels}
+    shared = engine.generate_ids(feeds, 6)[0]
+    del engine
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        graph.pop("initializers")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert Engine.load(bundle).generate_ids(feeds, 6)[0] == shared
+
+    name, entry = next(iter(tables["decode"].items()))
+    manifest["graphs"]["decode"]["initializers"] = {name: entry | {"offset": weights.stat().st_size}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"graphs.decode.initializers\[.*\] does not fit weights.data"):
+        Engine.load(bundle)

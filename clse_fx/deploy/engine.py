@@ -59,7 +59,7 @@ class Engine:
         bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU); ``threads``
         caps each session's intra-op threads (default: ONNX Runtime's, one per physical core)."""
         from clse_fx.deploy.manifest import DECODE, PREFILL, read_manifest
-        from clse_fx.deploy.session import OnnxSession, select_providers
+        from clse_fx.deploy.session import BundleWeights, OnnxSession, select_providers
 
         bundle = Path(bundle)
         if bundle.is_file():
@@ -71,6 +71,7 @@ class Engine:
         manifest = read_manifest(bundle, verify=True)
         graphs = manifest.graphs
         providers = providers or select_providers(manifest.target)
+        weights = BundleWeights(bundle)
 
         def session(name: str):
             path = bundle / graphs[name]["file"]
@@ -78,7 +79,8 @@ class Engine:
                 from clse_fx.deploy.aoti import AotiSession
 
                 return AotiSession(path, graphs[name], manifest.device)
-            return OnnxSession(path, providers, threads, manifest.dtype)
+            shared = weights.initializers(name, graphs[name]) if providers[0] == "CPUExecutionProvider" else None
+            return OnnxSession(path, providers, threads, manifest.dtype, shared)
 
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None

@@ -115,19 +115,24 @@ def export_input_graph(graph: InputGraph, inputs: dict[str, torch.Tensor], path:
     return checked_onnx(path)
 
 
-def graph_signature(path: str | Path) -> dict[str, list]:
-    """Names, element types and shapes of an ONNX file's inputs and outputs, and the files its weights live in
-    (relative to it), so deploy needs no onnx package to move a graph with its weights."""
+def graph_signature(path: str | Path) -> dict:
+    """Names, element types and shapes of an ONNX file's inputs and outputs, the files its weights live in
+    (relative to it) and where each weight lies in them, so deploy needs no onnx package to move a graph with its
+    weights or to map them once for all its sessions."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    external = {
-        entry.value
-        for tensor in model.graph.initializer
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
+    initializers = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            initializers[tensor.name] = {
+                "file": info["location"],
+                "type": tensor.data_type,
+                "shape": list(tensor.dims),
+                "offset": int(info.get("offset", 0)),
+                "length": int(info["length"]),
+            }
 
     def describe(values):
         return [
@@ -145,7 +150,8 @@ def graph_signature(path: str | Path) -> dict[str, list]:
     return {
         "inputs": describe(model.graph.input),
         "outputs": describe(model.graph.output),
-        "external_data": sorted(external),
+        "external_data": sorted({entry["file"] for entry in initializers.values()}),
+        "initializers": initializers,  # where each weight lies in them: deploy/session.py BundleWeights
     }
 
 
