@@ -406,7 +406,8 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         if options.verify and (bundle is not None or module is not None):
             with phases("deploy-path check: constant and flat-region images", "deploy_check"):
                 run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
-                manifest.parity.update(deploy_check.check(options.target, run, model, prune, inputs))
+                figures = deploy_check.check(options.target, run, model, prune, inputs, own_weights=bundle is not None)
+                manifest.parity.update(figures)
             manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
             if bundle is not None:  # the check only read the bundle: its files' hashes stand
                 write_manifest(bundle, manifest, rehash=False)

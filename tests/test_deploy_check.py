@@ -2,6 +2,11 @@
 way users run it on a constant image (saturated, tied scores: the tie rule decides at the cut) and on flat regions with
 edges, against the reference pruner; a divergence fails the compile naming the target and the stage."""
 
+import copy
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +18,7 @@ from clse_fx.demo import save_tiny_llava
 from clse_fx.export import deploy_check
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_prune
+from clse_fx.resident import page_out_weights
 from clse_fx.trace import graph_inputs
 
 from .conftest import prompt_ids
@@ -224,3 +230,36 @@ def test_engine_maps_the_shared_weights_once(cli_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"graphs.decode.initializers\[.*\] does not fit weights.data"):
         Engine.load(bundle)
+
+
+def mapped_resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    resident, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) == 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_the_models_mapped_weights_are_handed_back_and_read_again(tiny_llava_dir, tmp_path):
+    """Between the model's side of a parity check and a bundle's, the checkpoint's mapped pages leave the process
+    (a 7B compile would otherwise hold both copies of the weights); the model then runs as before."""
+    shutil.copytree(tiny_llava_dir, tmp_path / "ckpt")
+    weights = (tmp_path / "ckpt" / "model.safetensors").resolve()
+    with open(weights, "rb+") as written:  # a checkpoint as users have it: on disk (the kernel keeps dirty pages)
+        os.fsync(written.fileno())
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    ids = prompt_ids(model, [[5, "img", 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=torch.ones(1, 3, 48, 48)).logits
+    assert mapped_resident_kib(weights) > 0.9 * weights.stat().st_size / 1024
+    assert page_out_weights(model) >= weights.stat().st_size * 0.9
+    assert mapped_resident_kib(weights) < 0.05 * weights.stat().st_size / 1024
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, pixel_values=torch.ones(1, 3, 48, 48)).logits, before)
+    in_memory = copy.deepcopy(model)  # anonymous memory: never advised (it would go to swap, not back to a file)
+    assert page_out_weights(in_memory) == 0

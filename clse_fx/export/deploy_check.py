@@ -21,6 +21,7 @@ import torch
 from clse_fx.compiler import PrefillOutputs
 from clse_fx.deploy.manifest import split_prefill_outputs
 from clse_fx.reference import reference_prune
+from clse_fx.resident import page_out_weights
 from clse_fx.trace import graph_inputs
 
 # Largest |last-position logits - reference| allowed, relative to the reference's largest |logit|: float32 engines
@@ -110,11 +111,14 @@ def module_runner(model, module) -> Callable[[dict[str, torch.Tensor]], PrefillO
     return lambda inputs: module(*graph_inputs(model, inputs).values()).cpu()
 
 
-def check(target: str, run: Callable[[dict[str, torch.Tensor]], PrefillOutputs], model, prune, inputs) -> dict:
+def check(
+    target: str, run: Callable[[dict[str, torch.Tensor]], PrefillOutputs], model, prune, inputs, *, own_weights=False
+) -> dict:
     """Run ``run`` and the reference pruner on each of :data:`IMAGES`; the figures for the manifest, or a one-line
     RuntimeError at the first stage that keeps a token the reference scores far from its cut (:func:`near_tie_flips`),
     or on logits past :data:`LOGITS_RELATIVE_BOUND`. Near-tie trades are recorded (stage and count) and end that
-    image's comparison: what follows ran on another token set."""
+    image's comparison: what follows ran on another token set. ``own_weights``: ``run`` holds its own copy of the
+    weights (a bundle), so the model's mapped ones are handed back to the kernel once the references are in."""
     dtype = next(model.parameters()).dtype
     bound, tolerance = LOGITS_RELATIVE_BOUND.get(dtype, 1e-1), NEAR_TIE.get(dtype, 5e-2)
     stage_layers = [layer for layer, _ in prune.plan.stages]
@@ -122,6 +126,8 @@ def check(target: str, run: Callable[[dict[str, torch.Tensor]], PrefillOutputs],
     cases = {name: with_pixels(inputs, make) for name, make in IMAGES.items()}
     with torch.no_grad():  # the model's runs first, then the bundle's: at 7B one set of weights is in use at a time
         references = {name: reference_prune(model, prune, **realistic) for name, realistic in cases.items()}
+    if own_weights:
+        page_out_weights(model)
     for name, realistic in cases.items():
         expected = references.pop(name)
         with torch.no_grad():

@@ -21,6 +21,7 @@ from clse_fx.export.tensorrt_check import check_tensorrt_ready
 from clse_fx.export.weight_transposes import defer_weight_transposes
 from clse_fx.models import adapter_for, deploy_recipe_for
 from clse_fx.models.base import InputGraph
+from clse_fx.resident import page_out_weights
 from clse_fx.trace import graph_inputs, weights_key
 
 if TYPE_CHECKING:
@@ -167,12 +168,20 @@ def prefill_parity(engine: PrefillOutputs, torch_out: PrefillOutputs) -> dict[st
     }
 
 
+def input_graph_outputs(model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the pre-prefill graphs compute, as the unmodified model computes it (their oracle)."""
+    return dict(graph_inputs(model, inputs), rope_deltas=adapter_for(model).rope_deltas(inputs))
+
+
 def run_input_graphs(
-    model, graphs: list[InputGraph], paths: dict[str, Path], inputs: dict[str, torch.Tensor], dtype: str = "float32"
+    graphs: list[InputGraph],
+    paths: dict[str, Path],
+    inputs: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    dtype: str = "float32",
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Run the exported pre-prefill graphs on ``inputs`` in ONNX Runtime; returns their outputs and each
-    output's max abs difference from the unmodified model's own computation of it (the oracle)."""
-    expected = dict(graph_inputs(model, inputs), rope_deltas=adapter_for(model).rope_deltas(inputs))
+    output's max abs difference from ``expected`` (:func:`input_graph_outputs`)."""
     feeds: dict = {name: tensor.cpu() for name, tensor in inputs.items()}
     produced, parity = {}, {}
     for graph in graphs:
@@ -227,9 +236,11 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
         step_args = decode_example(device_out.cache)
-        with torch.no_grad():  # PyTorch first: one session at a time then holds the weights beside the model's
+        with torch.no_grad():  # PyTorch first, then its mapped weights handed back: ONNX Runtime maps the bundle's
             decode_torch = [t.cpu().numpy() for t in decode_program.module()(*step_args)]
-        produced, parity = run_input_graphs(model, input_graphs, pre_paths, inputs, dtype) if pre_paths else ({}, {})
+            expected = input_graph_outputs(model, inputs) if pre_paths else {}
+        page_out_weights(model)
+        produced, parity = run_input_graphs(input_graphs, pre_paths, inputs, expected, dtype)
         feeds = dict(zip(input_names(pruned), pruned.example_args)) | produced
         engine = OnnxSession(prefill_path, dtype=dtype).run(**feeds)
         engine_out = PrefillOutputs.from_flat([torch.from_numpy(a) for a in engine], len(pruned.settings.stages))
