@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def measure(width: Fraction, work: Path) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(checkpoint, max_shard_size="2GB")  # a shard is serialised in memory: keep them small
     del model
+    os.sync()  # on disk, as a downloaded checkpoint is: the kernel cannot drop pages not yet written back
     command = [sys.executable, "-m", "clse_fx.cli", str(checkpoint), "--keep", "192", "--dtype", "float16"]
     command += ["-o", str(bundle), "--force"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
