@@ -230,6 +230,16 @@ def test_engine_maps_the_shared_weights_once(cli_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"graphs.decode.initializers\[.*\] does not fit weights.data"):
         Engine.load(bundle)
+    malformed = ["weights", entry | {"shape": 4}, entry | {"type": [1]}, entry | {"offset": True}, entry | {"file": 1}]
+    for bad in malformed:
+        manifest["graphs"]["decode"]["initializers"] = {name: bad}
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=r"graphs.decode.initializers\[.*\] (is malformed|names 1, not)"):
+            Engine.load(bundle)
+    manifest["graphs"]["decode"]["initializers"] = [name]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"graphs.decode.initializers is not a table"):
+        Engine.load(bundle)
 
 
 def mapped_resident_kib(path) -> int:

@@ -47,23 +47,35 @@ class BundleWeights:
         error naming the entry if it does not fit)."""
         import onnxruntime
 
+        table = graph.get("initializers") or {}
+        if not isinstance(table, dict):
+            raise ValueError(f"manifest.json: graphs.{graph_name}.initializers is not a table; recompile the bundle")
         values = {}
-        for name, entry in (graph.get("initializers") or {}).items():
+        for name, entry in table.items():
             where = f"graphs.{graph_name}.initializers[{name!r}]"
-            file, element, shape = entry.get("file"), entry.get("type"), entry.get("shape")
-            offset, length = entry.get("offset"), entry.get("length")
+            if not well_formed(entry):
+                raise ValueError(f"manifest.json: {where} is malformed ({entry!r}); recompile the bundle")
+            file, element, shape, offset, length = (entry[k] for k in ("file", "type", "shape", "offset", "length"))
             if file not in graph.get("external_data", []):
                 raise ValueError(f"manifest.json: {where} names {file!r}, not one of the graph's weight files")
             if file not in self.maps:
                 self.maps[file] = np.memmap(self.bundle / file, dtype=np.uint8, mode="r")
-            data = self.maps[file]
-            counts = [isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in [offset, length, *shape]]
-            size = ONNX_ELEMENT_BYTES.get(element)
-            if not all(counts) or size is None or int(np.prod(shape)) * size != length or offset + length > data.size:
+            data, size = self.maps[file], ONNX_ELEMENT_BYTES[element]
+            if int(np.prod(shape)) * size != length or offset + length > data.size:
                 raise ValueError(f"manifest.json: {where} does not fit {file} ({entry}); recompile the bundle")
             array = data[offset : offset + length].view(f"u{size}").reshape(shape)
             values[name] = onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(array, element)
         return values
+
+
+def well_formed(entry: object) -> bool:
+    """Whether an initializer table entry has a known element type and non-negative integer offset, length and
+    dims (JSON booleans are not numbers here)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+        return False
+    numbers = [entry.get("offset"), entry.get("length"), *entry["shape"]]
+    counts = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+    return counts and isinstance(entry.get("type"), int) and entry["type"] in ONNX_ELEMENT_BYTES
 
 
 def select_providers(target: str) -> list[str]:
