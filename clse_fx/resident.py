@@ -45,9 +45,8 @@ def page_out_weights(module: nn.Module) -> int:
     ranges = file_backed_ranges()
     starts = [low for low, _ in ranges]
     storages = {}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr():
-            storage = tensor.untyped_storage()
+    for storage in (t.untyped_storage() for t in itertools.chain(module.parameters(), module.buffers())):
+        if storage.device.type == "cpu" and storage.data_ptr():
             storages[storage.data_ptr()] = storage.nbytes()
     advised = 0
     for start, nbytes in storages.items():
