@@ -33,6 +33,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
@@ -90,10 +91,12 @@ def make_user_class():
                         answer.failure(f"malformed {kind} answered {answer.status_code}")
                 return
             body = {"prompt": random.choice(PROMPTS), "image": random.choice(IMAGES), "max_new_tokens": MAX_NEW_TOKENS}
+            sent = time.perf_counter()
             with self.client.post("/generate", json=body, name="valid", catch_response=True) as answer:
+                front = answer.headers.get("X-Clse-Ingress") if answer.headers else None
+                VALID.append((sent, time.perf_counter(), answer.status_code == 200, front))
                 if answer.status_code == 200:
                     answer.success()
-                    ANSWERED.append(time.perf_counter())
                 else:
                     answer.failure(f"valid request answered {answer.status_code}: {answer.text[:200]}")
 
@@ -101,7 +104,8 @@ def make_user_class():
 
 
 JSON = {"Content-Type": "application/json"}
-ANSWERED: list[float] = []  # when each valid request was answered 200 (the longest gap between answers)
+# Each valid request: (sent, answered, 200?, the ingress replica that answered): gaps and who lost what in a kill.
+VALID: list[tuple[float, float, bool, str | None]] = []
 
 
 def health_poller(url: str, samples: list, period: float = 0.25) -> None:
@@ -129,26 +133,41 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
     env.stats.reset_all()
     health: list = []
     poller = gevent.spawn(health_poller, url, health)
-    ANSWERED.clear()
+    VALID.clear()
     start = time.perf_counter()
     if on_half is not None:
         gevent.sleep(seconds / 3)
+        event_at = time.perf_counter()
         gevent.spawn(on_half)
         gevent.sleep(max(0.0, seconds - (time.perf_counter() - start)))
     else:
         gevent.sleep(seconds)
     elapsed = time.perf_counter() - start
-    answered = [start, *sorted(t for t in ANSWERED if start <= t <= start + elapsed), start + elapsed]
+    answered = [start, *sorted(end for _, end, ok, _ in VALID if ok and end <= start + elapsed), start + elapsed]
     poller.kill()
     # Stop and let every request in flight finish, so none is counted as neither answered nor failed.
     snapshot = {name: (entry.num_requests, entry.num_failures) for (name, _), entry in env.stats.entries.items()}
     runner.stop()
     runner.quit()
+    gap, gap_end = max((b - a, b) for a, b in zip(answered, answered[1:]))
     valid = env.stats.get("valid", "POST")
     malformed = [entry for (name, _), entry in env.stats.entries.items() if name.startswith("malformed:")]
     health_s = sorted(seconds for seconds, _, _ in health) or [float("nan")]
     errors = {str(error.error): error.occurrences for error in env.stats.errors.values()}
-    return {
+    event = {}
+    if on_half is not None:  # the valid requests in flight at the event, by outcome: lost or the ingress answering
+        in_flight = [(ok, front) for sent, end, ok, front in VALID if sent < event_at < end]
+        event = {
+            "event_at_s": round(event_at - start, 2),
+            "in_flight_at_event": {"lost": sum(not ok for ok, _ in in_flight)}
+            | dict(Counter(front for ok, front in in_flight if ok)),
+            "lost_sent_after_event": sum(not ok and sent >= event_at for sent, _, ok, _ in VALID),
+            # Answers per 0.25 s from 1 s before the event to 4 s after: where a gap falls, and how long it lasts.
+            "answers_per_quarter_second_around_event": np.histogram(
+                [end - event_at for _, end, ok, _ in VALID if ok], bins=np.arange(-1.0, 4.01, 0.25)
+            )[0].tolist(),
+        }
+    return event | {
         "users": users,
         "seconds": round(elapsed, 1),
         "valid_requests": valid.num_requests,
@@ -161,7 +180,8 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
         "health_checks": len(health),
         "health_not_200": sum(status != 200 for _, status, _ in health),
         "health_degraded": sum(state == "degraded" for _, _, state in health),
-        "longest_gap_between_answers_s": round(max(b - a for a, b in zip(answered, answered[1:])), 2),
+        "longest_gap_between_answers_s": round(gap, 2),
+        "longest_gap_ends_at_s": round(gap_end - start, 2),
         "health_p99_ms": round(1e3 * health_s[min(len(health_s) - 1, int(0.99 * len(health_s)))], 1),
         "health_max_ms": round(1e3 * health_s[-1], 1),
         "errors": errors,
@@ -265,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                 kill = run_level(url, args.kill_users, args.seconds, args.warmup, on_half=kill_one)
                 wait_healthy(url, count, 180.0, key)
                 kills[kind] = kill | {f"kill_{name}": value for name, value in killed.items()}
+                if kind == "Ingress":  # in flight on the killed front end: the ones lost and the ones it answered
+                    front = killed["replica"].rsplit("#", 1)[-1]
+                    in_flight = kill["in_flight_at_event"]
+                    kills[kind]["in_flight_on_killed_ingress"] = in_flight["lost"] + in_flight.get(front, 0)
                 print(json.dumps(kills[kind]), flush=True)
             server.stdin.write("stop\n")
             server.stdin.flush()

@@ -301,11 +301,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _call(url: str, body: object = None, raw: bytes | None = None) -> tuple[int, dict]:
+def _call(url: str, body: object = None, raw: bytes | None = None, fronts: list | None = None) -> tuple[int, dict]:
+    """(status, JSON answer); ``fronts`` collects the X-Clse-Ingress header of a 200."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with NO_PROXY.open(request, timeout=60) as response:
+            if fronts is not None:
+                fronts.append(response.headers.get("X-Clse-Ingress"))
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -339,9 +342,11 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
     bodies = [
         {"prompt": PROMPTS[p], "image": _b64(images[i]), "max_new_tokens": 8} for i, p in cases * (64 // len(cases))
     ]
+    fronts = []
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda body: _call(f"{service}/generate", body), bodies))
+        answers = list(pool.map(lambda body: _call(f"{service}/generate", body, fronts=fronts), bodies))
     assert [status for status, _ in answers] == [200] * 64, [a for s, a in answers if s != 200][:3]
+    assert len(set(fronts)) == 2 and None not in fronts  # both front ends answered, each naming itself
     for (i, p), (_, answer) in zip(cases * 8, answers):
         assert (answer["token_ids"], answer["text"]) == (expected[i, p].token_ids, expected[i, p].text)
         assert {"prefill_ms", "decode_ms_per_token", "kv_cache_bytes", "total_ms"} <= set(answer["timings"])

@@ -37,6 +37,7 @@ MAX_SEED = 2**64 - 1
 MAX_STOP_TOKENS = 64
 MAX_PATH_CHARS = 1024
 INGRESS_REPLICAS = 2  # HTTP front ends: no single point of failure on one node
+INGRESS_HEADER = "X-Clse-Ingress"  # the answer's ingress replica (Ray Serve's replica id)
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -405,6 +406,13 @@ def build_app(
     threads = threads or max(1, int(cpus_per_replica))
     concurrency = concurrency or Concurrency.derive(batch, replicas)
     api = FastAPI(title="clse-serve", description=f"CLSE-pruned bundle {bundle.name}")
+
+    @api.middleware("http")
+    async def name_the_front_end(request: Request, call_next):
+        """Every answer names the ingress replica that gave it, to trace a failure to one front end."""
+        answer = await call_next(request)
+        answer.headers[INGRESS_HEADER] = serve.get_replica_context().replica_id.unique_id
+        return answer
 
     @serve.deployment(
         num_replicas=replicas,
