@@ -123,35 +123,28 @@ def shallow_tie(tmp_path_factory):
 
 
 def test_every_cpu_target_cuts_a_tie_like_the_reference(shallow_tie, tmp_path):
-    """ONNX Runtime, Inductor and an AOTInductor package of one program keep the reference's ids where the cut
-    falls inside a tie (constant image), through the deploy check (flat regions too)."""
-    from clse_fx.deploy.aoti import AotiSession
+    """ONNX Runtime and Inductor runs of one program keep the reference's ids where the cut falls inside a tie
+    (constant image), through the deploy check (flat regions too). The AOTInductor packages' ties are checked on the
+    demo bundle in test_aot_inductor.py."""
     from clse_fx.deploy.session import OnnxSession
-    from clse_fx.export.aot_inductor import signature
-    from clse_fx.export.onnxruntime import export_onnx, input_names
+    from clse_fx.export.onnxruntime import export_onnx
 
     model, pruned, prune, inputs = shallow_tie
     constant = deploy_check.with_pixels(inputs, deploy_check.constant_image)
     assert reference_prune(model, prune, **constant).kept[0][0].tolist() == [0, 1]  # of the tie 0, 1, 4
-    with torch._inductor.config.patch({"aot_inductor.compile_wrapper_opt_level": "O0"}):  # test-only: faster
-        package = torch._inductor.aoti_compile_and_package(pruned.program, package_path=str(tmp_path / "p.pt2"))
-    sessions = {
-        "aot-inductor": AotiSession(package, {"inputs": signature(input_names(pruned), list(pruned.example_args))}),
-        "onnxruntime": OnnxSession(export_onnx(pruned, tmp_path / "prefill.onnx", optimize=False)),
-    }
-    for target, session in sessions.items():
+    session = OnnxSession(export_onnx(pruned, tmp_path / "prefill.onnx", optimize=False))
 
-        def run(realistic, session=session):
-            feeds = deploy_check.as_deploy_feeds(graph_inputs(model, realistic))
-            return PrefillOutputs.from_flat([torch.from_numpy(a) for a in session.run(**feeds)], 1)
+    def onnxruntime(realistic):
+        feeds = deploy_check.as_deploy_feeds(graph_inputs(model, realistic))
+        return PrefillOutputs.from_flat([torch.from_numpy(a) for a in session.run(**feeds)], 1)
 
-        assert deploy_check.check(target, run, model, prune, inputs)["deploy_constant_kept_identical"]
     inductor = torch.compile(pruned.program.module())
 
     def compiled(realistic):
         return PrefillOutputs.from_flat(inductor(*graph_inputs(model, realistic).values()), 1)
 
-    assert deploy_check.check("torch-compile", compiled, model, prune, inputs)["deploy_constant_kept_identical"]
+    for target, run in (("onnxruntime", onnxruntime), ("torch-compile", compiled)):
+        assert deploy_check.check(target, run, model, prune, inputs)["deploy_constant_kept_identical"]
 
 
 def test_near_tie_trades_are_told_apart_from_divergence():
