@@ -20,6 +20,7 @@ from PIL import Image
 from clse_fx.deploy.cli import serve_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
 from clse_fx.deploy.serve import (
+    INGRESS_HEADER,
     Concurrency,
     GenerateRequest,
     Limits,
@@ -302,13 +303,13 @@ def _free_port() -> int:
 
 
 def _call(url: str, body: object = None, raw: bytes | None = None, fronts: list | None = None) -> tuple[int, dict]:
-    """(status, JSON answer); ``fronts`` collects the X-Clse-Ingress header of a 200."""
+    """(status, JSON answer); ``fronts`` collects the ingress replica a 200 names (INGRESS_HEADER)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with NO_PROXY.open(request, timeout=60) as response:
             if fronts is not None:
-                fronts.append(response.headers.get("X-Clse-Ingress"))
+                fronts.append(response.headers.get(INGRESS_HEADER))
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
