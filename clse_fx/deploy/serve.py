@@ -38,6 +38,7 @@ MAX_STOP_TOKENS = 64
 MAX_PATH_CHARS = 1024
 INGRESS_REPLICAS = 2  # HTTP front ends: no single point of failure on one node
 INGRESS_HEADER = "X-Clse-Ingress"  # the answer's ingress replica (Ray Serve's replica id)
+GRPC_MESSAGE_LIMIT_VAR = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"  # what an engine replica accepts, bytes
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -416,7 +417,13 @@ def build_app(
 
     @serve.deployment(
         num_replicas=replicas,
-        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
+        ray_actor_options={
+            "num_cpus": cpus_per_replica,
+            "num_gpus": gpus_per_replica,
+            # The ingress calls the engines over Serve's gRPC transport (see Ingress); a request carries its
+            # image(s) inline, so the engines must accept messages up to the body limit (gRPC's default is 4 MB).
+            "runtime_env": {"env_vars": {GRPC_MESSAGE_LIMIT_VAR: str(limits.max_body_bytes + (1 << 20))}},
+        },
         # Room for twice the share the ingress sends it: the router never finds every replica full (and backs
         # off) while one is being replaced, or while its view of the replicas' queues lags.
         max_ongoing_requests=2 * concurrency.max_ongoing_requests,
@@ -460,7 +467,11 @@ def build_app(
     @serve.ingress(api)
     class Ingress:
         def __init__(self, engines) -> None:
-            self.engines = engines
+            # By value over Serve's gRPC transport, not as Ray actor calls: Ray 2.60 runs Serve's actor calls as
+            # streaming-generator tasks, whose end blocks the engine's event loop (in 1 s steps) until the caller
+            # acknowledges every item; when one ingress dies, the engines then stall the other one's requests for
+            # 1-3 s. Over gRPC the survivor sees no gap (benchmarks/serve_load.py, kill-the-ingress run).
+            self.engines = engines.options(_by_reference=False)
             self.slots = asyncio.Semaphore(running)
             self.waiting = 0
 
