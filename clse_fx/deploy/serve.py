@@ -39,6 +39,7 @@ MAX_PATH_CHARS = 1024
 INGRESS_REPLICAS = 2  # HTTP front ends: no single point of failure on one node
 INGRESS_HEADER = "X-Clse-Ingress"  # the answer's ingress replica (Ray Serve's replica id)
 GRPC_MESSAGE_LIMIT_VAR = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"  # what an engine replica accepts, bytes
+ENGINE_HEALTH_CHECK_S = 2.0  # how often Serve's controller checks each engine replica
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -427,6 +428,9 @@ def build_app(
         # Room for twice the share the ingress sends it: the router never finds every replica full (and backs
         # off) while one is being replaced, or while its view of the replicas' queues lags.
         max_ongoing_requests=2 * concurrency.max_ongoing_requests,
+        # Over gRPC a dead engine shows as unavailable, not dead, so only the controller's health check finds it
+        # to replace it (Serve checks every 10 s by default).
+        health_check_period_s=ENGINE_HEALTH_CHECK_S,
     )
     class BundleServer:
         def __init__(self) -> None:
