@@ -1,6 +1,6 @@
 """``clse-serve`` under load: locust (headless, in-process) against a local service on loopback.
 
-`python -m benchmarks.serve_load` (about 4 minutes; needs the `serve` and `bench` extras) compiles the built-in
+`python -m benchmarks.serve_load` (about 7 minutes; needs the `serve` and `bench` extras) compiles the built-in
 demo model (``clse-compile --demo --keep 64 --score clse``), serves it with 2 replicas on a local Ray cluster
 bound to 127.0.0.1, and runs each user level (16, 64, 128 concurrent users, no think time) for a bounded time.
 One request in ten is malformed (a wrong type, bad base64, an unknown field, ``temperature: 1e309``, a body that
