@@ -3,11 +3,13 @@ on a local loopback cluster under 64 concurrent requests."""
 
 import base64
 import dataclasses
+import http.client
 import importlib.util
 import io
 import json
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -315,6 +317,22 @@ def _call(url: str, body: object = None, raw: bytes | None = None, fronts: list 
         return error.code, json.loads(error.read())
 
 
+def _post_declaring(url: str, declared: int, sent: int) -> tuple[int, dict]:
+    """POST with a Content-Length of ``declared`` bytes but only ``sent`` of them, then read the answer: a server
+    that refuses on the declared length answers at once (a client sending it all could meet a reset instead)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.putrequest("POST", parts.path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(declared))
+        connection.endheaders(b" " * sent)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
 @pytest.fixture(scope="module")
 def service(bundle, image_root):
     """The bundle deployed with 2 replicas on a local 2-CPU Ray cluster, HTTP on loopback."""
@@ -360,7 +378,7 @@ def test_ray_serve_bad_requests_get_4xx_and_the_service_keeps_answering(service,
     assert schema["content"]["application/json"]["schema"]["required"] == ["prompt"]  # what fuzzers and clients see
     assert _call(generate, raw=b"{not json") == (400, {"error": "the request body is not JSON; send a JSON object"})
     assert _call(generate, raw=b"[" * 5000 + b"]" * 5000)[0] == 400  # nested past the parser's depth: not a 500
-    status, answer = _call(generate, raw=b" " * (7 << 20))  # past --max-body-bytes: refused before parsing
+    status, answer = _post_declaring(generate, 7 << 20, 64 << 10)  # past --max-body-bytes: refused before reading
     assert status == 413 and "6291456-byte limit (--max-body-bytes)" in answer["error"]
     # A 5 MB body within the limit reaches an engine (which validates fields) whole over Serve's gRPC transport.
     status, answer = _call(generate, {"prompt": "describe", "padding": "x" * (5 << 20)})
