@@ -346,6 +346,7 @@ def add_section(manifest: Manifest, section: TargetSection) -> None:
     if section.tensorrt_readiness is not None:
         manifest.tensorrt_readiness = section.tensorrt_readiness
     manifest.opset = section.opset or manifest.opset
+    manifest.quantization = section.quantization or manifest.quantization
 
 
 def _versions() -> dict[str, str]:
@@ -404,10 +405,16 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
                 processor.save_pretrained(bundle)
             write_manifest(bundle, manifest)
         if options.verify and (bundle is not None or module is not None):
-            with phases("deploy-path check: constant and flat-region images", "deploy_check"):
-                run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
-                figures = deploy_check.check(options.target, run, model, prune, inputs, own_weights=bundle is not None)
-                manifest.parity.update(figures)
+            if manifest.quantization:
+                with phases(f"{options.weight_format} bundle vs the unquantized model", "deploy_check"):
+                    figures = deploy_check.check_lossy(options.weight_format, bundle, model, prune, inputs)
+                    manifest.quantization["floors"] = deploy_check.LOSSY_FLOORS[options.weight_format]
+            else:
+                with phases("deploy-path check: constant and flat-region images", "deploy_check"):
+                    run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
+                    own_weights = bundle is not None
+                    figures = deploy_check.check(options.target, run, model, prune, inputs, own_weights=own_weights)
+            manifest.parity.update(figures)
             manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
             if bundle is not None:  # the check only read the bundle: its files' hashes stand
                 write_manifest(bundle, manifest, rehash=False)

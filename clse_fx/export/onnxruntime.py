@@ -15,6 +15,7 @@ from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.deploy.manifest import decode_names, prefill_output_names
 from clse_fx.deploy.session import OnnxSession
+from clse_fx.export.quantize import quantize_bundle, roles_for
 from clse_fx.export.shared_weights import share_weights
 from clse_fx.export.targets import TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
@@ -250,10 +251,15 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         differences = [float(np.abs(e - t).max()) for e, t in zip(decode_engine, decode_torch)]
         parity["onnxruntime_decode_max_abs"] = max(differences)
     paths = {**pre_paths, "prefill": prefill_path, "decode": decode_path}
+    quantization = None
+    if context.options.weight_format:  # after the exact parity above: it checks the export, not the quantization
+        with context.phase(f"{context.options.weight_format} weight quantization", "quantize"):
+            quantization = quantize_bundle(list(paths.values()), roles_for(model), context.options.weight_format)
     return TargetSection(
         graphs={name: {"file": path.name, **graph_signature(path)} for name, path in paths.items()},
         pipeline=list(pre_paths),
         parity=parity,
         tensorrt_readiness={name: [str(f) for f in check_tensorrt_ready(path)] for name, path in paths.items()},
         opset=OPSET,
+        quantization=quantization,
     )
