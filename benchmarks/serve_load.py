@@ -27,22 +27,21 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import urllib.request  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.serving import NO_PROXY, SERVER, free_port, wait_healthy  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
 MAX_NEW_TOKENS = 8
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _png(seed: int) -> str:
@@ -186,45 +185,6 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
         "health_max_ms": round(1e3 * health_s[-1], 1),
         "errors": errors,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-SERVER = """
-import sys, time
-sys.argv = ["clse-serve"]
-from clse_fx.deploy import serve
-url = serve.start({bundle!r}, serve.Limits(), port={port}, replicas={replicas}, num_cpus={replicas}, threads=1)
-import ray
-print("ready", flush=True)
-for line in sys.stdin:
-    if line.startswith("kill "):  # kill BundleServer (an engine replica) or kill Ingress (an HTTP front end)
-        kind = line.split()[1]
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if kind in a["name"]]
-        ray.kill(ray.get_actor(sorted(names)[0], namespace="serve"), no_restart=True)
-        print("killed", sorted(names)[0], flush=True)
-    elif line.strip() == "stop":
-        break
-serve.stop(local=True)
-"""
-
-
-def wait_healthy(url: str, replicas: int, timeout: float = 180.0, key: str = "replicas") -> float:
-    """Seconds until /health reports ``replicas`` under ``key`` (replicas: engines; ingress_replicas: front ends)."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        try:
-            with NO_PROXY.open(f"{url}/health", timeout=5) as answer:
-                if json.load(answer).get(key) == replicas:
-                    return time.perf_counter() - start
-        except Exception:
-            pass
-        gevent.sleep(0.25)
-    raise TimeoutError(f"{url}/health did not report {replicas} {key} in {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
