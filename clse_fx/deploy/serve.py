@@ -54,6 +54,10 @@ ENGINE_HEALTH_CHECK_S = 2.0  # how often Serve's controller checks each engine r
 REPORT_PERIOD_S = 0.5  # how often an ingress with requests in flight tells /health how they fare
 REPORT_FRESH_S = 3.0  # an ingress report older than this no longer counts (the ingress went idle or died)
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # Ray Serve names each replica's actor SERVE_REPLICA::app#deployment#id
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which request bodies
+# and images come from heaps that keep the memory: with a fixed threshold every block over 1 MiB is mapped on its own
+# and handed back when freed, so a replica's memory follows the requests it holds, not the most it ever held.
+REPLICA_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -502,7 +506,9 @@ def build_app(
             "num_gpus": gpus_per_replica,
             # The ingress calls the engines over Serve's gRPC transport (see Ingress); a request carries its
             # image(s) inline, so the engines must accept messages up to the body limit (gRPC's default is 4 MB).
-            "runtime_env": {"env_vars": {GRPC_MESSAGE_LIMIT_VAR: str(limits.max_body_bytes + (1 << 20))}},
+            "runtime_env": {
+                "env_vars": {GRPC_MESSAGE_LIMIT_VAR: str(limits.max_body_bytes + (1 << 20)), **REPLICA_MALLOC_ENV}
+            },
         },
         # Room for twice the share the ingress sends it: the router never finds every replica full (and backs
         # off) while one is being replaced, or while its view of the replicas' queues lags.
@@ -555,7 +561,7 @@ def build_app(
 
     @serve.deployment(
         num_replicas=INGRESS_REPLICAS,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_MALLOC_ENV}},
         max_ongoing_requests=capacity + reading + 100,
     )
     @serve.ingress(api)
