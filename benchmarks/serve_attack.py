@@ -33,14 +33,13 @@ import resource
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.serving import NO_PROXY, SERVER, free_port, wait_healthy
+from benchmarks.serving import NO_PROXY, served, wait_healthy
 
 RESULTS = Path(__file__).parent / "results" / "serve_attack.json"
 ORDINARY_LIMIT_S = 2.0
@@ -353,44 +352,20 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2000+ sockets here, and HAProxy's two per client
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            bundle = f"{tmp}/demo"
-            subprocess.run(
-                [Path(sys.executable).parent / "clse-compile", "--demo", "--keep", "64", "-o", bundle, "--force"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [sys.executable, "-c", SERVER.format(bundle=str(bundle), port=port, replicas=args.replicas)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout.readline().strip() == "ready", "clse-serve did not start"
-            wait_healthy(url, args.replicas)
-            counts = {"slow_body": args.slow, "slow_header": args.slow, "slow_large_body": args.slow_large}
-            result = {"slow_senders": asyncio.run(slow_senders(port, counts, args.attack_seconds, url))}
-            print(json.dumps(result["slow_senders"]), flush=True)
-            result["huge_header"] = huge_header(port)
-            print(json.dumps(result["huge_header"]), flush=True)
-            result["large_images"] = large_images(port, args.images, args.rss_bound_mib)
-            print(json.dumps(result["large_images"]), flush=True)
-            result["kill_ingress"] = kill_under_load(server, url, port, "Ingress")
-            print(json.dumps(result["kill_ingress"]), flush=True)
-            wait_healthy(url, 2, 180.0, "ingress_replicas")
-            result["kill_engine"] = kill_under_load(server, url, port, "BundleServer")
-            print(json.dumps(result["kill_engine"]), flush=True)
-            server.stdin.write("stop\n")
-            server.stdin.flush()
-            server.wait(timeout=60)
-        finally:
-            if server.poll() is None:
-                server.kill()
+    with served(args.bundle, args.replicas) as (server, url):
+        port = int(url.rsplit(":", 1)[1])
+        counts = {"slow_body": args.slow, "slow_header": args.slow, "slow_large_body": args.slow_large}
+        result = {"slow_senders": asyncio.run(slow_senders(port, counts, args.attack_seconds, url))}
+        print(json.dumps(result["slow_senders"]), flush=True)
+        result["huge_header"] = huge_header(port)
+        print(json.dumps(result["huge_header"]), flush=True)
+        result["large_images"] = large_images(port, args.images, args.rss_bound_mib)
+        print(json.dumps(result["large_images"]), flush=True)
+        result["kill_ingress"] = kill_under_load(server, url, port, "Ingress")
+        print(json.dumps(result["kill_ingress"]), flush=True)
+        wait_healthy(url, 2, 180.0, "ingress_replicas")
+        result["kill_engine"] = kill_under_load(server, url, port, "BundleServer")
+        print(json.dumps(result["kill_engine"]), flush=True)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs",
         "replicas": args.replicas,

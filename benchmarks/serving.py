@@ -3,10 +3,16 @@ bundle (or a given one) behind a local loopback Ray cluster, driven by lines on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -47,3 +53,34 @@ def wait_healthy(url: str, replicas: int, timeout: float = 180.0, key: str = "re
             pass
         time.sleep(0.25)
     raise TimeoutError(f"{url}/health did not report {replicas} {key} in {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def served(bundle: str | None, replicas: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    """(the service's process, its URL), healthy with ``replicas`` engines; ``bundle`` None compiles the demo model
+    into a temporary directory first. Stopped on exit (``stop`` on its standard input, killed if it lingers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if bundle is None:
+            bundle = f"{tmp}/demo"
+            compile_demo = ["--demo", "--keep", "64", "--score", "clse", "-o", bundle, "--force"]
+            subprocess.run(
+                [Path(sys.executable).parent / "clse-compile", *compile_demo], check=True, stdout=subprocess.DEVNULL
+            )
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER.format(bundle=str(bundle), port=port, replicas=replicas)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout.readline().strip() == "ready", "clse-serve did not start"
+            wait_healthy(url, replicas)
+            yield server, url
+            server.stdin.write("stop\n")
+            server.stdin.flush()
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
