@@ -133,16 +133,15 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 def _explain(bundle: Path | None, image_path: str, prompt: str) -> Path:
     """Write the kept-token overlay of ``bundle`` on ``image_path`` next to the bundle."""
-    from PIL import Image, UnidentifiedImageError
-
     from clse_fx.deploy.explain import explain_bundle
+    from clse_fx.deploy.preprocess.media import as_rgb, load_image
 
     if bundle is None:
         raise ValueError("--explain needs a bundle; use an ONNX Runtime or TensorRT --target")
     try:
-        image = Image.open(image_path).convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError) as error:
-        raise ValueError(f"cannot read --explain image {image_path}: {error}") from error
+        image = as_rgb(load_image(image_path))  # the accepted formats and size limits of clse-run
+    except ValueError as error:
+        raise ValueError(f"--explain: {error}") from error
     return explain_bundle(bundle, image, prompt, bundle.with_name(f"{bundle.name}-explain.png"))
 
 

@@ -147,6 +147,7 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
+    from clse_fx.deploy.frontend import FrontLimits
     from clse_fx.deploy.serve import Limits
 
     parser = argparse.ArgumentParser(
@@ -189,6 +190,52 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="how long a short batch waits for more requests"
     )
+    parser.add_argument(
+        "--max-decodes", type=int, default=2, help="images one replica decodes at once (default: %(default)s)"
+    )
+    front = parser.add_argument_group("connections (the HAProxy front end)")
+    front.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=FrontLimits.max_header_bytes,
+        help="request headers past this get 431 (default: %(default)s)",
+    )
+    front.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=FrontLimits.header_timeout_s,
+        help="time to send the headers (and a body under 32 KiB), else 408 (default: %(default)s)",
+    )
+    front.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=FrontLimits.body_timeout_s,
+        help="time to send a whole body, and the longest a client may stay silent, else 408 (default: %(default)s)",
+    )
+    front.add_argument(
+        "--max-connections",
+        type=int,
+        default=FrontLimits.max_connections,
+        help="client connections held at once (default: %(default)s)",
+    )
+    front.add_argument(
+        "--max-large-requests",
+        type=int,
+        help="requests with a body over 32 KiB inside the service at once; the rest wait in the front end "
+        "(default: 2 x compiled batch x replicas)",
+    )
+    front.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=FrontLimits.queue_timeout_s,
+        help="how long a large request waits in the front end before a 503 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=Limits.stall_timeout_s,
+        help="/health answers 503 'stalled' when requests wait and none is answered this long (default: %(default)s)",
+    )
     return parser
 
 
@@ -211,6 +258,16 @@ def serve_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--image-root {args.image_root} is not a directory")
         if importlib.util.find_spec("ray") is None:
             raise ValueError("clse-serve needs Ray Serve: pip install 'clse-fx[serve]'")
+        if not args.stall_timeout_s > 0:
+            raise ValueError(f"--stall-timeout-s must be > 0, got {args.stall_timeout_s:g}")
+        front = serve.FrontLimits(
+            max_header_bytes=args.max_header_bytes,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+            max_connections=args.max_connections,
+            max_large_requests=args.max_large_requests,
+            queue_timeout_s=args.queue_timeout_s,
+        )
         limits = serve.Limits(
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=sizes.max_pixels,
@@ -220,16 +277,21 @@ def serve_main(argv: list[str] | None = None) -> int:
             image_root=args.image_root,
             max_body_bytes=args.max_body_bytes,
             max_prompt_chars=args.max_prompt_chars,
+            front=front,
+            stall_timeout_s=args.stall_timeout_s,
         )
         from clse_fx.deploy.manifest import read_manifest
 
+        batch = read_manifest(Path(args.bundle), verify=False).batch
         concurrency = serve.Concurrency.derive(
-            read_manifest(Path(args.bundle), verify=False).batch,
+            batch,
             args.replicas,
             args.max_ongoing_requests,
             args.max_queued_requests,
             args.batch_wait_ms / 1e3,
+            args.max_decodes,
         )
+        front.resolved(batch, args.replicas, concurrency.max_queued_requests)  # its one-line errors, before Ray
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.default_int_handler)  # either one stops the service cleanly, even starting
         url = serve.start(
