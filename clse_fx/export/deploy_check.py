@@ -21,6 +21,7 @@ import torch
 from clse_fx.compiler import PrefillOutputs
 from clse_fx.deploy.loop import SamplingConfig, decode_start, generation_loop
 from clse_fx.deploy.manifest import split_prefill_outputs
+from clse_fx.deploy.session import as_array
 from clse_fx.reference import reference_prune
 from clse_fx.resident import page_out_weights
 from clse_fx.trace import graph_inputs
@@ -83,7 +84,7 @@ def as_deploy_feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     stored, CHW viewed) array rather than a contiguous one."""
     feeds = {}
     for name, tensor in inputs.items():
-        array = tensor.detach().cpu().numpy()
+        array = as_array(tensor)
         if name.startswith("pixel") and array.ndim >= 4:
             array = np.moveaxis(np.ascontiguousarray(np.moveaxis(array, -3, -1)), -1, -3)
         feeds[name] = array
@@ -198,16 +199,17 @@ def reference_generation(model, prune, case: dict, positions: np.ndarray, steps:
     from clse_fx.decode import DecodeStep
 
     reference = reference_prune(model, prune, **case)
-    device = reference.logits.device
+    device, dtype = reference.logits.device, next(model.parameters()).dtype
     step = DecodeStep(model)
 
     def prefill(feeds):
-        return reference.logits.float().cpu().numpy(), [t.cpu().numpy() for pair in reference.cache for t in pair]
+        return as_array(reference.logits.float()), [as_array(t) for pair in reference.cache for t in pair]
 
     def decode(*arrays):
         *small, buffers = arrays
         tensors = [torch.from_numpy(np.asarray(a)).to(device) for a in (*small, *buffers)]
-        return [t.float().cpu().numpy() if i == 0 else t.cpu().numpy() for i, t in enumerate(step(*tensors))]
+        tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]  # bfloat16 buffers come widened
+        return [as_array(t.float() if i == 0 else t) for i, t in enumerate(step(*tensors))]
 
     feeds = as_deploy_feeds(case)
     recorded = TeacherForcing()

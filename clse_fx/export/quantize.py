@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clse_fx.export.float32_compute import FLOAT16_TOO, compute_in_float32
 from clse_fx.export.shared_weights import WEIGHTS_FILE, share_weights
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -137,9 +138,24 @@ def _lazy_parts(ir, quantized: _Quantized, shapes: list[tuple[int, ...]], name: 
 
 
 def _float_type(ir, value) -> np.dtype | None:
-    """The numpy float type of ``value`` if ONNX Runtime's quantized ops take it (float32, float16), else None."""
+    """The numpy float type of ``value`` if ONNX Runtime's quantized ops compute in it (float32, float16)."""
     element = value.dtype
     return element.numpy() if element in (ir.DataType.FLOAT, ir.DataType.FLOAT16) else None
+
+
+def _stored_weight(ir, value):
+    """The 2-D float initializer ``value`` is, or is widened from by one ``Cast`` (bfloat16 weights in a float32
+    graph: clse_fx/export/float32_compute.py), if nothing else reads it; with that cast node (or None)."""
+    cast = value.producer() if value is not None and not value.is_initializer() else None
+    if cast is not None and cast.op_type == "Cast" and len(value.uses()) == 1:
+        value = cast.inputs[0]
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    stored = value is not None and value.is_initializer() and value.const_value is not None
+    if not stored or len(value.shape) != 2 or value.dtype not in floats:
+        return None, None
+    if len(value.uses()) != 1 or value.is_graph_output():
+        return None, None
+    return value, cast
 
 
 def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> dict[str, int]:
@@ -153,13 +169,11 @@ def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> di
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gather"):
             continue
         gather = node.op_type == "Gather"
-        table = node.inputs[0 if gather else 1]
-        weight = table.const_value if table is not None and table.is_initializer() else None
-        if weight is None or len(weight.shape) != 2 or len(table.uses()) != 1 or table.is_graph_output():
+        table, cast = _stored_weight(ir, node.inputs[0 if gather else 1])
+        dtype = _float_type(ir, node.outputs[0])  # what the op computes in: the scales' type
+        if table is None or dtype is None or (not gather and _float_type(ir, node.inputs[0]) != dtype):
             continue
-        dtype = _float_type(ir, table)
-        if dtype is None or (not gather and _float_type(ir, node.inputs[0]) != dtype):
-            continue
+        weight = table.const_value
         bits = roles.bits(table.name, weight_format)
         rows, cols = weight.shape
         block = block_for(cols if gather else rows, weight_format.block_size)
@@ -189,6 +203,8 @@ def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> di
         output.replace_all_uses_with(new, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         new.name, new.shape, new.type = name, shape, element
+        if cast is not None:
+            graph.remove(cast, safe=True)
         del graph.initializers[table.name]
         for value in inputs:
             if value.const_value is not None:
@@ -200,11 +216,13 @@ def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> di
 
 
 def quantize_file(path: Path, roles: WeightRoles, weight_format: WeightFormat) -> dict[str, int]:
-    """Quantize the ONNX graph at ``path`` in place; its weights move to ``<path>.data`` (written one tensor at a
-    time, read from the memory-mapped weights the graph pointed at). Returns :func:`quantize_graph`'s counts."""
+    """Quantize the ONNX graph at ``path`` in place, computing in float32 whatever the checkpoint's float type;
+    its weights move to ``<path>.data`` (written one tensor at a time, read from the memory-mapped weights the
+    graph pointed at). Returns :func:`quantize_graph`'s counts."""
     import onnx_ir as ir
 
     model = ir.load(path)
+    compute_in_float32(model, FLOAT16_TOO)
     counts = quantize_graph(model, roles, weight_format)
     staged = path.with_name(f"{path.name}.quantized")
     ir.save(model, staged, external_data=f"{path.name}.data")
