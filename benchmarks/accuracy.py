@@ -148,14 +148,17 @@ def accuracy_vs_budget_figure(results: list[dict], grid: int):
             chosen = (r for r in rows if (r["method"], r["plan"]) == (method, plan))
             runs = sorted(chosen, key=lambda r: r["avg_visual_tokens"])
             if runs:
-                x = [r["avg_visual_tokens"] / grid**2 for r in runs]
+                x = [r["avg_visual_tokens"] for r in runs]
                 ax.plot(x, [100 * r["accuracy"] for r in runs], "o-", label=method, color=colours[method])
         ax.axhline(100 * unpruned["accuracy"], color="k", ls="--", lw=1, label="unpruned")
-        ax.set(title=f"{plan} plans", xlabel="average visual tokens per layer / all visual tokens")
+        # Every run of a budget has the same average visual tokens per layer: one tick per budget, named by it.
+        ticks = {r["budget"]: r["avg_visual_tokens"] for r in rows if r["plan"] == plan}
+        ax.set_xticks(list(ticks.values()), [f"{budget}\n({avg:.0f} of {grid**2})" for budget, avg in ticks.items()])
+        ax.set(title=f"{plan} plans", xlabel="budget (LLaVA-1.5's name) and average visual tokens per layer")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     _legend_outside(fig)
-    fig.suptitle("Proxy LLaVA (16x16 visual grid): accuracy vs budget (192/128/64 of 576 equivalents)")
+    fig.suptitle(f"Proxy LLaVA ({grid}x{grid} visual grid): accuracy vs budget")
     return fig
 
 

@@ -134,7 +134,8 @@ def plots(results: dict, out: Path) -> None:
         ms = results["latency"]["median_ms"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names = ["prefill_unpruned", "prefill_pruned", "prefill_eager_reference"]
-        bars = ax.bar(["ORT unpruned", "ORT pruned", "eager reference"], [ms[n] for n in names])
+        labels = ["ONNX Runtime\nunpruned", "ONNX Runtime\npruned (192)", "PyTorch eager,\npruned (192, reference)"]
+        bars = ax.bar(labels, [ms[n] for n in names])
         ax.bar_label(bars, fmt="%.1f ms", fontsize=8)
         ax.set_ylabel("prefill ms (median)")
         ax.set_title("Prefill latency, 1/8-width LLaVA-1.5 geometry, CPU")

@@ -70,6 +70,14 @@ def regressions(figures: dict[str, float], thresholds: dict[str, dict[str, float
     return failures
 
 
+def verdict(failures: list[str], thresholds: dict) -> str:
+    """The run's last line: whether every machine-independent figure stayed within its bound, or which did not."""
+    if not failures:
+        return f"verdict: all {len(thresholds)} thresholds passed (benchmarks/thresholds.json)"
+    names = ", ".join(failure.split(" = ")[0] for failure in failures)
+    return f"verdict: {len(failures)} of {len(thresholds)} thresholds failed: {names} (benchmarks/thresholds.json)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI mode: tiny model and FLOP/KV counts only")
@@ -93,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         report.plots(results, args.out)
         report.update_readme(HERE.parent / "README.md", summary)
     print(summary)
-    failures = regressions(figures, json.loads(THRESHOLDS.read_text()))
+    thresholds = json.loads(THRESHOLDS.read_text())
+    failures = regressions(figures, thresholds)
     for failure in failures:
         print(f"REGRESSION: {failure}", file=sys.stderr)
+    print(verdict(failures, thresholds), flush=True)
     return 1 if failures else 0
 
 

@@ -1,7 +1,7 @@
 """The benchmark harness's own logic (the figures themselves come from `python -m benchmarks.run`)."""
 
 from benchmarks.report import README_END, README_START, update_readme
-from benchmarks.run import regressions
+from benchmarks.run import regressions, verdict
 
 
 def test_regressions_flag_only_machine_independent_bounds():
@@ -9,6 +9,8 @@ def test_regressions_flag_only_machine_independent_bounds():
     assert regressions({"flops_ratio": 2.1, "nodes": 100}, thresholds) == []
     found = regressions({"flops_ratio": 1.9, "nodes": 101}, thresholds)
     assert found == ["flops_ratio = 1.9 fell below 2", "nodes = 101 rose above 100"]
+    assert verdict([], thresholds) == "verdict: all 2 thresholds passed (benchmarks/thresholds.json)"
+    assert verdict(found[1:], thresholds) == "verdict: 1 of 2 thresholds failed: nodes (benchmarks/thresholds.json)"
 
 
 def test_readme_block_is_replaced_not_appended(tmp_path):
