@@ -31,13 +31,19 @@ def _label(row: dict) -> str:
 def table(results: list[dict], unpruned: float) -> str:
     """The paper-style table: rows = method and plan, columns = budget; accuracy and share of unpruned."""
     budgets = list(dict.fromkeys(r["budget"] for r in results if r["budget"] != "unpruned"))
+    visual = len(results[0]["keep_counts"][0])
+
+    def header(budget: str) -> str:  # "64/576": LLaVA-1.5's budget name, the same share of this model's tokens
+        count, total = (int(n) for n in budget.split("/"))
+        return f"{budget} = demo --keep {round(count / total * visual)} [avg tokens/layer]"
+
     lines = [
-        "| method | plan | " + " | ".join(f"{b} (avg tokens/layer)" for b in budgets) + " |",
+        "| method | plan | " + " | ".join(header(b) for b in budgets) + " |",
         "|---|---|" + "---|" * len(budgets),
     ]
     lines.append(
         "| unpruned | - | "
-        + " | ".join([f"{100 * unpruned:.1f} (100%) [{len(results[0]['keep_counts'][0])}]"] * len(budgets))
+        + " | ".join([f"{100 * unpruned:.1f} (100%) [{visual}]"] * len(budgets))
         + " |"
     )
     rows = [r for r in results if r["budget"] != "unpruned"]

@@ -3,10 +3,10 @@
 `--families` recounts only the meta-device FLOP/KV rows of the model families (about 3 minutes) into the last
 full results, keeping its measured latency and compile times.
 
-Writes benchmarks/results/{quick,full}.json and summary.md (plus PNG plots and the README table on a full
-run), prints the summary, and exits 1 when a machine-independent figure (FLOP/KV ratios, ONNX node
-counts, TensorRT findings) regresses past benchmarks/thresholds.json. Wall-clock times are reported,
-never checked.
+Writes benchmarks/results/{quick,full}.json and summary.md (plus PNG plots and the docs' tables on a full
+run: benchmarks/docs.py), prints the summary, and exits 1 when a machine-independent figure (FLOP/KV ratios, ONNX
+node counts, TensorRT findings) regresses past benchmarks/thresholds.json; the last line is the verdict.
+Wall-clock times are reported, never checked.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import compile_time, flops_kv, report
+from benchmarks import compile_time, docs, flops_kv, report
 
 HERE = Path(__file__).parent
 THRESHOLDS = HERE / "thresholds.json"
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md" if not args.quick else args.out / "quick.md").write_text(summary)
     if not args.quick:
         report.plots(results, args.out)
-        report.update_readme(HERE.parent / "README.md", summary)
+        docs.update()  # the docs' tables, from the results just written
     print(summary)
     thresholds = json.loads(THRESHOLDS.read_text())
     failures = regressions(figures, thresholds)
