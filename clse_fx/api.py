@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
+from clse_fx.config_facts import read_config, supported_architecture
 from clse_fx.demo import PROXY_MODEL
 from clse_fx.deploy.files import staged_directory
 from clse_fx.deploy.manifest import KVCacheSection, Manifest, PlanSection, RuntimeSection
@@ -30,7 +31,7 @@ from clse_fx.export import deploy_check
 from clse_fx.export.bundle import checkpoint_hash, write_manifest
 from clse_fx.export.targets import TARGETS, TargetSection, builders
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
-from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, supported_architectures
+from clse_fx.models import adapter_for, deploy_recipe_for, examples_for
 from clse_fx.options import CompileOptions
 from clse_fx.plan import PruneConfig, check_layout, extra_positions, layout_grids, plan_budget, scored_count
 from clse_fx.reference import ReferenceOutput, reference_prune
@@ -113,17 +114,7 @@ def load_checkpoint(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.M
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist; pass a local checkpoint dir or --demo")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a transformers checkpoint dir (save_pretrained)")
-    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    architectures = config.architectures or []
-    supported = [a for a in architectures if a in supported_architectures()]
-    if not supported:
-        raise ValueError(
-            f"unsupported architecture {', '.join(architectures) or type(config).__name__}; "
-            f"clse-fx supports: {', '.join(supported_architectures())}"
-        )
-    model_class = getattr(transformers, supported[0])
+    model_class = getattr(transformers, supported_architecture(read_config(model_dir)))
     # use_kernels=False: transformers >= 5.25 otherwise swaps layers for Hub kernels by default (code fetched at load
     # time, numerics not the unmodified model's; without the `kernels` package the load fails).
     model = model_class.from_pretrained(

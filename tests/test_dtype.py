@@ -1,5 +1,5 @@
 """--dtype / --device: checkpoints load in the asked dtype, scores stay float32 in the graph, the manifest records
-the dtype, and float16 ONNX Runtime bundles stay within the README's parity bounds."""
+the dtype, and float16 ONNX Runtime bundles stay within the parity bounds of docs/compile.md."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from clse_fx.cli import compile_main
 from clse_fx.deploy.engine import Engine
 from clse_fx.options import CompileOptions
 
-# The README's float16 bounds (ONNX Runtime vs the float16 PyTorch program, and vs the float32 reference).
+# The float16 bounds of docs/compile.md (ONNX Runtime vs the float16 PyTorch program, and vs the float32 reference).
 FLOAT16_ORT_MAX_ABS_LOGITS = 5e-2
 FLOAT16_VS_FLOAT32_MAX_ABS_LOGITS = 1e-1
 BFLOAT16_VS_FLOAT32_MAX_ABS_LOGITS = 2e-1  # weights rounded to 8 mantissa bits (float16: 11); computed in float32

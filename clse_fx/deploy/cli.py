@@ -10,8 +10,22 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming ``--help``, not argparse's usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+    def refuse_unused(self, given: dict[str, bool], needs: str) -> None:
+        """A usage error for each option in ``given`` that was passed (True) but would be ignored without ``needs``."""
+        unused = [option for option, passed in given.items() if passed]
+        if unused:
+            self.error(f"{', '.join(unused)} only take{'s' if len(unused) == 1 else ''} effect with {needs}")
 
 
 def one_line_warnings() -> None:
@@ -25,7 +39,7 @@ def one_line_warnings() -> None:
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clse-run", description="Answer a prompt about an image or a video with a bundle (no torch needed)."
     )
     parser.add_argument("bundle", help="bundle directory written by clse-compile")
@@ -37,9 +51,9 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image/--video)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="with --sample; 0: every token (default: 0)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--temperature", type=float, help="with --sample (default: 1.0)")
+    parser.add_argument("--top-k", type=int, help="with --sample; 0: every token (default: 0)")
+    parser.add_argument("--seed", type=int, help="with --sample: the same seed, the same answer")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
         "--json",
@@ -80,7 +94,11 @@ def run_main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = _run_parser().parse_args(argv)
+    parser = _run_parser()
+    args = parser.parse_args(argv)
+    sampling_options = {"--temperature": args.temperature, "--top-k": args.top_k, "--seed": args.seed}
+    if not args.sample:
+        parser.refuse_unused({name: value is not None for name, value in sampling_options.items()}, "--sample")
     one_line_warnings()
     import json
 
@@ -94,7 +112,12 @@ def _run(argv: list[str] | None) -> int:
             )
         from clse_fx.deploy.engine import Engine, SamplingConfig
 
-        sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        sampling = SamplingConfig(
+            do_sample=args.sample,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=args.top_k or 0,
+            seed=args.seed,
+        )
         limits = image_limits(args)
         engine = Engine.load(args.bundle)
         engine.image_limits = limits
@@ -150,7 +173,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     from clse_fx.deploy.frontend import FrontLimits
     from clse_fx.deploy.serve import Limits
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clse-serve",
         description="Serve a bundle with Ray Serve: POST /generate, GET /health, GET /metadata. Ctrl-C stops it.",
     )
@@ -240,7 +263,10 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    args = _serve_parser().parse_args(argv)
+    parser = _serve_parser()
+    args = parser.parse_args(argv)
+    if args.address:
+        parser.refuse_unused({"--num-cpus": args.num_cpus is not None}, "a local cluster (no --address)")
     one_line_warnings()
     import signal
     import time
