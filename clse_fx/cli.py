@@ -82,9 +82,7 @@ def _parser() -> OneLineParser:
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
     parser.add_argument("--kv-policy", choices=KV_POLICIES, default="uniform")
     parser.add_argument("--merge", choices=MERGE_MODES, default="none", help="tome: merge pruned tokens (CLSE-M)")
-    parser.add_argument(
-        "--merge-metric", choices=MERGE_METRICS, help="similarity for --merge tome (default: hidden)"
-    )
+    parser.add_argument("--merge-metric", choices=MERGE_METRICS, help="similarity for --merge tome (default: hidden)")
     parser.add_argument(
         "--target",
         choices=TARGETS,

@@ -128,9 +128,7 @@ FAMILIES: dict[str, Family] = {
     "LlavaNextVideoForConditionalGeneration": Family("llama", "clip_vision_model", _llava_next_video),
     "LlavaOnevisionForConditionalGeneration": Family("qwen2", "siglip_vision_model", _llava_onevision),
     "Qwen2VLForConditionalGeneration": Family("qwen2_vl_text", "qwen2_vl_vision", _qwen2_vl, QWEN2_VL_SCHEDULE),
-    "Qwen2_5_VLForConditionalGeneration": Family(
-        "qwen2_5_vl_text", "qwen2_5_vl_vision", _qwen2_vl, QWEN2_VL_SCHEDULE
-    ),
+    "Qwen2_5_VLForConditionalGeneration": Family("qwen2_5_vl_text", "qwen2_5_vl_vision", _qwen2_vl, QWEN2_VL_SCHEDULE),
 }
 
 
