@@ -139,6 +139,71 @@ def serve_load(results: Path) -> str:
     return _markdown(header + ["/health max ms (non-200)", "longest gap between answers"], rows)
 
 
+@table("serve_attack")
+def serve_attack(results: Path) -> str:
+    from benchmarks.serve_attack import HEADER_REFUSAL_LIMIT_S, ORDINARY_LIMIT_S, PROXY_GROWTH_LIMIT_MIB
+
+    data = _json(results / "serve_attack.json")
+    slow, header, images = data["slow_senders"], data["huge_header"], data["large_images"]
+    names = {"haproxy": "HAProxy", "ray::ProxyActor": "Serve's proxy", "BundleServer": "engines", "Ingress": "ingress"}
+
+    def counts(statuses: dict) -> str:  # {"408": 2000} -> "408 x 2000"
+        return ", ".join(f"{status} x {count}" for status, count in statuses.items()) or "none ended"
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    def per_process(mib: dict, sign: str = "") -> str:  # {"haproxy": 38} -> "HAProxy 38 MiB"
+        return ", ".join(f"{names.get(name, name)} {sign}{value:g} MiB" for name, value in mib.items())
+
+    def gib(key: str) -> str:
+        return f"{images[key] / 1024:.2f}"
+
+    sent = slow["connections"]
+    ended = [f"{kind.replace('_', '-')} {counts(how)}" for kind, how in slow["how_slow_connections_ended"].items()]
+    replicas = [
+        f"{names[name]} {', '.join(map(str, peaks))}" for name, peaks in images["peak_rss_mib_by_replica"].items()
+    ]
+    rows = [
+        [
+            f"{sent['slow_body']} idle slow-body + {sent['slow_header']} trickled-header + {sent['slow_large_body']} "
+            f"stalled large-body connections for {slow['seconds']:g} s, each reopened when dropped; an ordinary "
+            "`/generate` every 0.5 s",
+            f"ordinary: {slow['ordinary_requests']} answers, {slow['ordinary_not_200']} not 200, p50 "
+            f"{slow['ordinary_p50_s']:.2f} s, max {slow['ordinary_max_s']:.2f} s; `/health`: "
+            f"{counts(slow['health_statuses'])}; how the slow connections ended: {'; '.join(ended)}",
+            f"ordinary max < {ORDINARY_LIMIT_S:g} s: {met(slow['ok'])}",
+        ],
+        [
+            f"one {header['header_mib']} MiB header",
+            f"`{header['answer']}` after {header['refused_after_s']:.2f} s"
+            f"{'' if header['sent_all'] else ', before it was all sent'}; peak RSS growth: "
+            f"{per_process(header['peak_rss_growth_mib'], '+')}",
+            f"refused < {HEADER_REFUSAL_LIMIT_S:g} s, growth < {PROXY_GROWTH_LIMIT_MIB} MiB: {met(header['ok'])}",
+        ],
+        [
+            f"{images['requests']} concurrent {images['image_bytes_mib']:.1f} MiB images (4096x4096 JPEG, "
+            f"{images['body_mib']:.1f} MiB bodies in base64)",
+            f"{counts(images['statuses'])} in {images['seconds']:.0f} s; replicas' summed peak RSS "
+            f"{gib('replicas_summed_peak_rss_mib')} GiB (idle {gib('replicas_idle_rss_mib')}, the most at one moment "
+            f"{gib('replicas_sampled_max_rss_mib')}); peak MiB by replica: {'; '.join(replicas)}; peak "
+            f"{per_process(images['front_peak_rss_mib'])}",
+            f"summed peak < {images['bound_mib'] / 1024:g} GiB: {met(images['ok'])}",
+        ],
+    ]
+    for key, what in (("kill_ingress", "an ingress replica"), ("kill_engine", "an engine replica")):
+        kill = data[key]
+        rows.append(
+            [
+                f"{what} killed (`ray.kill`) under {kill['users']} closed-loop users",
+                f"{kill['answers']} answers: {counts(kill['statuses'])}, {kill['not_json']} not JSON; `/health` "
+                f"not ok {kill['health_not_ok_after_s']:.2f} s after the kill",
+                f"every answer JSON: {met(kill['not_json'] == 0)}",
+            ]
+        )
+    return _markdown(["probe", "measured", "bound"], rows)
+
+
 @table("trace_matrix")
 def trace_matrix(results: Path) -> str:
     def cell(run: dict | None) -> str:
