@@ -110,15 +110,16 @@ def quantize_blocks(
     return packed, scales.astype(dtype or np.asarray(weight).dtype), zero_points
 
 
-def block_for(length: int, preferred: int) -> int:
-    """The block size for a reduction axis of ``length``: the largest power of two from ``preferred`` down to 16
-    that divides it (no padded blocks), else ``preferred`` (the last block is zero-padded)."""
+def block_for(length: int, preferred: int) -> int | None:
+    """The block size for an embedding table's rows of ``length``: the largest power of two from ``preferred`` down
+    to 16 that divides it (GatherBlockQuantized takes no padded block), else None. Matrix products keep the
+    preferred block and pad the last one (``MatMulNBits`` takes any K): smaller blocks measured 5% slower."""
     size = preferred
     while size >= 16:
         if length % size == 0:
             return size
         size //= 2
-    return preferred
+    return None
 
 
 def _lazy_parts(ir, quantized: _Quantized, shapes: list[tuple[int, ...]], name: str) -> list:
@@ -176,9 +177,9 @@ def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> di
         weight = table.const_value
         bits = roles.bits(table.name, weight_format)
         rows, cols = weight.shape
-        block = block_for(cols if gather else rows, weight_format.block_size)
+        block = block_for(cols, weight_format.block_size) if gather else weight_format.block_size
         if gather:  # [vocab, hidden], blocks along hidden: MatMulNBits' layout of the table's transpose
-            if node.attributes.get_int("axis", 0) != 0 or cols % block:
+            if node.attributes.get_int("axis", 0) != 0 or block is None:
                 continue
             blocks = cols // block
             quantized = _Quantized(weight, bits, block, True, dtype)
