@@ -6,14 +6,14 @@ table against the graph itself (an edited table could point the embedding at the
 hashed, says where its weights lie). With a public key, the manifest itself must carry a valid signature
 (:mod:`clse_fx.deploy.signing`), which makes the whole bundle as trustworthy as the key.
 
-Hashing a 7B bundle takes ~12 s (sha256 at ~1.1 GB/s) on every load. A file that hashed correctly once gets a
-stamp in a per-user cache directory, keyed by its identity (device, inode, size, modification and status-change
-times in ns); a later load that finds the file with the same identity skips the hash. Any write to the file
-changes its status-change time (ctime), which no user can set back, so a changed file is hashed again. Stamps are
-written only for files last changed more than :data:`STAMP_MIN_AGE_S` before hashing began, so that a change in
-the same tick of the filesystem's clock as the one hashed cannot go unnoticed. ``CLSE_FX_VERIFY_CACHE`` names
-another cache directory, or ``off`` (hash on every load, e.g. on a network filesystem whose server's clock or
-timestamps you do not trust).
+Hashing a 7B bundle (13.5 GB) takes 12-30 s (sha256 runs on one core at 0.45-1.1 GB/s from disk or page cache:
+benchmarks/verify_cost.py). So a file that hashed correctly once gets a stamp in a per-user cache directory, keyed
+by its identity (device, inode, size, modification and status-change times in ns), and a later load that finds the
+file with the same identity skips the hash. Any write to the file changes its status-change time (ctime), which no
+user can set back, so a changed file is hashed again. Stamps are written only for files last changed more than
+:data:`STAMP_MIN_AGE_S` before hashing began, so that a change in the same tick of the filesystem's clock as the
+one hashed cannot go unnoticed. ``CLSE_FX_VERIFY_CACHE`` names another cache directory, or ``off`` (hash on every
+load, e.g. on a network filesystem whose server's clock or timestamps you do not trust).
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ def check_ranges(verified: VerifiedBundle) -> None:
                 )
             if item.offset + item.length > verified.identities[item.file].size:
                 raise ValueError(f"{where} does not fit {item.file}; recompile the bundle")
+            if not item.length:  # an empty tensor holds no bytes to share or overlap
+                continue
             spans = ranges.setdefault(item.file, {})
             same = spans.setdefault((item.offset, item.length), (item.type, item.shape, where))
             if same[:2] != (item.type, item.shape):
@@ -198,10 +200,9 @@ def check_ranges(verified: VerifiedBundle) -> None:
     for file, spans in ranges.items():
         end, owner = 0, ""
         for (offset, length), (_, _, where) in sorted(spans.items()):
-            if length and offset < end:
+            if offset < end:
                 raise ValueError(f"{where} overlaps {owner} in {file}; recompile the bundle")
-            if length:
-                end, owner = max(end, offset + length), where
+            end, owner = offset + length, where
 
 
 class Stamps:
