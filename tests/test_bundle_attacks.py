@@ -214,6 +214,24 @@ def test_graphs_that_do_not_parse_or_load_are_one_line_errors(bundle):
         Engine.load(bundle)
 
 
+def test_a_graph_swapped_while_the_sessions_are_built_is_refused(bundle, monkeypatch):
+    """ONNX Runtime reads a graph by its path after it was verified: a file swapped in and back meanwhile (same
+    bytes again, here) has a new ctime, so the load is refused."""
+    from clse_fx.deploy import session
+
+    build = session.inference_session
+
+    def swapping(path, options, providers):
+        original = path.read_bytes()
+        path.write_bytes(original)
+        return build(path, options, providers)
+
+    monkeypatch.setattr(session, "inference_session", swapping)
+    time.sleep(0.05)  # past the coarse timestamp tick of the copy
+    with pytest.raises(ValueError, match=r"^bundle file (prefill|decode).onnx changed after it was verified"):
+        Engine.load(bundle)
+
+
 def test_clse_run_answers_a_tampered_bundle_with_one_line(bundle, tmp_path, capsys):
     manifest = _manifest(bundle)
     _embedding_reads_the_lm_head(manifest)

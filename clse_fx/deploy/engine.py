@@ -70,7 +70,7 @@ class Engine:
         intra-op threads (default: ONNX Runtime's, one per physical core)."""
         from clse_fx.deploy.manifest import DECODE, PREFILL
         from clse_fx.deploy.session import OnnxSession, select_providers
-        from clse_fx.deploy.verify import open_bundle
+        from clse_fx.deploy.verify import check_unchanged, open_bundle
         from clse_fx.deploy.weights import BundleWeights
 
         bundle = Path(bundle)
@@ -99,6 +99,8 @@ class Engine:
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None
         input_graphs = {name: session(name) for name in manifest.pipeline}
+        for name in verified.identities:  # graphs and tokenizer were read by path after verification
+            check_unchanged(verified, name)
         return cls(bundle, manifest, prefill, decode, preprocessor, input_graphs, weights)
 
     def check_bundle(self) -> None:

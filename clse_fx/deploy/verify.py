@@ -123,12 +123,20 @@ def verify_file(bundle: Path, manifest: Manifest, name: str, stamps: Stamps) -> 
 def verified_bytes(verified: VerifiedBundle, name: str) -> bytes:
     """The content of the verified (small) file ``name``, read only if it is still the version verified."""
     with open(verified.path / name, "rb", buffering=0) as file:
-        if FileIdentity.of(os.fstat(file.fileno())) != verified.identities[name]:
-            raise ValueError(f"bundle file {name} changed after it was verified; load the bundle again")
+        check_unchanged(verified, name, os.fstat(file.fileno()))
         data = file.read()
-        if FileIdentity.of(os.fstat(file.fileno())) != verified.identities[name]:
-            raise ValueError(f"bundle file {name} changed while it was read; load the bundle again")
+        check_unchanged(verified, name, os.fstat(file.fileno()))
     return data
+
+
+def check_unchanged(verified: VerifiedBundle, name: str, status: os.stat_result | None = None) -> None:
+    """Raise a one-line ValueError unless the bundle file ``name`` (by default: what its path names now) is the
+    version that was verified. Any change to a file, even one undone (a rewrite restored, a file renamed away and
+    back), moves its ctime: so a runtime that read a file by its path between two such checks read what was
+    verified."""
+    status = status or os.stat(verified.path / name)
+    if FileIdentity.of(status) != verified.identities[name]:
+        raise ValueError(f"bundle file {name} changed after it was verified; load the bundle again")
 
 
 def graph_initializers(verified: VerifiedBundle, name: str) -> dict[str, Initializer]:
