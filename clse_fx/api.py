@@ -409,6 +409,10 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
             manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
             if bundle is not None:  # the check only read the bundle: its files' hashes stand
                 write_manifest(bundle, manifest, rehash=False)
+        if bundle is not None and options.sign_key is not None:  # the manifest is final: sign it
+            from clse_fx.deploy.signing import sign_manifest
+
+            sign_manifest(bundle, options.sign_key)
     return CompileResult(
         pruned=pruned,
         bundle=options.output_dir if writes_bundle else None,

@@ -114,6 +114,12 @@ def _parser() -> OneLineParser:
     parser.add_argument("--images", type=int, default=1, help="images per prompt (static)")
     parser.add_argument("-o", "--output", help="bundle directory (default: clse-out/<model name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--sign",
+        metavar="KEY",
+        help="sign the bundle's manifest with this EC private key (PEM; OpenSSF model-signing, the sign extra); "
+        "clse-run/clse-serve --verify-key PUB then refuse any other",
+    )
     parser.add_argument("--dump-graph", metavar="FILE", help="write the graph before/after each pass to FILE")
     parser.add_argument(
         "--no-onnx-optimize",
@@ -346,6 +352,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             device=args.device or (None if args.target == "tensorrt" else "cpu"),  # TensorRT: CUDA by default
             dump_graph=args.dump_graph,
             optimize_onnx=args.optimize_onnx,
+            sign_key=args.sign,
         )
         device = options.device or TARGETS[options.target].device
         asked_by = "--device cuda" if options.device else f"--target {options.target}"

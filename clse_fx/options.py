@@ -33,7 +33,8 @@ class CompileOptions:
     reference pruner and FLOPs; ``optimize_onnx``: run onnxscript's optimizer on the ONNX graphs (off: about
     twice as fast to export, but larger graphs that TensorRT's parser rejects, since shape values it folds to
     constants stay computed; for quick iterations); ``dump_graph``: a file that receives the graph before and
-    after every pass.
+    after every pass; ``sign_key``: an EC private key (PEM) to sign the bundle's manifest with
+    (:mod:`clse_fx.deploy.signing`).
     """
 
     keep: float | None = None
@@ -59,6 +60,7 @@ class CompileOptions:
     max_new_tokens: int = 32  # the torch-compile target's static KV cache: prompt plus this many tokens
     dump_graph: str | None = None
     source: Path | None = None  # the checkpoint directory, recorded (with its hash) in the manifest
+    sign_key: Path | None = None  # sign the bundle's manifest with this EC private key (OpenSSF model-signing)
 
     def __post_init__(self) -> None:
         check_budget_given(self.keep, self.stages)
@@ -90,6 +92,12 @@ class CompileOptions:
             check_output_dir(self.output_dir, self.force)
         if self.source is not None:
             object.__setattr__(self, "source", Path(self.source).resolve())
+        if self.sign_key is not None:
+            if self.output_dir is None:
+                raise ValueError("signing (--sign) needs a bundle to sign; give an output directory")
+            from clse_fx.deploy.signing import signer
+
+            signer(self.sign_key)  # the library and the key, checked before any model is loaded
         if self.stages is not None:  # parsed here so a malformed --stages fails before any model is loaded
             stages = parse_stages(self.stages) if isinstance(self.stages, str) else self.stages
             object.__setattr__(self, "stages", tuple(tuple(stage) for stage in stages))

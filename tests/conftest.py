@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -32,6 +33,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_verification_stamps(tmp_path_factory):
+    """Bundle verification stamps (clse_fx.deploy.verify) go to this run's temporary directory, not the user's
+    cache (subprocesses inherit it)."""
+    from clse_fx.deploy.verify import CACHE_VARIABLE
+
+    os.environ[CACHE_VARIABLE] = str(tmp_path_factory.mktemp("verify-stamps"))
+
+
+def write_key_pair(folder) -> tuple:
+    """An elliptic-curve (P-256) key pair in PEM files, as ``openssl ecparam``/``openssl ec`` write them, for
+    signed bundles: (private key path, public key path)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / "key.pem", folder / "key.pub"
+    encoding = serialization.Encoding.PEM
+    private.write_bytes(key.private_bytes(encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(encoding, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
@@ -58,8 +82,9 @@ def odd_llava(odd_llava_dir):
 @pytest.fixture(scope="session")
 def cli_bundle(tmp_path_factory, tiny_llava_dir):
     """One ``clse-compile`` of the tiny LLaVA (``--keep 8 --batch 2 --text-len 12 --triton-repo
-    --no-onnx-optimize``; the optimised CLI path is the README demo's), shared by the CLI, serving, Triton and
-    generation tests: (bundle, Triton repository, the command's stdout). Built once per run even
+    --no-onnx-optimize``, and ``--sign key.pem`` next to the bundle where the sign extra is installed; the optimised
+    CLI path is the README demo's), shared by the CLI, serving, Triton, generation and bundle-attack tests:
+    (bundle, Triton repository, the command's stdout). Built once per run even
     across xdist workers, under a file lock in their shared temporary directory (pytest-xdist's documented
     pattern); tests that change files copy it first."""
     import contextlib
@@ -77,6 +102,8 @@ def cli_bundle(tmp_path_factory, tiny_llava_dir):
             root.mkdir(exist_ok=True)
             argv = [str(tiny_llava_dir), "--keep", "8", "--batch", "2", "--text-len", "12"]
             argv += ["-o", str(root / "bundle"), "--triton-repo", str(root / "repo"), "--force", "--no-onnx-optimize"]
+            if importlib.util.find_spec("model_signing"):
+                argv += ["--sign", str(write_key_pair(root)[0])]
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 assert compile_main(argv) == 0, err.getvalue()

@@ -185,14 +185,13 @@ def test_bundle_stores_each_weight_once(cli_bundle, tiny_llava_dir):
 
 def test_engine_maps_the_shared_weights_once(cli_bundle, tmp_path):
     """Engine's prefill and decode sessions read every weight from one memory map of weights.data (shared
-    initializers, from the manifest's table of each graph's initializers), so the file's pages count once in RSS;
-    the answers equal sessions that load their weights themselves (no table); a table entry that does not fit the
-    file is a one-line error at load."""
-    import json
+    initializers, where each graph declares them), so the file's pages count once in RSS; a prefill that loads its
+    weights itself answers the same (tests/test_bundle_attacks.py checks the manifest's table against the graphs)."""
     import shutil
     from pathlib import Path
 
     from clse_fx.deploy.engine import Engine
+    from clse_fx.deploy.session import OnnxSession
 
     bundle = tmp_path / "bundle"
     shutil.copytree(cli_bundle[0], bundle)
@@ -209,30 +208,8 @@ def test_engine_maps_the_shared_weights_once(cli_bundle, tmp_path):
     ids[:, 1 : 1 + engine.manifest.geometry["num_visual"]] = engine.manifest.image_token_id
     pixels = np.random.default_rng(0).standard_normal(engine.prefill.inputs["pixel_values"]).astype(np.float32)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels}
-    shared = engine.generate_ids(feeds, 6)[0]
-    del engine
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    for graph in manifest["graphs"].values():
-        graph.pop("initializers")
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    assert Engine.load(bundle).generate_ids(feeds, 6)[0] == shared
-
-    name, entry = next(iter(tables["decode"].items()))
-    manifest["graphs"]["decode"]["initializers"] = {name: entry | {"offset": weights.stat().st_size}}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"graphs.decode.initializers\[.*\] does not fit weights.data"):
-        Engine.load(bundle)
-    malformed = ["weights", entry | {"shape": 4}, entry | {"type": [1]}, entry | {"offset": True}, entry | {"file": 1}]
-    for bad in malformed:
-        manifest["graphs"]["decode"]["initializers"] = {name: bad}
-        (bundle / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(ValueError, match=r"graphs.decode.initializers\[.*\] (is malformed|names 1, not)"):
-            Engine.load(bundle)
-    manifest["graphs"]["decode"]["initializers"] = [name]
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"graphs.decode.initializers is not a table"):
-        Engine.load(bundle)
+    own = OnnxSession(bundle / "prefill.onnx")  # ONNX Runtime reads the weights itself
+    assert all(np.array_equal(a, b) for a, b in zip(engine.prefill.run(**feeds), own.run(**feeds)))
 
 
 def mapped_resident_kib(path) -> int:

@@ -15,7 +15,10 @@ class AotiSession:
     """A loaded AOTInductor package with :class:`~clse_fx.deploy.session.OnnxSession`'s interface: feeds are
     checked against the compiled shapes, outputs come back as numpy arrays."""
 
-    def __init__(self, path: str | Path, graph: dict, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, graph: dict, device: str = "cpu", vocab_size: int | None = None) -> None:
+        """``graph``: the manifest's signature of the package; ``vocab_size``: the token-id range (default: the
+        width of its logits). A package indexes its embedding unchecked (an id out of range aborts the process),
+        so every feed goes through :func:`~clse_fx.deploy.session.checked_feeds` first."""
         self.path, self.device = Path(path), device
         # A package reads each input with the dtype, shape and strides it was compiled for and checks them only
         # when this is set (read once per process, at a package's first run): a mismatch is then an error,
@@ -32,11 +35,13 @@ class AotiSession:
         self.dtypes = {
             entry["name"]: entry["dtype"] if entry["dtype"] in checkable else None for entry in graph["inputs"]
         }
+        logits = [entry["shape"][-1] for entry in graph["outputs"] if entry["name"] == "logits"]
+        self.vocab_size = vocab_size if vocab_size is not None else next(iter(logits), None)
 
     def run(self, **feeds) -> list[np.ndarray]:
         import torch
 
-        arrays = checked_feeds(self.path.name, self.inputs, feeds, self.dtypes)
+        arrays = checked_feeds(self.path.name, self.inputs, feeds, self.dtypes, self.vocab_size)
         with torch.no_grad():
             outputs = self.runner.boxed_run([torch.from_numpy(array).to(self.device) for array in arrays.values()])
         return [output.cpu().numpy() for output in outputs]

@@ -61,7 +61,17 @@ def _run_parser() -> argparse.ArgumentParser:
         help="print token ids, text, kept visual ids (per stage) and timings as JSON",
     )
     add_image_limit_flags(parser)
+    add_verify_key_flag(parser)
     return parser
+
+
+def add_verify_key_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verify-key",
+        metavar="PUB",
+        help="refuse the bundle unless its manifest is signed by this EC public key (clse-compile --sign; "
+        "OpenSSF model-signing, the sign extra)",
+    )
 
 
 def add_image_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +113,7 @@ def _run(argv: list[str] | None) -> int:
     import json
 
     from clse_fx.deploy.preprocess.media import as_rgb, load_image, load_video
+    from clse_fx.deploy.weights import BundleChangedError
 
     kind, paths = ("video", args.video) if args.video else ("image", args.image)
     try:
@@ -119,7 +130,7 @@ def _run(argv: list[str] | None) -> int:
             seed=args.seed,
         )
         limits = image_limits(args)
-        engine = Engine.load(args.bundle)
+        engine = Engine.load(args.bundle, verify_key=args.verify_key)
         engine.image_limits = limits
         if engine.preprocessor is None:
             raise ValueError(
@@ -136,7 +147,7 @@ def _run(argv: list[str] | None) -> int:
         results = engine.generate(
             media, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, BundleChangedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     asked = list(zip(paths, args.prompt))
@@ -259,6 +270,7 @@ def _serve_parser() -> argparse.ArgumentParser:
         default=Limits.stall_timeout_s,
         help="/health answers 503 'stalled' when requests wait and none is answered this long (default: %(default)s)",
     )
+    add_verify_key_flag(parser)
     return parser
 
 
@@ -308,7 +320,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         )
         from clse_fx.deploy.manifest import read_manifest
 
-        batch = read_manifest(Path(args.bundle), verify=False).batch
+        # With a key, the bundle is verified whole here, before any replica starts (and their loads then find
+        # its files' verification stamps).
+        manifest = read_manifest(Path(args.bundle), verify=args.verify_key is not None, verify_key=args.verify_key)
+        batch = manifest.batch
         concurrency = serve.Concurrency.derive(
             batch,
             args.replicas,

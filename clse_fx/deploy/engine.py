@@ -42,8 +42,10 @@ class Engine:
     """A loaded bundle. Feeds must match the compiled geometry; text and pixels are fitted to it by the bundle's
     preprocessing recipe."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, prefill, decode, preprocessor, input_graphs=None) -> None:
-        self.bundle, self.manifest = bundle, manifest
+    def __init__(
+        self, bundle: Path, manifest: Manifest, prefill, decode, preprocessor, input_graphs=None, weights=None
+    ) -> None:
+        self.bundle, self.manifest, self.weights = bundle, manifest, weights  # weights: its sessions' BundleWeights
         self.prefill, self.decode, self.preprocessor = prefill, decode, preprocessor
         self.input_graphs = input_graphs or {}  # name -> session, run in order before the prefill
         geometry = manifest.geometry
@@ -54,12 +56,22 @@ class Engine:
         self.image_limits = DEFAULT_LIMITS  # what generate() accepts (clse-run and clse-serve set their flags')
 
     @classmethod
-    def load(cls, bundle: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Engine:
-        """Open a bundle, verifying every file against the manifest's hashes. ``providers`` defaults to the
-        bundle target's (GPU execution providers first for onnxruntime-gpu, falling back to CPU); ``threads``
-        caps each session's intra-op threads (default: ONNX Runtime's, one per physical core)."""
-        from clse_fx.deploy.manifest import DECODE, PREFILL, read_manifest
-        from clse_fx.deploy.session import BundleWeights, OnnxSession, select_providers
+    def load(
+        cls,
+        bundle: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        verify_key: str | Path | None = None,
+    ) -> Engine:
+        """Open a bundle, verifying it first (:func:`clse_fx.deploy.verify.open_bundle`: every file against the
+        manifest's hashes, each graph's weights against the manifest's table, and with ``verify_key``, an OpenSSF
+        model-signing public key, the manifest's signature). ``providers`` defaults to the bundle target's (GPU
+        execution providers first for onnxruntime-gpu, falling back to CPU); ``threads`` caps each session's
+        intra-op threads (default: ONNX Runtime's, one per physical core)."""
+        from clse_fx.deploy.manifest import DECODE, PREFILL
+        from clse_fx.deploy.session import OnnxSession, select_providers
+        from clse_fx.deploy.verify import check_unchanged, open_bundle
+        from clse_fx.deploy.weights import BundleWeights
 
         bundle = Path(bundle)
         if bundle.is_file():
@@ -68,27 +80,36 @@ class Engine:
             )
         if not bundle.is_dir():
             raise FileNotFoundError(f"bundle {bundle} does not exist; compile one with clse-compile")
-        manifest = read_manifest(bundle, verify=True)
-        graphs = manifest.graphs
+        verified = open_bundle(bundle, verify_key)
+        manifest = verified.manifest
+        graphs, vocab = manifest.graphs, manifest.vocab_size()
         providers = providers or select_providers(manifest.target)
-        weights = BundleWeights(bundle)
+        # On the CPU every session reads the weights from one guarded mapping; GPU providers copy them to the device.
+        weights = BundleWeights(verified) if providers[0] == "CPUExecutionProvider" else None
 
         def session(name: str):
             path = bundle / graphs[name]["file"]
             if path.suffix == ".pt2":  # an AOTInductor package (the aot-inductor target): needs torch
                 from clse_fx.deploy.aoti import AotiSession
 
-                return AotiSession(path, graphs[name], manifest.device)
-            shared = weights.initializers(name, graphs[name]) if providers[0] == "CPUExecutionProvider" else None
+                return AotiSession(path, graphs[name], manifest.device, vocab)
+            shared = weights.initializers(name) if weights else None
             # Quantized graphs compute in float32 whatever the checkpoint's type (clse_fx/export/quantize.py).
             dtype = "float32" if manifest.quantization else manifest.dtype
-            return OnnxSession(path, providers, threads, dtype, shared)
+            return OnnxSession(path, providers, threads, dtype, shared, weights, vocab)
 
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None
-        pipeline = manifest.pipeline
-        input_graphs = {name: session(name) for name in pipeline}
-        return cls(bundle, manifest, prefill, decode, preprocessor, input_graphs)
+        input_graphs = {name: session(name) for name in manifest.pipeline}
+        for name in verified.identities:  # graphs and tokenizer were read by path after verification
+            check_unchanged(verified, name)
+        return cls(bundle, manifest, prefill, decode, preprocessor, input_graphs, weights)
+
+    def check_bundle(self) -> None:
+        """Raise :class:`~clse_fx.deploy.weights.BundleChangedError` if a weights file this engine maps changed on
+        disk since it was loaded (the engine then refuses every run; a health check can replace it)."""
+        if self.weights is not None:
+            self.weights.check()
 
     def encode(self, media: list, prompts: list[str], chat: bool = False) -> dict[str, np.ndarray]:
         """Prompts and their images (or videos: lists of frames) -> the compiled [B, S] input_ids /

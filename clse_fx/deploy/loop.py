@@ -74,9 +74,8 @@ def check_prompt_feeds(
     vocab_size: int | None = None,
 ) -> None:
     """Refuse feeds the prefill graph was not built for, with a one-line error: ids or mask not of the compiled
-    ``shape`` [batch, sequence], non-integer ids or ids outside ``[0, vocab_size)`` (ONNX Runtime would wrap -1 to
-    a real token; an AOTInductor package aborts the process), a mask that is not 0/1 or not left padded (zeros,
-    then ones) or holds no token, or a row whose visual placeholders are not exactly the compiled ``per_prompt``
+    ``shape`` [batch, sequence], ids :func:`check_token_ids` refuses, a mask that is not 0/1 or not left padded
+    (zeros, then ones) or holds no token, or a row whose visual placeholders are not exactly the compiled ``per_prompt``
     or sit in the padding. The graph indexes visual tokens by count, so these would fail deep inside it or answer
     silently wrong."""
     for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask)):
@@ -85,11 +84,7 @@ def check_prompt_feeds(
                 f"{name} has shape {list(array.shape)} but the bundle was compiled for {list(shape)}; "
                 "recompile with matching --batch/--text-len"
             )
-    if not np.issubdtype(input_ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-    if vocab_size is not None and input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        bad = int(input_ids.min()) if input_ids.min() < 0 else int(input_ids.max())
-        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+    check_token_ids(input_ids, vocab_size)
     if not (np.issubdtype(attention_mask.dtype, np.integer) or attention_mask.dtype == np.bool_):
         raise ValueError(f"attention_mask must be integers 0/1, got {attention_mask.dtype}")
     if not np.isin(attention_mask, (0, 1)).all():
@@ -110,6 +105,17 @@ def check_prompt_feeds(
             )
         if (visual & (mask == 0)).any():
             raise ValueError(f"row {row}: visual placeholder tokens sit in the padding; put them inside the prompt")
+
+
+def check_token_ids(input_ids: np.ndarray, vocab_size: int | None, name: str = "input_ids") -> None:
+    """Refuse non-integer token ids, or ids outside ``[0, vocab_size)`` (None: not checked), with a one-line error.
+    Every session checks its token-id input here (and Engine and the Triton model before anything runs): ONNX
+    Runtime's Gather wraps -1 to the last token and runs on; an AOTInductor package aborts the process."""
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token ids, got {input_ids.dtype}")
+    if vocab_size is not None and input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        bad = int(input_ids.min()) if input_ids.min() < 0 else int(input_ids.max())
+        raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
 
 
 def check_valid_rows(valid: np.ndarray) -> None:
@@ -219,7 +225,7 @@ def generation_loop(
 
 def check_finite_feeds(feeds: dict[str, np.ndarray]) -> None:
     """Refuse floating-point feeds (pixels) holding NaN or infinity, with a one-line error: the graph would answer
-    NaN logits, decoded as token 0, as if it had seen an image."""
+    NaN logits, decoded as token 0, as if it had seen an image. Sessions check their pixel inputs here too."""
     for name, array in feeds.items():
         array = np.asarray(array)
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():

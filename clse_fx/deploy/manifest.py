@@ -14,9 +14,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a 7B bundle's manifest (with its initializer tables) is well under 1 MiB
+HASH_BLOCK = 1 << 20  # L2-sized: larger blocks hashed no faster here
 # 2: typed manifest with runtime conventions and the preprocessing recipe (format_version 1 had neither).
 SCHEMA_VERSION = 2
 
@@ -176,6 +178,7 @@ class Manifest:
             if PREFILL not in manifest.graphs or DECODE not in manifest.graphs:
                 raise KeyError(f"graphs.{PREFILL if PREFILL not in manifest.graphs else DECODE}")
             _check_numbers(manifest)
+            _check_layout(manifest)
         except (KeyError, TypeError) as error:
             detail = error.args[0] if error.args else error
             raise ValueError(f"{where} is invalid ({detail}); recompile the bundle") from None
@@ -212,6 +215,42 @@ def _check_numbers(manifest: Manifest) -> None:
             raise TypeError(f"{key} is {value!r}, not an integer in [{low}, {high}]")
     if manifest.sequence_length <= manifest.geometry["visual_tokens_per_prompt"]:
         raise TypeError("geometry.sequence_length leaves no room for text after the visual tokens")
+
+
+def _check_layout(manifest: Manifest) -> None:
+    """The plan's stages and layers agree with the graphs' recorded inputs and outputs, the layout the runtime
+    splits outputs by (an edited ``plan.stages`` would misread every output after the logits), and the logits
+    give the vocabulary size; otherwise a TypeError naming the field."""
+    plan = manifest.plan
+    pairs = isinstance(plan.stages, list) and all(
+        isinstance(stage, list) and len(stage) == 2 and all(is_count(n) for n in stage) for stage in plan.stages
+    )
+    if not pairs or not isinstance(plan.visual_tokens_per_layer, list):
+        raise TypeError("plan.stages is not a list of [layer, keep] pairs, or plan.visual_tokens_per_layer not a list")
+    layers = manifest.num_layers
+    expected = {
+        f"graphs.{PREFILL}.outputs": (PREFILL, "outputs", prefill_output_names(manifest.num_stages, layers)),
+        f"graphs.{DECODE}.inputs": (DECODE, "inputs", decode_names(layers)[0]),
+        f"graphs.{DECODE}.outputs": (DECODE, "outputs", decode_names(layers)[1]),
+    }
+    for key, (graph, side, names) in expected.items():
+        recorded = manifest.graphs[graph].get(side) if isinstance(manifest.graphs[graph], dict) else None
+        if not isinstance(recorded, list) or [v.get("name") if isinstance(v, dict) else v for v in recorded] != names:
+            raise TypeError(f"{key} do not match plan.stages and plan.visual_tokens_per_layer")
+    shape = manifest.graphs[PREFILL]["outputs"][0].get("shape")
+    if not isinstance(shape, list) or not shape or not is_count(shape[-1]) or shape[-1] < 1:
+        raise TypeError(f"graphs.{PREFILL}.outputs[0] (logits) has no vocabulary size")
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def error_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error's text (its type's name if it has none), cut to ``limit`` characters: the detail
+    of a one-line message that wraps another library's error."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
 
 
 def bundle_file(bundle: Path, manifest: Manifest, name: object, entry: str) -> Path:
@@ -258,35 +297,67 @@ def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+def file_sha256(file: BinaryIO) -> str:
+    """The sha256 of an open file's content from its current position, read in large blocks into one buffer."""
+    digest, buffer = hashlib.sha256(), bytearray(HASH_BLOCK)
+    view = memoryview(buffer)
+    while count := file.readinto(buffer):
+        digest.update(view[:count])
     return digest.hexdigest()
 
 
-def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
-    """Load and validate a bundle's manifest; with ``verify``, check every listed file exists and matches its
-    hash."""
-    bundle = Path(bundle)
+def sha256(path: str | Path) -> str:
+    with open(path, "rb", buffering=0) as file:
+        return file_sha256(file)
+
+
+def manifest_bytes(bundle: Path) -> bytes:
+    """``manifest.json``'s bytes, at most :data:`MAX_MANIFEST_BYTES` (a runtime never reads an unbounded file)."""
     path = bundle / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{bundle} is not a clse-fx bundle (no {MANIFEST}); compile one with clse-compile")
+    with open(path, "rb") as file:
+        data = file.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB, which no manifest is; recompile the bundle")
+    return data
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """A manifest from its JSON bytes, validated (:meth:`Manifest.from_dict`); undecodable or absurdly nested JSON
+    is the same one-line error as a damaged field."""
     try:
-        data = json.loads(path.read_text())
+        parsed = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is corrupted ({error}); recompile the bundle") from error
-    manifest = Manifest.from_dict(data, str(path))
-    for name, graph in manifest.graphs.items():  # every file a runtime opens: inside the bundle, listed, hashed
-        for file in [graph.get("file"), *graph.get("external_data", [])]:
+        raise ValueError(f"{where} is corrupted ({error}); recompile the bundle") from None
+    except RecursionError:
+        raise ValueError(f"{where} is corrupted (nested too deeply); recompile the bundle") from None
+    return Manifest.from_dict(parsed, where)
+
+
+def check_references(bundle: Path, manifest: Manifest) -> None:
+    """Every file a runtime opens by a manifest entry (graphs, their weight files, the tokenizer) stays inside the
+    bundle and is listed (so hashed) in ``files``: :func:`bundle_file`."""
+    for name, graph in manifest.graphs.items():
+        external = graph.get("external_data", []) if isinstance(graph, dict) else None
+        if not isinstance(external, list):
+            raise ValueError(f"{MANIFEST} entry graphs.{name} is malformed; recompile the bundle")
+        for file in [graph.get("file"), *external]:
             bundle_file(bundle, manifest, file, f"graphs.{name}")
     tokenizer = ((manifest.preprocess or {}).get("text") or {}).get("tokenizer")
     if tokenizer is not None:
         bundle_file(bundle, manifest, tokenizer, "preprocess.text.tokenizer")
-    if verify:
-        for name, entry in manifest.files.items():
-            file = bundle_file(bundle, manifest, name, f"files.{name}")  # never read a FIFO or a file outside
-            if not isinstance(entry, dict) or sha256(file) != entry.get("sha256"):
-                raise ValueError(f"bundle file {name} does not match its manifest hash (corrupted?); recompile")
+
+
+def read_manifest(bundle: str | Path, verify: bool = True, verify_key: str | Path | None = None) -> Manifest:
+    """Load and validate a bundle's manifest. With ``verify``, every listed file must match its hash and every ONNX
+    graph's weights the manifest's table (:func:`clse_fx.deploy.verify.open_bundle`); with ``verify_key`` (an
+    OpenSSF model-signing public key), the manifest must carry a signature that key verifies."""
+    bundle = Path(bundle)
+    if verify or verify_key is not None:
+        from clse_fx.deploy.verify import open_bundle
+
+        return open_bundle(bundle, verify_key).manifest
+    manifest = parse_manifest(manifest_bytes(bundle), str(bundle / MANIFEST))
+    check_references(bundle, manifest)
     return manifest

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clse_fx.deploy.manifest import DECODE_STEP_INPUTS
+from clse_fx.deploy.loop import check_finite_feeds, check_token_ids
+from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, error_line
 
 LOW_PRECISION = ("float16", "bfloat16")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -24,58 +25,8 @@ ORT_TYPES = {
     "tensor(int32)": "int32",
     "tensor(bool)": "bool",
 }
-
-
-# ONNX TensorProto element types -> bytes per element, for the initializer tables in manifests.
-ONNX_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
-
-
-class BundleWeights:
-    """A bundle's weight files, each memory-mapped once, and the initializers each graph reads from them as
-    OrtValues over that one mapping (no copy). Loaded by ONNX Runtime from each graph's external data, the file is
-    mapped once per session: the prefill and the decode step hold the same weights, so their pages count twice in
-    the process's RSS (and the mappings are two). Given as shared initializers (``add_initializer``), every
-    session of the bundle reads one mapping. The table of each graph's initializers (file, element type, shape,
-    offset, length) is the manifest's, written at compile time, so deploy needs no onnx package."""
-
-    def __init__(self, bundle: str | Path) -> None:
-        self.bundle = Path(bundle)
-        self.maps: dict[str, np.memmap] = {}
-
-    def initializers(self, graph_name: str, graph: dict) -> dict:
-        """``{name: OrtValue}`` for ``graph``'s external initializers, each checked against its file (a one-line
-        error naming the entry if it does not fit)."""
-        import onnxruntime
-
-        table = graph.get("initializers") or {}
-        if not isinstance(table, dict):
-            raise ValueError(f"manifest.json: graphs.{graph_name}.initializers is not a table; recompile the bundle")
-        values = {}
-        for name, entry in table.items():
-            where = f"graphs.{graph_name}.initializers[{name!r}]"
-            if not well_formed(entry):
-                raise ValueError(f"manifest.json: {where} is malformed ({entry!r}); recompile the bundle")
-            file, element, shape, offset, length = (entry[k] for k in ("file", "type", "shape", "offset", "length"))
-            if file not in graph.get("external_data", []):
-                raise ValueError(f"manifest.json: {where} names {file!r}, not one of the graph's weight files")
-            if file not in self.maps:
-                self.maps[file] = np.memmap(self.bundle / file, dtype=np.uint8, mode="r")
-            data, size = self.maps[file], ONNX_ELEMENT_BYTES[element]
-            if int(np.prod(shape)) * size != length or offset + length > data.size:
-                raise ValueError(f"manifest.json: {where} does not fit {file} ({entry}); recompile the bundle")
-            array = data[offset : offset + length].view(f"u{size}").reshape(shape)
-            values[name] = onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(array, element)
-        return values
-
-
-def well_formed(entry: object) -> bool:
-    """Whether an initializer table entry has a known element type and non-negative integer offset, length and
-    dims (JSON booleans are not numbers here)."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
-        return False
-    numbers = [entry.get("offset"), entry.get("length"), *entry["shape"]]
-    counts = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
-    return counts and isinstance(entry.get("type"), int) and entry["type"] in ONNX_ELEMENT_BYTES
+TOKEN_INPUT = "input_ids"  # the token ids of every graph that takes them (prefill, decode step, M-RoPE index)
+PIXEL_PREFIX = "pixel_values"  # pixel_values, pixel_values_videos
 
 
 def select_providers(target: str) -> list[str]:
@@ -107,7 +58,8 @@ def return_freed_memory() -> None:
 
 
 class OnnxSession:
-    """An ONNX Runtime session that checks feeds against the shapes the graph was compiled for."""
+    """An ONNX Runtime session that checks feeds against the shapes the graph was compiled for, and refuses token
+    ids outside its vocabulary and non-finite pixels (:func:`checked_feeds`)."""
 
     def __init__(
         self,
@@ -116,16 +68,19 @@ class OnnxSession:
         threads: int | None = None,
         dtype: str = "float32",
         initializers: dict | None = None,
+        weights=None,
+        vocab_size: int | None = None,
     ) -> None:
-        """``initializers``: OrtValues that replace the graph's stored weights of the same names
-        (:class:`BundleWeights`), kept alive as long as the session."""
+        """``initializers``: OrtValues that replace the graph's stored weights of the same names, kept alive as long
+        as the session; ``weights``: the :class:`~clse_fx.deploy.weights.BundleWeights` they map, inside whose
+        ``in_use()`` every run happens. ``vocab_size``: the token-id range (default: the graph's logits width)."""
         import onnxruntime
 
         self.path = Path(path)
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.initializers = initializers or {}
+        self.initializers, self.weights = initializers or {}, weights
         for name, value in self.initializers.items():
             options.add_initializer(name, value)
         if dtype in LOW_PRECISION and (providers or ["CPUExecutionProvider"])[0] == "CPUExecutionProvider":
@@ -144,14 +99,23 @@ class OnnxSession:
         # A bfloat16 bundle's graphs compute in float32 from bfloat16 weights through explicit casts
         # (clse_fx/export/float32_compute.py); constant folding would turn each into a float32 copy at load.
         disabled = ["ConstantFolding"] if dtype == "bfloat16" else None
-        self.session = onnxruntime.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled
-        )
+        with self.using_weights():  # building the session reads (pre-packs) the weights too
+            self.session = inference_session(self.path, options, providers or ["CPUExecutionProvider"], disabled)
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.dtypes = {i.name: ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
+        logits = [o.shape[-1] for o in self.session.get_outputs() if o.name == "logits" and o.shape]
+        self.vocab_size = vocab_size if vocab_size is not None else next(iter(logits), None)
+        if not isinstance(self.vocab_size, int):
+            self.vocab_size = None  # a dynamic width: nothing to check ids against
+
+    def using_weights(self):
+        """The context every read of the mapped weights runs in (nothing to guard without them)."""
+        return self.weights.in_use() if self.weights is not None else contextlib.nullcontext()
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, checked_feeds(self.path.name, self.inputs, feeds, self.dtypes))
+        checked = checked_feeds(self.path.name, self.inputs, feeds, self.dtypes, self.vocab_size)
+        with self.using_weights():
+            return self.session.run(None, checked)
 
     def bind(self, fixed: dict[str, np.ndarray]):
         """A run function with the ``fixed`` inputs bound once through ONNX Runtime IO binding; each call
@@ -160,7 +124,8 @@ class OnnxSession:
         import onnxruntime
 
         others = {name: shape for name, shape in self.inputs.items() if name not in fixed}
-        checked = checked_feeds(self.path.name, {name: self.inputs[name] for name in fixed}, fixed, self.dtypes)
+        bound = {name: self.inputs[name] for name in fixed}
+        checked = checked_feeds(self.path.name, bound, fixed, self.dtypes, self.vocab_size)
         binding = self.session.io_binding()
         values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in checked.items()}
         for name, value in values.items():
@@ -171,21 +136,42 @@ class OnnxSession:
             binding.bind_output(output.name, "cpu")
 
         def run(**feeds: np.ndarray) -> list[np.ndarray]:
-            for name, array in checked_feeds(self.path.name, others, feeds, self.dtypes).items():
+            for name, array in checked_feeds(self.path.name, others, feeds, self.dtypes, self.vocab_size).items():
                 binding.bind_cpu_input(name, array)
-            self.session.run_with_iobinding(binding)
+            with self.using_weights():
+                self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()
 
         run.values = values  # the OrtValues live as long as the function
         return run
 
 
+def inference_session(path: Path, options, providers: list[str], disabled_optimizers: list[str] | None = None):
+    """ONNX Runtime's session for the graph at ``path``; a graph it refuses is a one-line ValueError."""
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(
+            str(path), options, providers=providers, disabled_optimizers=disabled_optimizers
+        )
+    except Exception as error:  # ONNX Runtime's errors derive from Exception only
+        detail = error_line(error, 200)
+        raise ValueError(f"ONNX Runtime cannot load {path.name} ({detail}); recompile the bundle") from None
+
+
 def checked_feeds(
-    graph: str, inputs: dict[str, list], feeds: dict, dtypes: dict[str, str | None] | None = None
+    graph: str,
+    inputs: dict[str, list],
+    feeds: dict,
+    dtypes: dict[str, str | None] | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``feeds`` as C-contiguous arrays in ``inputs`` order, each checked against its compiled shape (a str or None
     dim is dynamic) and its ``dtypes`` entry (numpy names; None: not checked, e.g. bfloat16, which numpy lacks); a
-    missing input, a shape the graph was not compiled for or another dtype is a one-line error.
+    missing input, a shape the graph was not compiled for or another dtype is a one-line error, and so are token
+    ids outside ``[0, vocab_size)`` and pixels that are not finite (the checks of Engine and the Triton model,
+    :func:`~clse_fx.deploy.loop.check_token_ids` and :func:`~clse_fx.deploy.loop.check_finite_feeds`): a session
+    called directly guards itself, and no input aborts the process.
 
     Every session gets its feeds through here, in the layout graphs are built for: an AOTInductor package reads
     its inputs with the strides it was compiled with and does not check them by default, so a transposed view
@@ -206,6 +192,9 @@ def checked_feeds(
         if want is not None and array.dtype != np.dtype(want):
             raise ValueError(f"{name} has dtype {array.dtype} but {graph} takes {want}; convert it before the call")
         arrays[name] = row_major(array)
+    if TOKEN_INPUT in arrays:
+        check_token_ids(arrays[TOKEN_INPUT], vocab_size)
+    check_finite_feeds({name: array for name, array in arrays.items() if name.startswith(PIXEL_PREFIX)})
     return arrays
 
 

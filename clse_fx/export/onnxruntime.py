@@ -14,6 +14,7 @@ import torch
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.deploy.manifest import decode_names, prefill_output_names
+from clse_fx.deploy.onnx_graph import declared_initializers
 from clse_fx.deploy.session import OnnxSession, as_array
 from clse_fx.export.float32_compute import compute_in_float32
 from clse_fx.export.quantize import quantize_bundle, roles_for
@@ -132,18 +133,10 @@ def graph_signature(path: str | Path) -> dict:
     weights or to map them once for all its sessions."""
     import onnx
 
+    path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    initializers = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            initializers[tensor.name] = {
-                "file": info["location"],
-                "type": tensor.data_type,
-                "shape": list(tensor.dims),
-                "offset": int(info.get("offset", 0)),
-                "length": int(info["length"]),
-            }
+    # The table deploy checks against the graph, read by the same code (clse_fx.deploy.verify.graph_initializers).
+    initializers = {name: item.entry() for name, item in declared_initializers(path.read_bytes(), path.name).items()}
 
     def describe(values):
         return [
@@ -162,7 +155,7 @@ def graph_signature(path: str | Path) -> dict:
         "inputs": describe(model.graph.input),
         "outputs": describe(model.graph.output),
         "external_data": sorted({entry["file"] for entry in initializers.values()}),
-        "initializers": initializers,  # where each weight lies in them: deploy/session.py BundleWeights
+        "initializers": initializers,  # where each weight lies in them: deploy/weights.py BundleWeights
     }
 
 
