@@ -347,6 +347,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             gpus_per_replica=args.gpus_per_replica,
             threads=args.threads,
             concurrency=concurrency,
+            verify_key=args.verify_key,
         )
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

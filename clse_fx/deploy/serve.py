@@ -476,10 +476,13 @@ def build_app(
     gpus_per_replica: float = 0.0,
     threads: int | None = None,
     concurrency: Concurrency | None = None,
+    verify_key: str | Path | None = None,
 ) -> "Application":
     """The Ray Serve application: ``replicas`` copies of the bundle's engines (``BundleServer``, holding and
     queueing requests as ``concurrency`` says, by default derived from the compiled batch) behind a FastAPI
-    ingress with no engine, which retries a request whose replica died under it on another replica."""
+    ingress with no engine, which retries a request whose replica died under it on another replica. Each engine
+    replica loads the bundle verifying it (with ``verify_key``, its signature too), and its health check fails,
+    so Serve replaces it, when a weights file changed under it."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from ray import serve
@@ -519,10 +522,13 @@ def build_app(
     )
     class BundleServer:
         def __init__(self) -> None:
-            self.engine = Engine.load(bundle, threads=threads)
+            self.engine = Engine.load(bundle, threads=threads, verify_key=verify_key)
             # Decoding is where a request's memory peaks (an image up to the pixel limit, whatever its body's size):
             # a bound of its own, not the thread pool's size (up to 32 threads).
             self.decodes = asyncio.Semaphore(concurrency.max_decodes)
+
+        def check_health(self) -> None:
+            self.engine.check_bundle()
 
         def metadata(self) -> dict:
             return public_metadata(self.engine.manifest.to_dict())
@@ -725,6 +731,7 @@ def start(
     gpus_per_replica: float = 0.0,
     threads: int | None = None,
     concurrency: Concurrency | None = None,
+    verify_key: str | Path | None = None,
 ) -> str:
     """Join the Ray cluster at ``address`` (or start a local one on loopback), deploy, return the base URL.
     A local cluster is kept on loopback only when Ray is first imported here (it reads the switch at import).
@@ -744,7 +751,7 @@ def start(
     concurrency = concurrency or Concurrency.derive(batch, replicas)
     front = limits.front.resolved(batch, replicas, concurrency.max_queued_requests)
     limits = dataclasses.replace(limits, front=front)
-    app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads, concurrency)
+    app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads, concurrency, verify_key)
     serve_port = free_loopback_port()
     _front_end = FrontEnd.start(host, port, serve_port, front)
     try:
