@@ -92,6 +92,22 @@ def _markdown(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+@table("accuracy_precision")
+def accuracy_precision(results: Path) -> str:
+    data = _json(results / "accuracy" / "precision.json")
+    budgets = list(dict.fromkeys(row["budget"] for row in data["rows"]))
+    by_precision: dict[str, dict] = {}
+    for row in data["rows"]:
+        by_precision.setdefault(row["precision"], {})[row["budget"]] = row
+
+    def cells(rows: dict) -> list[str]:
+        weights = max(row["weights_bytes"] for row in rows.values()) / 2**20
+        return [f"{100 * rows[budget]['accuracy']:.1f}%" for budget in budgets] + [f"{weights:.2f} MiB"]
+
+    header = ["weights", *budgets, "weights.data (largest)"]
+    return _markdown(header, ([name, *cells(rows)] for name, rows in by_precision.items()))
+
+
 @table("scale")
 def scale(results: Path) -> str:
     gib = 2**30

@@ -32,8 +32,9 @@ from clse_fx.deploy.weights import BundleChangedError, MappedFile
 from .conftest import write_key_pair
 
 EMBED = "model.model.language_model.embed_tokens.weight"  # in the decode graph (the prefill's has a gm. prefix)
-LM_HEAD = "val_568"  # the decode graph's lm-head weight [64, 46]
-WIDE = "val_108"  # a [64, 128] weight of the decode graph
+LM_HEAD = "model.lm_head.weight.T"  # the decode graph's lm-head weight [64, 46]
+WIDE = "model.model.language_model.layers.0.self_attn.q_proj.weight.T"  # a [64, 128] weight of the decode graph
+OTHER = "model.model.language_model.layers.0.mlp.up_proj.weight.T"  # another one
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def _table(manifest: dict, graph: str = "decode") -> dict:
 
 
 def _overlap(manifest):
-    _table(manifest)["val_213"]["offset"] = _table(manifest)[WIDE]["offset"] + 64
+    _table(manifest)[OTHER]["offset"] = _table(manifest)[WIDE]["offset"] + 64
 
 
 def _embedding_reads_the_lm_head(manifest):
@@ -90,16 +91,16 @@ def _tokenizer_as_weights(manifest):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_overlap, "graphs.decode.initializers['val_213'] says offset"),
+        (_overlap, f"graphs.decode.initializers['{OTHER}'] says offset"),
         (_embedding_reads_the_lm_head, f"initializers['gm.{EMBED}'] says offset"),
-        (_transposed, "initializers['val_108'] says shape [128, 64] but decode.onnx declares [64, 128]"),
+        (_transposed, f"initializers['{WIDE}'] says shape [128, 64] but decode.onnx declares [64, 128]"),
         (_element_type, "says type 6 but prefill.onnx declares 1"),
         (_tokenizer_as_weights, f"initializers['{EMBED}'] says file 'tokenizer.json' but decode.onnx declares"),
-        (lambda m: _table(m).pop(WIDE), "graphs.decode.initializers does not list 'val_108', which decode.onnx"),
+        (lambda m: _table(m).pop(WIDE), f"graphs.decode.initializers does not list '{WIDE}', which decode.onnx"),
         (lambda m: _table(m).update(extra=_table(m)[WIDE]), "lists 'extra', which decode.onnx does not declare"),
         (lambda m: _table(m)[WIDE].update(offset=True), "says offset True but decode.onnx declares"),
         (lambda m: _table(m)[WIDE].update(shape=4), "says shape 4 but"),
-        (lambda m: _table(m)[WIDE].pop("type"), "initializers['val_108'] is malformed"),
+        (lambda m: _table(m)[WIDE].pop("type"), f"initializers['{WIDE}'] is malformed"),
         (lambda m: m["graphs"]["decode"].update(initializers=[WIDE]), "graphs.decode.initializers is not a table"),
         (lambda m: m["plan"].update(stages=[]), "graphs.prefill.outputs do not match plan.stages"),
         (lambda m: m["plan"].update(stages=[[1, "8"]]), "plan.stages is not a list of [layer, keep] pairs"),
@@ -170,7 +171,7 @@ def _located(location):
 
 
 def _partial_overlap(model):
-    first, second = _initializer(model, WIDE), _initializer(model, "val_213")
+    first, second = _initializer(model, WIDE), _initializer(model, OTHER)
     offset = {entry.key: int(entry.value) for entry in first.external_data if entry.key == "offset"}["offset"]
     _external(second, offset=offset + 4096)
 
@@ -186,9 +187,9 @@ def _constant_with_external_data(model):
     [
         (_located("other.data"), "from 'other.data', which is not one of the graph's weight files listed"),
         (_located("*/_ORT_MEM_ADDR_/*"), "from '*/_ORT_MEM_ADDR_/*', which is not one of the graph's weight files"),
-        (_partial_overlap, "initializer 'val_213' overlaps graphs."),
+        (_partial_overlap, f"initializer '{OTHER}' overlaps graphs."),
         (lambda m: _external(_initializer(m, WIDE), length=100), "holds 100 bytes but its type and shape"),
-        (lambda m: _external(_initializer(m, LM_HEAD), offset=10**9), "initializer 'val_568' does not fit weights"),
+        (lambda m: _external(_initializer(m, LM_HEAD), offset=10**9), f"initializer '{LM_HEAD}' does not fit weights"),
         (lambda m: _initializer(m, WIDE).dims.__setitem__(0, 32), "holds 32768 bytes but its type and shape"),
         (_constant_with_external_data, "keeps external data outside its main graph's initializers"),
     ],
