@@ -70,10 +70,13 @@ class OnnxSession:
         initializers: dict | None = None,
         weights=None,
         vocab_size: int | None = None,
+        prepack: bool = True,
     ) -> None:
         """``initializers``: OrtValues that replace the graph's stored weights of the same names, kept alive as long
         as the session; ``weights``: the :class:`~clse_fx.deploy.weights.BundleWeights` they map, inside whose
-        ``in_use()`` every run happens. ``vocab_size``: the token-id range (default: the graph's logits width)."""
+        ``in_use()`` every run happens. ``vocab_size``: the token-id range (default: the graph's logits width).
+        ``prepack``: let ONNX Runtime copy weights into its kernels' packed layouts at load (each session its own
+        copy; without it, weights are read where they are mapped)."""
         import onnxruntime
 
         self.path = Path(path)
@@ -83,6 +86,8 @@ class OnnxSession:
         self.initializers, self.weights = initializers or {}, weights
         for name, value in self.initializers.items():
             options.add_initializer(name, value)
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         if dtype in LOW_PRECISION and (providers or ["CPUExecutionProvider"])[0] == "CPUExecutionProvider":
             # The CPU provider runs most float16/bfloat16 ops in float32 behind inserted casts, and its extended
             # optimizations fold the casts of the weights into float32 copies: 3x the weights in memory (a 7B
