@@ -222,10 +222,10 @@ def test_a_graph_swapped_while_the_sessions_are_built_is_refused(bundle, monkeyp
 
     build = session.inference_session
 
-    def swapping(path, options, providers):
+    def swapping(path, *args):
         original = path.read_bytes()
         path.write_bytes(original)
-        return build(path, options, providers)
+        return build(path, *args)
 
     monkeypatch.setattr(session, "inference_session", swapping)
     time.sleep(0.05)  # past the coarse timestamp tick of the copy
