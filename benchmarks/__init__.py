@@ -1,1 +1,1 @@
-"""clse-fx benchmarks: `python -m benchmarks.run [--quick]` (see README)."""
+"""clse-fx benchmarks: `python -m benchmarks.run [--quick]` (see docs/benchmarks.md)."""

@@ -31,13 +31,19 @@ def _label(row: dict) -> str:
 def table(results: list[dict], unpruned: float) -> str:
     """The paper-style table: rows = method and plan, columns = budget; accuracy and share of unpruned."""
     budgets = list(dict.fromkeys(r["budget"] for r in results if r["budget"] != "unpruned"))
+    visual = len(results[0]["keep_counts"][0])
+
+    def header(budget: str) -> str:  # "64/576": LLaVA-1.5's budget name, the same share of this model's tokens
+        count, total = (int(n) for n in budget.split("/"))
+        return f"{budget} = demo --keep {round(count / total * visual)} [avg tokens/layer]"
+
     lines = [
-        "| method | plan | " + " | ".join(f"{b} (avg tokens/layer)" for b in budgets) + " |",
+        "| method | plan | " + " | ".join(header(b) for b in budgets) + " |",
         "|---|---|" + "---|" * len(budgets),
     ]
     lines.append(
         "| unpruned | - | "
-        + " | ".join([f"{100 * unpruned:.1f} (100%) [{len(results[0]['keep_counts'][0])}]"] * len(budgets))
+        + " | ".join([f"{100 * unpruned:.1f} (100%) [{visual}]"] * len(budgets))
         + " |"
     )
     rows = [r for r in results if r["budget"] != "unpruned"]
@@ -148,14 +154,17 @@ def accuracy_vs_budget_figure(results: list[dict], grid: int):
             chosen = (r for r in rows if (r["method"], r["plan"]) == (method, plan))
             runs = sorted(chosen, key=lambda r: r["avg_visual_tokens"])
             if runs:
-                x = [r["avg_visual_tokens"] / grid**2 for r in runs]
+                x = [r["avg_visual_tokens"] for r in runs]
                 ax.plot(x, [100 * r["accuracy"] for r in runs], "o-", label=method, color=colours[method])
         ax.axhline(100 * unpruned["accuracy"], color="k", ls="--", lw=1, label="unpruned")
-        ax.set(title=f"{plan} plans", xlabel="average visual tokens per layer / all visual tokens")
+        # Every run of a budget has the same average visual tokens per layer: one tick per budget, named by it.
+        ticks = {r["budget"]: r["avg_visual_tokens"] for r in rows if r["plan"] == plan}
+        ax.set_xticks(list(ticks.values()), [f"{budget}\n({avg:.0f} of {grid**2})" for budget, avg in ticks.items()])
+        ax.set(title=f"{plan} plans", xlabel="budget (LLaVA-1.5's name) and average visual tokens per layer")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     _legend_outside(fig)
-    fig.suptitle("Proxy LLaVA (16x16 visual grid): accuracy vs budget (192/128/64 of 576 equivalents)")
+    fig.suptitle(f"Proxy LLaVA ({grid}x{grid} visual grid): accuracy vs budget")
     return fig
 
 

@@ -26,6 +26,7 @@ def measure(model: str) -> dict:
             raise RuntimeError(f"compile benchmark for {model} failed with exit code {child.returncode}")
         result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - start
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
     return result
 

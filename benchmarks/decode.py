@@ -161,18 +161,23 @@ def run(tokens: int = 200, batch: int = 4, workdir: Path | None = None) -> dict:
 
 
 def table(result: dict) -> str:
+    """Per batch and KV cache: ms/token over the first and last ten tokens for each loop, and tokens/s."""
     lines = [
-        "| batch, KV | loop | ms/token, tokens 1-10 -> 191-200 | last/first | tokens/s |",
-        "|---|---|---|---|---|",
+        "| batch, KV | ms/token, tokens 1-10 -> 191-200 (last/first), concat loop | same, preallocated buffers "
+        "| tokens/s, concat -> preallocated |",
+        "|---|---|---|---|",
     ]
+
+    def trend(s: dict) -> str:
+        return f"{s['ms_per_token_first']:.2f} -> {s['ms_per_token_last']:.2f} ({s['last_over_first']:.2f})"
+
     for key, row in result["results"].items():
-        for loop in ("concat_loop", "preallocated"):
-            s = row[loop]
-            lines.append(
-                f"| {key.replace('batch', '').replace('_', ', ')} | {loop.replace('_', ' ')} | "
-                f"{s['ms_per_token_first']:.2f} -> {s['ms_per_token_last']:.2f} | {s['last_over_first']:.2f} | "
-                f"{s['tokens_per_s']:.1f} |"
-            )
+        batch, kv = key.removeprefix("batch").split("_")
+        concat, buffers = row["concat_loop"], row["preallocated"]
+        lines.append(
+            f"| {batch}, {kv} ({row['kv_slots_per_layer_prompt'][0]} slots/layer) | {trend(concat)} | {trend(buffers)} "
+            f"| {concat['tokens_per_s']:.0f} -> {buffers['tokens_per_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,12 +1,8 @@
-"""Markdown tables, PNG plots and the README block from a benchmark results dict."""
+"""Markdown tables and PNG plots from a benchmark results dict (the docs' copies: benchmarks/docs.py)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-
-README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-
 
 FAMILIES = ("qwen2_vl_7b", "llava_next_video_7b", "video_llava_7b", "llava_next_7b", "llava_onevision_7b")
 
@@ -43,7 +39,8 @@ def _family_table(family: dict) -> list[str]:
     return lines + [""]
 
 
-def markdown(results: dict) -> str:
+def flops_kv_markdown(results: dict) -> str:
+    """FLOP and KV tables: LLaVA-1.5-7B against the paper, then every other family at its published geometry."""
     llava = results["llava_7b"]
     lines = [
         f"### FLOPs and KV cache, {llava['model']}, {llava['text_tokens']} text + 576 visual tokens",
@@ -67,41 +64,56 @@ def markdown(results: dict) -> str:
     for key in FAMILIES:
         if key in results:
             lines += _family_table(results[key])
-    if "latency" in results:
-        lat = results["latency"]
-        ms = lat["median_ms"]
-        spectral = lat["spectral_fft_free_vs_torch_fft"]
-        lines += [
-            f"### Latency, {lat['model']}; {lat['device']}; medians of {lat['repeats']} interleaved runs",
-            "",
-            "| figure | value |",
-            "|---|---|",
-            f"| prefill, ONNX Runtime unpruned -> pruned (192) | {ms['prefill_unpruned']:.1f} -> "
-            f"{ms['prefill_pruned']:.1f} ms ({lat['prefill_speedup']:.2f}x) |",
-            f"| FLOPs reduction of the same graphs | {lat['flops_ratio']:.2f}x |",
-            f"| prefill speedup / FLOPs reduction (target >= 0.9) | {lat['speedup_over_flops_ratio']:.2f} |",
-            f"| decode per token, unpruned -> pruned KV | {ms['decode_per_token_unpruned']:.2f} -> "
-            f"{ms['decode_per_token_pruned']:.2f} ms ({lat['decode_speedup']:.2f}x) |",
-            f"| eager reference pruner (PyTorch) -> our engine, prefill | {ms['prefill_eager_reference']:.1f} -> "
-            f"{ms['prefill_pruned']:.1f} ms ({lat['engine_vs_eager_reference']:.2f}x) |",
-            f"| share of pruned prefill in CLSE scoring + gathers (target <= 3%) | "
-            f"{100 * lat['clse_share_of_pruned_prefill']:.1f}% |",
-            f"| CLSE-M (merge, same plan): prefill; stage share incl. merging | {ms['prefill_merged']:.1f} ms; "
-            f"{100 * lat['clse_share_of_merged_prefill']:.1f}% |",
-            f"| spectral score 24x24x4096: torch.fft -> FFT-free | {spectral['fft_ms']:.1f} -> "
-            f"{spectral['matmul_ms']:.1f} ms ({spectral['speedup']:.1f}x) |",
-            "",
-        ]
-    lines += [
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def latency_markdown(results: dict) -> str:
+    """The CPU latency figures of the 1/8-width LLaVA-1.5 model (a full run only)."""
+    lat = results["latency"]
+    ms = lat["median_ms"]
+    spectral = lat["spectral_fft_free_vs_torch_fft"]
+    lines = [
+        f"### Latency, {lat['model']}; {lat['device']}; medians of {lat['repeats']} interleaved runs",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| prefill, ONNX Runtime unpruned -> pruned (192) | {ms['prefill_unpruned']:.1f} -> "
+        f"{ms['prefill_pruned']:.1f} ms ({lat['prefill_speedup']:.2f}x) |",
+        f"| FLOPs reduction of the same graphs | {lat['flops_ratio']:.2f}x |",
+        f"| prefill speedup / FLOPs reduction (target >= 0.9) | {lat['speedup_over_flops_ratio']:.2f} |",
+        f"| decode per token, unpruned -> pruned KV | {ms['decode_per_token_unpruned']:.2f} -> "
+        f"{ms['decode_per_token_pruned']:.2f} ms ({lat['decode_speedup']:.2f}x) |",
+        f"| eager reference pruner (PyTorch) -> our engine, prefill | {ms['prefill_eager_reference']:.1f} -> "
+        f"{ms['prefill_pruned']:.1f} ms ({lat['engine_vs_eager_reference']:.2f}x) |",
+        f"| share of pruned prefill in CLSE scoring + gathers (target <= 3%) | "
+        f"{100 * lat['clse_share_of_pruned_prefill']:.1f}% |",
+        f"| CLSE-M (merge, same plan): prefill; stage share incl. merging | {ms['prefill_merged']:.1f} ms; "
+        f"{100 * lat['clse_share_of_merged_prefill']:.1f}% |",
+        f"| spectral score 24x24x4096: torch.fft -> FFT-free | {spectral['fft_ms']:.1f} -> "
+        f"{spectral['matmul_ms']:.1f} ms ({spectral['speedup']:.1f}x) |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def compile_markdown(results: dict) -> str:
+    """Compile time per phase and peak memory of each measured model."""
+    lines = [
         "### Compile time (CPU) and peak memory",
         "",
-        "| model | phases | total | peak RSS |",
-        "|---|---|---|---|",
+        "| model | phases | compile total | whole process, with imports and checkpoint load (CPU) | peak RSS |",
+        "|---|---|---|---|---|",
     ]
     for name, item in results["compile"].items():
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in item["phases_s"].items())
-        lines.append(f"| {name} | {phases} | {item['total_s']:.1f}s | {item['peak_rss_mib']:.0f} MiB |")
+        process = f"{item['wall_s']:.1f}s" + (f" ({item['cpu_s']:.1f}s)" if "cpu_s" in item else "")
+        lines.append(f"| {name} | {phases} | {item['total_s']:.1f}s | {process} | {item['peak_rss_mib']:.0f} MiB |")
     return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict) -> str:
+    """Every table of a run (its summary.md)."""
+    parts = [flops_kv_markdown(results), *([latency_markdown(results)] if "latency" in results else [])]
+    return "\n".join([*parts, compile_markdown(results)])
 
 
 def plots(results: dict, out: Path) -> None:
@@ -134,20 +146,11 @@ def plots(results: dict, out: Path) -> None:
         ms = results["latency"]["median_ms"]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names = ["prefill_unpruned", "prefill_pruned", "prefill_eager_reference"]
-        bars = ax.bar(["ORT unpruned", "ORT pruned", "eager reference"], [ms[n] for n in names])
+        labels = ["ONNX Runtime\nunpruned", "ONNX Runtime\npruned (192)", "PyTorch eager,\npruned (192, reference)"]
+        bars = ax.bar(labels, [ms[n] for n in names])
         ax.bar_label(bars, fmt="%.1f ms", fontsize=8)
         ax.set_ylabel("prefill ms (median)")
         ax.set_title("Prefill latency, 1/8-width LLaVA-1.5 geometry, CPU")
         fig.tight_layout()
         fig.savefig(out / "latency.png", dpi=120)
         plt.close(fig)
-
-
-def update_readme(readme: Path, summary: str) -> None:
-    """Replace the generated block between the README's benchmark markers."""
-    text = readme.read_text()
-    block = f"{README_START}\n<!-- generated by `python -m benchmarks.run`; do not edit -->\n\n{summary}\n{README_END}"
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
-    readme.write_text(
-        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    )

@@ -3,10 +3,10 @@
 `--families` recounts only the meta-device FLOP/KV rows of the model families (about 3 minutes) into the last
 full results, keeping its measured latency and compile times.
 
-Writes benchmarks/results/{quick,full}.json and summary.md (plus PNG plots and the README table on a full
-run), prints the summary, and exits 1 when a machine-independent figure (FLOP/KV ratios, ONNX node
-counts, TensorRT findings) regresses past benchmarks/thresholds.json. Wall-clock times are reported,
-never checked.
+Writes benchmarks/results/{quick,full}.json and summary.md (plus PNG plots and the docs' tables on a full
+run: benchmarks/docs.py), prints the summary, and exits 1 when a machine-independent figure (FLOP/KV ratios, ONNX
+node counts, TensorRT findings) regresses past benchmarks/thresholds.json; the last line is the verdict.
+Wall-clock times are reported, never checked.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import compile_time, flops_kv, report
+from benchmarks import compile_time, docs, flops_kv, report
 
 HERE = Path(__file__).parent
 THRESHOLDS = HERE / "thresholds.json"
@@ -70,6 +70,14 @@ def regressions(figures: dict[str, float], thresholds: dict[str, dict[str, float
     return failures
 
 
+def verdict(failures: list[str], thresholds: dict) -> str:
+    """The run's last line: whether every machine-independent figure stayed within its bound, or which did not."""
+    if not failures:
+        return f"verdict: all {len(thresholds)} thresholds passed (benchmarks/thresholds.json)"
+    names = ", ".join(failure.split(" = ")[0] for failure in failures)
+    return f"verdict: {len(failures)} of {len(thresholds)} thresholds failed: {names} (benchmarks/thresholds.json)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI mode: tiny model and FLOP/KV counts only")
@@ -91,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md" if not args.quick else args.out / "quick.md").write_text(summary)
     if not args.quick:
         report.plots(results, args.out)
-        report.update_readme(HERE.parent / "README.md", summary)
+        docs.update()  # the docs' tables, from the results just written
     print(summary)
-    failures = regressions(figures, json.loads(THRESHOLDS.read_text()))
+    thresholds = json.loads(THRESHOLDS.read_text())
+    failures = regressions(figures, thresholds)
     for failure in failures:
         print(f"REGRESSION: {failure}", file=sys.stderr)
+    print(verdict(failures, thresholds), flush=True)
     return 1 if failures else 0
 
 

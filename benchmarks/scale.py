@@ -2,8 +2,9 @@
 
 Per width (``--width 1/8 --width 1/4 --width 1``; 1 is the full 7B): a float16 checkpoint with random weights
 written by ``save_pretrained`` (32 layers, 576 visual tokens, the real 32064-token vocabulary; text and vision
-widths scaled), then ``clse-compile CKPT --keep 192 --dtype float16`` in a child process, then one prompt through
-the bundle's ``Engine`` (prefill and 4 decode tokens) in another. Records parameters, checkpoint bytes, the
+widths scaled), then per weight format (``--weight-format none int8 int4``; none: float16 weights)
+``clse-compile CKPT --keep 192 --dtype float16 [--weight-format F]`` in a child process, then one prompt through
+the bundle's ``Engine`` (prefill and 8 decode tokens) in another. Records parameters, checkpoint bytes, the
 compile's wall and CPU seconds, its peak RSS (the child's, from ``getrusage``) and the seconds and peak RSS at
 the end of each phase (from the manifest), the bundle's bytes, and the loaded Engine's peak RSS and time. Merges
 into benchmarks/results/scale.json (keyed by width) and prints the ratios the scale targets are stated in.
@@ -16,6 +17,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,8 +43,9 @@ ids[:, 1 : 1 + m.geometry["num_visual"]] = m.image_token_id
 pixels = np.random.default_rng(0).standard_normal((m.batch, 3, 336, 336)).astype(np.float32)
 start = time.perf_counter()
 feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": pixels}
-tokens, timings = engine.generate_ids(feeds, 5)
+tokens, timings = engine.generate_ids(feeds, 9)
 print(json.dumps({"load_s": loaded, "generate_s": time.perf_counter() - start, "prefill_ms": timings.prefill_ms,
+                  "decode_ms_per_token": timings.decode_ms_per_token,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -65,7 +68,7 @@ def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, 
     peak file-backed resident memory (memory-mapped weights: clean pages the kernel reclaims under pressure and
     reads again) and the peak proportional set size (PSS: a page mapped twice, as ONNX Runtime maps the shared
     weights file once per session, counts once; RSS counts it twice), in MiB. The scale targets are stated in RSS."""
-    peaks = {"anon_peak": 0.0, "file_peak": 0.0, "pss_peak": 0.0}
+    peaks = {"anon_peak": 0.0, "file_peak": 0.0, "pss_peak": 0.0, "rss_peak": 0.0}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
         while child.poll() is None:
@@ -73,7 +76,8 @@ def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, 
                 status = Path(f"/proc/{child.pid}/status").read_text().splitlines()
             except OSError:
                 break
-            fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith("Rss")}
+            fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith(("Rss", "VmHWM"))}
+            peaks["rss_peak"] = max(peaks["rss_peak"], int(fields.get("VmHWM", 0)) / 1024)
             peaks["anon_peak"] = max(peaks["anon_peak"], int(fields.get("RssAnon", 0)) / 1024)
             peaks["file_peak"] = max(peaks["file_peak"], int(fields.get("RssFile", 0)) / 1024)
             with contextlib.suppress(OSError):
@@ -90,36 +94,43 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def measure(width: Fraction, work: Path) -> dict:
-    checkpoint, bundle = work / "checkpoint", work / "bundle"
+def write_checkpoint(width: Fraction, checkpoint: Path) -> int:
+    """Save the float16 checkpoint of ``width``; returns its parameter count."""
     model = geometry.build(width_geometry(width), dtype=torch.float16)
     parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(checkpoint, max_shard_size="2GB")  # a shard is serialised in memory: keep them small
     del model
     os.sync()  # on disk, as a downloaded checkpoint is: the kernel cannot drop pages not yet written back
+    return parameters
+
+
+def measure(checkpoint: Path, parameters: int, weight_format: str, work: Path) -> dict:
+    bundle = work / f"bundle-{weight_format}"
     command = [sys.executable, "-m", "clse_fx.cli", str(checkpoint), "--keep", "192", "--dtype", "float16"]
-    command += ["-o", str(bundle), "--force"]
+    command += ["-o", str(bundle), "--force"] + ([] if weight_format == "none" else ["--weight-format", weight_format])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done, compile_memory = watched(command)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        raise RuntimeError(f"clse-compile failed at width {width}: {done.stderr.strip().splitlines()[-1]}")
+        raise RuntimeError(f"clse-compile failed for {bundle.name}: {done.stderr.strip().splitlines()[-1]}")
     manifest = json.loads((bundle / "manifest.json").read_text())
     engine, engine_memory = watched([sys.executable, "-c", ENGINE_RUN, str(bundle)])
     if engine.returncode != 0:
-        raise RuntimeError(f"the Engine failed at width {width}: {engine.stderr.strip().splitlines()[-1]}")
-    checkpoint_bytes = directory_bytes(checkpoint)
+        raise RuntimeError(f"the Engine failed on {bundle.name}: {engine.stderr.strip().splitlines()[-1]}")
+    checkpoint_bytes, bundle_bytes = directory_bytes(checkpoint), directory_bytes(bundle)
+    shutil.rmtree(bundle)  # a 7B bundle is 13 GB: one on disk at a time
     row = {
+        "weight_format": weight_format,
         "parameters": parameters,
         "checkpoint_bytes": checkpoint_bytes,
         "compile_wall_s": round(wall, 1),
         "compile_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
-        "compile_peak_rss_bytes": after.ru_maxrss * 1024,  # the largest child so far: this compile
+        "compile_peak_rss_bytes": int(compile_memory["rss_peak"] * 2**20),  # its VmHWM (peak RSS)
         "phase_seconds": manifest["timings_s"],
         "phase_peak_rss_mib": manifest.get("peak_rss_mib", {}),
-        "bundle_bytes": directory_bytes(bundle),
+        "bundle_bytes": bundle_bytes,
         "bundle_files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
         "engine": json.loads(engine.stdout.strip().splitlines()[-1]) | {"memory_mib": engine_memory},
         "compile_memory_mib": compile_memory,
@@ -136,25 +147,40 @@ def measure(width: Fraction, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--width", action="append", type=Fraction, help="e.g. 1/8 (repeatable; default 1/8)")
+    parser.add_argument(
+        "--weight-format", nargs="+", default=["none"], choices=["none", "int8", "int4"], help="bundles to compile"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON to merge into (default: {RESULTS})")
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for width in args.width or [Fraction(1, 8)]:
         with tempfile.TemporaryDirectory() as work:
-            row = measure(width, Path(work))
-        results[str(width)] = row
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(
-            f"width {width}: {row['parameters'] / 1e6:.0f}M parameters, checkpoint "
-            f"{row['checkpoint_bytes'] / 2**30:.2f} GiB; compile {row['compile_wall_s']:.0f} s, peak RSS "
-            f"{row['compile_peak_rss_over_checkpoint']:.1f}x the checkpoint (anonymous "
-            f"{row['compile_anon_peak_over_checkpoint']:.1f}x); bundle {row['bundle_over_checkpoint']:.2f}x; "
-            f"Engine RSS "
-            f"{row['engine_rss_over_checkpoint']:.2f}x (anonymous {row['engine_anon_peak_over_checkpoint']:.2f}x, "
-            f"PSS {row['engine_pss_peak_over_checkpoint']:.2f}x)",
-            flush=True,
-        )
+            parameters = write_checkpoint(width, Path(work) / "checkpoint")
+            for weight_format in args.weight_format:
+                row = measure(Path(work) / "checkpoint", parameters, weight_format, Path(work))
+                key = str(width) if weight_format == "none" else f"{width} {weight_format}"
+                results[key] = row
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+                print(f"width {width}, weights {weight_format}: {summary(row, results.get(str(width)))}", flush=True)
     return 0
+
+
+def summary(row: dict, float16: dict | None) -> str:
+    """One line of the figures the scale targets are stated in (quantized rows: also against float16's)."""
+    line = (
+        f"{row['parameters'] / 1e6:.0f}M parameters, checkpoint {row['checkpoint_bytes'] / 2**30:.2f} GiB; compile "
+        f"{row['compile_wall_s']:.0f} s, peak RSS {row['compile_peak_rss_over_checkpoint']:.2f}x the checkpoint "
+        f"(anonymous {row['compile_anon_peak_over_checkpoint']:.2f}x); bundle {row['bundle_over_checkpoint']:.2f}x; "
+        f"Engine RSS {row['engine_rss_over_checkpoint']:.2f}x (anonymous "
+        f"{row['engine_anon_peak_over_checkpoint']:.2f}x, PSS {row['engine_pss_peak_over_checkpoint']:.2f}x); "
+        f"TTFT {row['engine']['prefill_ms'] / 1e3:.1f} s, decode {row['engine']['decode_ms_per_token']:.0f} ms/token"
+    )
+    if row["weight_format"] == "none" or float16 is None or "decode_ms_per_token" not in float16["engine"]:
+        return line
+    ttft = row["engine"]["prefill_ms"] / float16["engine"]["prefill_ms"]
+    speed = float16["engine"]["decode_ms_per_token"] / row["engine"]["decode_ms_per_token"]
+    disk = row["bundle_bytes"] / float16["bundle_bytes"]
+    return f"{line}; against float16: bundle {disk:.2f}x, TTFT {ttft:.2f}x, decode speed {speed:.2f}x"
 
 
 if __name__ == "__main__":

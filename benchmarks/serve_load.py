@@ -27,22 +27,19 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
-import urllib.request  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.serving import NO_PROXY, served, wait_healthy  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
 MAX_NEW_TOKENS = 8
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _png(seed: int) -> str:
@@ -188,45 +185,6 @@ def run_level(url: str, users: int, seconds: float, warmup: float, on_half=None)
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-SERVER = """
-import sys, time
-sys.argv = ["clse-serve"]
-from clse_fx.deploy import serve
-url = serve.start({bundle!r}, serve.Limits(), port={port}, replicas={replicas}, num_cpus={replicas}, threads=1)
-import ray
-print("ready", flush=True)
-for line in sys.stdin:
-    if line.startswith("kill "):  # kill BundleServer (an engine replica) or kill Ingress (an HTTP front end)
-        kind = line.split()[1]
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if kind in a["name"]]
-        ray.kill(ray.get_actor(sorted(names)[0], namespace="serve"), no_restart=True)
-        print("killed", sorted(names)[0], flush=True)
-    elif line.strip() == "stop":
-        break
-serve.stop(local=True)
-"""
-
-
-def wait_healthy(url: str, replicas: int, timeout: float = 180.0, key: str = "replicas") -> float:
-    """Seconds until /health reports ``replicas`` under ``key`` (replicas: engines; ingress_replicas: front ends)."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        try:
-            with NO_PROXY.open(f"{url}/health", timeout=5) as answer:
-                if json.load(answer).get(key) == replicas:
-                    return time.perf_counter() - start
-        except Exception:
-            pass
-        gevent.sleep(0.25)
-    raise TimeoutError(f"{url}/health did not report {replicas} {key} in {timeout:.0f} s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", help="a compiled bundle (default: compile the demo model into a temp dir)")
@@ -241,61 +199,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    bin_dir = Path(sys.executable).parent
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            bundle = f"{tmp}/demo"
-            subprocess.run(
-                [bin_dir / "clse-compile", "--demo", "--keep", "64", "--score", "clse", "-o", bundle, "--force"],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [sys.executable, "-c", SERVER.format(bundle=str(bundle), port=port, replicas=args.replicas)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout.readline().strip() == "ready", "clse-serve did not start"
-            wait_healthy(url, args.replicas)
-            levels = []
-            for users in args.users:
-                levels.append(run_level(url, users, args.seconds, args.warmup))
-                print(json.dumps(levels[-1]), flush=True)
-            kills = {}
-            for kind, key, count in (("BundleServer", "replicas", args.replicas), ("Ingress", "ingress_replicas", 2)):
-                if not args.kill_users:
-                    break
-                killed = {}
+    with served(args.bundle, args.replicas) as (server, url):
+        levels = []
+        for users in args.users:
+            levels.append(run_level(url, users, args.seconds, args.warmup))
+            print(json.dumps(levels[-1]), flush=True)
+        kills = {}
+        for kind, key, count in (("BundleServer", "replicas", args.replicas), ("Ingress", "ingress_replicas", 2)):
+            if not args.kill_users:
+                break
+            killed = {}
 
-                def kill_one(kind=kind, key=key, count=count, killed=killed) -> None:
-                    server.stdin.write(f"kill {kind}\n")
-                    server.stdin.flush()
-                    start = time.perf_counter()
-                    killed["replica"] = server.stdout.readline().strip()
-                    # Time from the kill until /health (Serve's controller) reports the loss and then all replicas.
-                    killed["noticed_s"] = round(wait_healthy(url, count - 1, 60.0, key) + 0.0, 1)
-                    wait_healthy(url, count, 180.0, key)
-                    killed["recovered_s"] = round(time.perf_counter() - start, 1)
-
-                kill = run_level(url, args.kill_users, args.seconds, args.warmup, on_half=kill_one)
+            def kill_one(kind=kind, key=key, count=count, killed=killed) -> None:
+                server.stdin.write(f"kill {kind}\n")
+                server.stdin.flush()
+                start = time.perf_counter()
+                killed["replica"] = server.stdout.readline().strip()
+                # Time from the kill until /health (Serve's controller) reports the loss and then all replicas.
+                killed["noticed_s"] = round(wait_healthy(url, count - 1, 60.0, key) + 0.0, 1)
                 wait_healthy(url, count, 180.0, key)
-                kills[kind] = kill | {f"kill_{name}": value for name, value in killed.items()}
-                if kind == "Ingress":  # in flight on the killed front end: the ones lost and the ones it answered
-                    front = killed["replica"].rsplit("#", 1)[-1]
-                    in_flight = kill["in_flight_at_event"]
-                    kills[kind]["in_flight_on_killed_ingress"] = in_flight["lost"] + in_flight.get(front, 0)
-                print(json.dumps(kills[kind]), flush=True)
-            server.stdin.write("stop\n")
-            server.stdin.flush()
-            server.wait(timeout=60)
-        finally:
-            if server.poll() is None:
-                server.kill()
+                killed["recovered_s"] = round(time.perf_counter() - start, 1)
+
+            kill = run_level(url, args.kill_users, args.seconds, args.warmup, on_half=kill_one)
+            wait_healthy(url, count, 180.0, key)
+            kills[kind] = kill | {f"kill_{name}": value for name, value in killed.items()}
+            if kind == "Ingress":  # in flight on the killed front end: the ones lost and the ones it answered
+                front = killed["replica"].rsplit("#", 1)[-1]
+                in_flight = kill["in_flight_at_event"]
+                kills[kind]["in_flight_on_killed_ingress"] = in_flight["lost"] + in_flight.get(front, 0)
+            print(json.dumps(kills[kind]), flush=True)
     by_users = {level["users"]: level for level in levels}
     ratio = None
     if 16 in by_users and 128 in by_users and by_users[16]["valid_rps"]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
+from clse_fx.config_facts import read_config, supported_architecture
 from clse_fx.demo import PROXY_MODEL
 from clse_fx.deploy.files import staged_directory
 from clse_fx.deploy.manifest import KVCacheSection, Manifest, PlanSection, RuntimeSection
@@ -30,7 +31,7 @@ from clse_fx.export import deploy_check
 from clse_fx.export.bundle import checkpoint_hash, write_manifest
 from clse_fx.export.targets import TARGETS, TargetSection, builders
 from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens, prefill_flops, unpruned_prefill_flops
-from clse_fx.models import adapter_for, deploy_recipe_for, examples_for, supported_architectures
+from clse_fx.models import adapter_for, deploy_recipe_for, examples_for
 from clse_fx.options import CompileOptions
 from clse_fx.plan import PruneConfig, check_layout, extra_positions, layout_grids, plan_budget, scored_count
 from clse_fx.reference import ReferenceOutput, reference_prune
@@ -113,17 +114,7 @@ def load_checkpoint(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.M
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist; pass a local checkpoint dir or --demo")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass a transformers checkpoint dir (save_pretrained)")
-    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    architectures = config.architectures or []
-    supported = [a for a in architectures if a in supported_architectures()]
-    if not supported:
-        raise ValueError(
-            f"unsupported architecture {', '.join(architectures) or type(config).__name__}; "
-            f"clse-fx supports: {', '.join(supported_architectures())}"
-        )
-    model_class = getattr(transformers, supported[0])
+    model_class = getattr(transformers, supported_architecture(read_config(model_dir)))
     # use_kernels=False: transformers >= 5.25 otherwise swaps layers for Hub kernels by default (code fetched at load
     # time, numerics not the unmodified model's; without the `kernels` package the load fails).
     model = model_class.from_pretrained(
@@ -346,6 +337,7 @@ def add_section(manifest: Manifest, section: TargetSection) -> None:
     if section.tensorrt_readiness is not None:
         manifest.tensorrt_readiness = section.tensorrt_readiness
     manifest.opset = section.opset or manifest.opset
+    manifest.quantization = section.quantization or manifest.quantization
 
 
 def _versions() -> dict[str, str]:
@@ -404,10 +396,16 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
                 processor.save_pretrained(bundle)
             write_manifest(bundle, manifest)
         if options.verify and (bundle is not None or module is not None):
-            with phases("deploy-path check: constant and flat-region images", "deploy_check"):
-                run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
-                figures = deploy_check.check(options.target, run, model, prune, inputs, own_weights=bundle is not None)
-                manifest.parity.update(figures)
+            if manifest.quantization:
+                with phases(f"{options.weight_format} bundle vs the unquantized model", "deploy_check"):
+                    figures = deploy_check.check_lossy(options.weight_format, bundle, model, prune, inputs)
+                    manifest.quantization["floors"] = deploy_check.LOSSY_FLOORS[options.weight_format]
+            else:
+                with phases("deploy-path check: constant and flat-region images", "deploy_check"):
+                    run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)
+                    own_weights = bundle is not None
+                    figures = deploy_check.check(options.target, run, model, prune, inputs, own_weights=own_weights)
+            manifest.parity.update(figures)
             manifest.timings_s, manifest.peak_rss_mib = dict(phases.timings), dict(phases.peak_rss_mib)
             if bundle is not None:  # the check only read the bundle: its files' hashes stand
                 write_manifest(bundle, manifest, rehash=False)

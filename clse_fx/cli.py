@@ -14,11 +14,14 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from clse_fx.deploy.cli import one_line_warnings
+from clse_fx.config_facts import Geometry, config_facts
+from clse_fx.deploy.cli import OneLineParser, one_line_warnings
 from clse_fx.deploy.files import check_output_dir
 from clse_fx.export.targets import TARGETS
-from clse_fx.options import DEVICES, DTYPES, CompileOptions
-from clse_fx.plan import KV_POLICIES, MERGE_METRICS, MERGE_MODES, SCORE_TYPES
+from clse_fx.options import DEVICES, DTYPES, WEIGHT_FORMATS, CompileOptions
+from clse_fx.plan import KV_POLICIES, MERGE_METRICS, MERGE_MODES, SCORE_TYPES, check_plan_fits
+
+EXPLAIN_PROMPT = "what is in the picture ?"
 
 
 def _quiet_transformers() -> None:
@@ -57,8 +60,8 @@ def _image_size(text: str) -> tuple[int, int]:
     return int(height), int(width or height)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="clse-compile",
         description="Prune visual tokens inside an MLLM graph with CLSE and export a static-shape engine bundle.",
     )
@@ -79,11 +82,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--score", choices=SCORE_TYPES, default="clse_attn")
     parser.add_argument("--kv-policy", choices=KV_POLICIES, default="uniform")
     parser.add_argument("--merge", choices=MERGE_MODES, default="none", help="tome: merge pruned tokens (CLSE-M)")
-    parser.add_argument("--merge-metric", choices=MERGE_METRICS, default="hidden", help="similarity for --merge")
-    parser.add_argument("--target", choices=TARGETS, default="onnxruntime")
+    parser.add_argument("--merge-metric", choices=MERGE_METRICS, help="similarity for --merge tome (default: hidden)")
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="onnxruntime",
+        help="what to build (default: onnxruntime); torch-compile is for the Python API only",
+    )
     parser.add_argument("--fp16", action="store_true", help="tensorrt target: allow FP16 kernels")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="load the checkpoint in this dtype")
-    parser.add_argument("--device", choices=DEVICES, default="cpu", help="trace and verify on this device")
+    parser.add_argument(
+        "--weight-format",
+        choices=WEIGHT_FORMATS,
+        help="onnxruntime targets: int8 or int4 weight-only quantization (int4: decoder layers at 4 bits, the rest "
+        "at 8); checked against the unquantized program by logits cosine and top-k agreement",
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, help="trace and verify on this device (default: cpu; cuda for tensorrt)"
+    )
     parser.add_argument(
         "--check",
         choices=["tensorrt"],
@@ -107,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         "TensorRT-ready (shapes it folds to constants stay computed); for iterating",
     )
     parser.add_argument("--explain", metavar="IMAGE", help="write OUTPUT-explain.png: each stage's kept tokens")
-    parser.add_argument("--explain-prompt", default="what is in the picture ?", help="the prompt for --explain")
+    parser.add_argument("--explain-prompt", help=f"the prompt for --explain (default: {EXPLAIN_PROMPT})")
     parser.add_argument(
         "--triton-repo", metavar="DIR", help="also write a Triton model repository for the bundle to DIR"
     )
@@ -125,28 +141,36 @@ def _model_dir(args: argparse.Namespace) -> Path:
     return resolve_model(args.model)
 
 
-def _explain(bundle: Path | None, image_path: str, prompt: str) -> Path:
+def _explain(bundle: Path, image_path: str, prompt: str) -> Path:
     """Write the kept-token overlay of ``bundle`` on ``image_path`` next to the bundle."""
-    from PIL import Image, UnidentifiedImageError
-
     from clse_fx.deploy.explain import explain_bundle
+    from clse_fx.deploy.preprocess.media import as_rgb, load_image
 
-    if bundle is None:
-        raise ValueError("--explain needs a bundle; use an ONNX Runtime or TensorRT --target")
     try:
-        image = Image.open(image_path).convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError) as error:
-        raise ValueError(f"cannot read --explain image {image_path}: {error}") from error
+        image = as_rgb(load_image(image_path))  # the accepted formats and size limits of clse-run
+    except ValueError as error:
+        raise ValueError(f"--explain: {error}") from error
     return explain_bundle(bundle, image, prompt, bundle.with_name(f"{bundle.name}-explain.png"))
 
 
-def _report(console, result, bundle: Path | None, dump_graph: str | None = None) -> None:
+def _report(console, result, bundle: Path, dump_graph: str | None = None) -> None:
     from rich.table import Table
 
     m = result.manifest
     plan, geometry = m.plan, m.geometry
     table = Table(title="clse-compile report", show_header=False)
     table.add_row("architecture", f"{m.architecture} ({m.dtype} on {m.device})")
+    if m.quantization:
+        q = m.quantization
+        widths = "; ".join(
+            f"{graph} " + ", ".join(f"{count} {width}" for width, count in sorted(counts.items()))
+            for graph, counts in q["weights"].items()
+        )
+        table.add_row(
+            "weights",
+            f"{q['weight_format']} in blocks of {q['block_size']} ({widths}): "
+            f"{q['bytes']['before'] / 2**20:.1f} MiB -> {q['bytes']['after'] / 2**20:.1f} MiB",
+        )
     table.add_row("target", m.target)
     table.add_row("plan", ", ".join(f"layer {layer}: keep {keep}" for layer, keep in plan.stages))
     budget = "explicit stages" if plan.budget is None else f"budget {plan.budget:g}"
@@ -207,11 +231,10 @@ def _report(console, result, bundle: Path | None, dump_graph: str | None = None)
         table.add_row(
             "parity torch.compile vs reference", f"max |dlogits| {parity['torch_compile_max_abs_logits']:.2e}"
         )
-    if bundle:
-        table.add_row("files", ", ".join(sorted(p.name for p in bundle.iterdir())))
+    table.add_row("files", ", ".join(sorted(p.name for p in bundle.iterdir())))
     console.print(table)
     # Paths go below the table, whole (a table cell would crop or fold them), so they can be copied.
-    console.print(f"bundle: {bundle}" if bundle else "bundle: (none)", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"bundle: {bundle}", markup=False, highlight=False, soft_wrap=True)
     if dump_graph:
         console.print(f"graph dump: {Path(dump_graph).resolve()}", markup=False, highlight=False, soft_wrap=True)
 
@@ -257,8 +280,24 @@ def phase_progress(console) -> Callable[[str], contextlib.AbstractContextManager
     return phase
 
 
+def _refuse_ignored_options(parser: OneLineParser, args: argparse.Namespace) -> None:
+    """An option that would be accepted and then ignored is a usage error."""
+    if args.demo and args.model not in (None, "demo"):
+        parser.error(f"--demo compiles the built-in model; pass either --demo or {args.model}")
+    if args.target != "tensorrt":
+        parser.refuse_unused({"--fp16": args.fp16}, "--target tensorrt")
+    if args.merge == "none":
+        parser.refuse_unused({"--merge-metric": args.merge_metric is not None}, "--merge tome")
+    if not args.explain:
+        parser.refuse_unused({"--explain-prompt": args.explain_prompt is not None}, "--explain IMAGE")
+    if TARGETS[args.target].runtime != "onnxruntime":
+        parser.refuse_unused({"--no-onnx-optimize": not args.optimize_onnx}, "a target that builds ONNX graphs")
+
+
 def compile_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _refuse_ignored_options(parser, args)
     one_line_warnings()
     # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the staged output directory is removed.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -269,10 +308,16 @@ def compile_main(argv: list[str] | None = None) -> int:
     step = phase_progress(console)
 
     try:
+        if args.target == "torch-compile":
+            raise ValueError(
+                "the torch-compile target builds an in-process module, not files a command could write: use the "
+                "Python API, clse_fx.compile(model, keep=..., target='torch-compile').module (docs/python.md), or "
+                "--target aot-inductor for a bundle that runs with torch"
+            )
         if args.explain and not Path(args.explain).is_file():
             raise FileNotFoundError(f"--explain image {args.explain} does not exist")
         if args.triton_repo:
-            if not TARGETS[args.target].writes_bundle or TARGETS[args.target].runtime != "onnxruntime":
+            if TARGETS[args.target].runtime != "onnxruntime":
                 raise ValueError(f"--triton-repo needs an ONNX bundle; the {args.target} target builds none")
             check_output_dir(args.triton_repo, args.force)
         demo = args.demo or args.model == "demo"
@@ -280,27 +325,25 @@ def compile_main(argv: list[str] | None = None) -> int:
             raise ValueError("name a model directory, or pass --demo for the built-in tiny model")
         from clse_fx.hub import model_name
 
-        writes_bundle = TARGETS[args.target].writes_bundle
         options = CompileOptions(
             keep=args.keep,
             stages=args.stages,
             score=args.score,
             kv_policy=args.kv_policy,
             merge=args.merge,
-            merge_metric=args.merge_metric,
+            merge_metric=args.merge_metric or "hidden",
             batch=args.batch,
             text_len=args.text_len,
             images=args.images,
             frames=args.frames,
             image_size=args.image_size,
             target=args.target,
-            output_dir=Path(args.output or Path("clse-out") / ("demo" if demo else model_name(args.model)))
-            if writes_bundle
-            else None,
+            output_dir=Path(args.output or Path("clse-out") / ("demo" if demo else model_name(args.model))),
             force=args.force,
             fp16=args.fp16,
             dtype=args.dtype,
-            device=None if args.target == "tensorrt" else args.device,  # TensorRT: CUDA whatever the default
+            weight_format=args.weight_format,
+            device=args.device or (None if args.target == "tensorrt" else "cpu"),  # TensorRT: CUDA by default
             dump_graph=args.dump_graph,
             optimize_onnx=args.optimize_onnx,
         )
@@ -313,6 +356,10 @@ def compile_main(argv: list[str] | None = None) -> int:
             )
         # Only now, with every argument checked, is a hub id looked up in the local Hugging Face cache.
         model_dir = _model_dir(args)
+        # What the checkpoint's config.json decides (its family, depth and visual tokens) is checked before torch
+        # is imported: a second, not the minute a 7B checkpoint takes to load.
+        facts = config_facts(model_dir, Geometry(options.images, options.frames, options.image_size))
+        check_plan_fits(options.keep, options.stages, facts.num_layers, facts.num_visual, facts.schedule)
         options = dataclasses.replace(options, source=model_dir)
         _quiet_transformers()  # only now: every argument has been checked without importing torch or transformers
         # What the target needs (its extras, CUDA) is checked before the checkpoint loads: minutes for a 7B model.
@@ -329,7 +376,8 @@ def compile_main(argv: list[str] | None = None) -> int:
         result = compile_model(model, options, processor=processor, progress=step)
         _report(console, result, result.bundle, args.dump_graph)
         if args.explain:
-            console.print(f"explanation: {_explain(result.bundle, args.explain, args.explain_prompt)}")
+            prompt = args.explain_prompt or EXPLAIN_PROMPT
+            console.print(f"explanation: {_explain(result.bundle, args.explain, prompt)}")
         if args.triton_repo:
             from clse_fx.deploy.triton import write_triton_repo
 

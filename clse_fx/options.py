@@ -13,6 +13,8 @@ from clse_fx.export.targets import TARGETS
 from clse_fx.plan import check_budget_given, parse_stages
 
 DTYPES = ("float32", "float16", "bfloat16")
+WEIGHT_FORMATS = ("int8", "int4")  # --weight-format, optimum-cli's name for it (clse_fx/export/quantize.py)
+QUANTIZING_TARGETS = ("onnxruntime", "onnxruntime-gpu")
 DEVICES = ("cpu", "cuda")
 
 
@@ -25,11 +27,13 @@ class CompileOptions:
     ``dtype`` / ``device``: cast and move the model (in place, as ``nn.Module.to`` does) before tracing; the
     scores stay float32 inside the graph whatever the dtype. Geometry: ``batch`` rows of ``text_len``
     non-image tokens with ``images`` images (``frames`` frames per video; ``image_size`` (H, W) where the
-    family's resolution varies). ``output_dir``: the bundle to write
-    (None: build and check the pruned program only); ``verify``: measure parity with the reference pruner and
-    FLOPs; ``optimize_onnx``: run onnxscript's optimizer on the ONNX graphs (off: about twice as fast to
-    export, but larger graphs that TensorRT's parser rejects, since shape values it folds to constants stay
-    computed; for quick iterations); ``dump_graph``: a file that receives the graph before and after every pass.
+    family's resolution varies). ``weight_format``: int8 / int4 weight-only quantization of the ONNX graphs
+    (``clse_fx.export.quantize``; checked against the unquantized program by lossy measures). ``output_dir``:
+    the bundle to write (None: build and check the pruned program only); ``verify``: measure parity with the
+    reference pruner and FLOPs; ``optimize_onnx``: run onnxscript's optimizer on the ONNX graphs (off: about
+    twice as fast to export, but larger graphs that TensorRT's parser rejects, since shape values it folds to
+    constants stay computed; for quick iterations); ``dump_graph``: a file that receives the graph before and
+    after every pass.
     """
 
     keep: float | None = None
@@ -45,6 +49,7 @@ class CompileOptions:
     image_size: tuple[int, int] | None = None
     target: str = "onnxruntime"
     dtype: str | None = None  # float32 | float16 | bfloat16; None: the model's own
+    weight_format: str | None = None  # int8 | int4: weight-only quantized ONNX graphs; None: weights in ``dtype``
     device: str | None = None  # cpu | cuda; None: where the model is
     output_dir: Path | None = None
     force: bool = False
@@ -62,6 +67,13 @@ class CompileOptions:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.weight_format is not None and self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {self.weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+        if self.weight_format is not None and self.target not in QUANTIZING_TARGETS:
+            raise ValueError(
+                f"--weight-format quantizes ONNX Runtime graphs; the {self.target} target has none: use --target "
+                f"onnxruntime, or drop --weight-format"
+            )
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         required = TARGETS[self.target].device

@@ -244,16 +244,38 @@ def plan_budget(
     return _validated(list(zip(_scaled_layers(schedule, num_layers), keeps)), num_layers, num_visual)
 
 
+def check_plan_fits(
+    keep: float | None,
+    stages: list[tuple[int, int]] | str | None,
+    num_layers: int | None,
+    num_visual: int | None,
+    schedule: ReferenceSchedule = LLAVA_SCHEDULE,
+) -> None:
+    """Every check of :func:`plan_budget` that the model's depth and visual-token count decide, when either is
+    known before the model loads (from its config.json: ``clse_fx.config_facts``); None skips what needs it."""
+    if num_layers is None:
+        return
+    if num_visual is not None:
+        plan_budget(keep, num_layers, num_visual, stages, schedule)
+    elif stages is not None:
+        for layer, _ in parse_stages(stages) if isinstance(stages, str) else stages:
+            _check_stage_layer(layer, num_layers)
+
+
+def _check_stage_layer(layer: int, num_layers: int) -> None:
+    if not 1 <= layer < num_layers:
+        raise ValueError(
+            f"stage layer {layer} is out of range: use 1..{num_layers - 1} "
+            f"(the model has {num_layers} decoder layers and a stage needs layer K-1's attention)"
+        )
+
+
 def _validated(stages: list[tuple[int, int]], num_layers: int, num_visual: int) -> Plan:
     if not stages:
         raise ValueError("a plan needs at least one stage, e.g. --stages 1:64")
     previous_layer, previous_keep = 0, num_visual
     for layer, keep in stages:
-        if not 1 <= layer < num_layers:
-            raise ValueError(
-                f"stage layer {layer} is out of range: use 1..{num_layers - 1} "
-                f"(the model has {num_layers} decoder layers and a stage needs layer K-1's attention)"
-            )
+        _check_stage_layer(layer, num_layers)
         if layer <= previous_layer and previous_layer:
             raise ValueError(f"stage layers must increase, got {layer} after {previous_layer}; sort the stages")
         if not 1 <= keep <= num_visual:

@@ -225,34 +225,87 @@ def test_help_shows_the_defaults_of_numeric_options():
     assert "--port PORT HTTP port (default: 8000)" in serve_help
 
 
+HELP = "; see clse-compile --help"  # ends every usage error
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--keep", "0"], "keep=0 is neither a token count nor a ratio"),
-        (["--keep", "-5"], "keep=-5 is neither a token count nor a ratio"),
-        (["--keep", "abc"], "'abc' is not a budget"),
-        (["--keep", "8", "-o", "{file}"], "is a file; pass a directory path"),
+        (["--demo", "--keep", "0"], "keep=0 is neither a token count nor a ratio"),
+        (["--demo", "--keep", "-5"], "keep=-5 is neither a token count nor a ratio"),
+        (["--demo", "--keep", "8", "-o", "{file}"], "is a file; pass a directory path"),
         pytest.param(
-            ["--keep", "8", "--device", "cuda"],
+            ["--demo", "--keep", "8", "--device", "cuda"],
             "--device cuda needs CUDA",
             marks=pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="a GPU machine"),
         ),
+        # What the checkpoint's config.json decides, before torch is imported.
+        (["{empty}", "--keep", "8"], "has no config.json"),
+        (["{llama}", "--keep", "8"], "unsupported architecture LlamaForCausalLM; clse-fx supports: Llava"),
+        (["--demo", "--stages", "9:100"], "stage layer 9 is out of range: use 1..5"),
+        (["--demo", "--keep", "1000"], "keep=1000 exceeds the 256 visual tokens of this model"),
+        (["--demo", "--keep", "0.001"], "leaves less than one visual token"),
+        (["--demo", "--keep", "8", "--target", "torch-compile"], "use the Python API, clse_fx.compile(model"),
+        # Usage errors: one line naming --help, not argparse's usage block.
+        (["--demo", "--keep", "abc"], "(e.g. 0.25)" + HELP),
+        (["--demo", "--keep", "8", "--target", "bogus"], "invalid choice: 'bogus' (choose from 'onnxruntime', "),
+        # No option is accepted and then ignored.
+        (["--demo", "--keep", "8", "--fp16"], "--fp16 only takes effect with --target tensorrt" + HELP),
+        (["--demo", "--keep", "8", "--merge-metric", "keys"], "--merge-metric only takes effect with --merge tome"),
+        (["--demo", "--keep", "8", "--explain-prompt", "hi"], "--explain-prompt only takes effect with --explain"),
+        (
+            ["--demo", "--keep", "8", "--target", "aot-inductor", "--no-onnx-optimize"],
+            "--no-onnx-optimize only takes effect with a target that builds ONNX graphs" + HELP,
+        ),
+        (["model-dir", "--demo", "--keep", "8"], "pass either --demo or model-dir" + HELP),
     ],
 )
 def test_option_errors_come_before_the_checkpoint_loads(tmp_path, argv, message):
-    """Checks that need no model run before it loads (minutes for a 7B checkpoint): a one-line error, in well under
-    a second in a fresh process (no torch import)."""
+    """Checks that need no model, or only its config.json, run before it loads (minutes for a 7B checkpoint): a
+    one-line error in a fresh process, in well under two seconds, without importing torch."""
     import subprocess
     import sys
     import time
 
     (tmp_path / "afile").write_text("")
-    argv = [arg.format(file=tmp_path / "afile") for arg in argv]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    paths = {name: tmp_path / name for name in ("afile", "empty", "llama")}
+    argv = [arg.format(file=paths["afile"], **paths) for arg in argv]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "clse_fx.cli", "--demo", *argv], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "clse_fx.cli", *argv], capture_output=True, text=True, timeout=60
+    )
     seconds = time.perf_counter() - start
-    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1]  # argparse's usage may precede
+    lines = done.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    errors = [line for line in lines if not line.startswith("import time:")]
+    assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    usage = HELP in message or any(word in message for word in ("invalid choice", "only takes effect"))
+    assert errors[0].startswith("error: ") and errors[0].endswith(HELP) == usage
+    assert not {"torch", "transformers"} & imported
     assert seconds < 1.5, f"{seconds:.1f} s: a check ran after something heavy"
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "message"),
+    [
+        ("run_main", ["b", "--image", "i.png", "--prompt", "p", "--seed", "3"], "--seed only takes effect with"),
+        ("run_main", ["b", "--image", "i.png", "--prompt", "p", "--top-k", "5", "--temperature", "2"], "--temperature"),
+        ("run_main", ["b", "--prompt", "p"], "one of the arguments --image --video is required"),
+        ("serve_main", ["b", "--address", "head:6379", "--num-cpus", "2"], "--num-cpus only takes effect with a local"),
+    ],
+)
+def test_clse_run_and_serve_usage_errors_are_one_line(capsys, main, argv, message):
+    import clse_fx.deploy.cli as deploy_cli
+
+    with pytest.raises(SystemExit) as stopped:
+        getattr(deploy_cli, main)(argv)
+    err = capsys.readouterr().err
+    prog = "clse-run" if main == "run_main" else "clse-serve"
+    assert stopped.value.code == 2 and message in err and err.endswith(f"; see {prog} --help\n")
+    assert len(err.splitlines()) == 1
 
 
 def test_sigterm_during_a_compile_leaves_nothing_behind(tiny_llava_dir, tmp_path):

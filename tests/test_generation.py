@@ -210,8 +210,8 @@ def test_clse_run_cli(bundles, tmp_path, capsys):
     assert err.startswith("error: cannot read image") and len(err.strip().splitlines()) == 1
     for flags, message in (
         (["--sample", "--temperature", "0"], "temperature must be > 0 when sampling"),
-        (["--temperature", "1e309"], "temperature must be a finite number"),
-        (["--top-k", "-1"], "top_k must be >= 0"),
+        (["--sample", "--temperature", "1e309"], "temperature must be a finite number"),
+        (["--sample", "--top-k", "-1"], "top_k must be >= 0"),
         (["--sample", "--seed", "-2"], "seed must be a non-negative integer"),
     ):
         assert run_main([bundle, "--image", str(image), "--prompt", "what", *flags]) == 2

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from clse_fx.deploy.engine import Engine
-from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits, as_rgb, load_image
+from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits, as_rgb, check_image, load_image, load_video
 from clse_fx.deploy.serve import Limits, RequestError, _decode_image
 
 
@@ -75,3 +75,34 @@ def test_engine_refuses_what_is_not_an_image(cli_bundle):
     engine.image_limits = ImageLimits(max_side=16)
     with pytest.raises(ValueError, match="over the 16-pixel side limit"):
         engine.generate([Image.new("RGB", (20, 20))], ["what"], 2)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("figure.eps", lambda path: path.write_bytes(EPS)),  # pillow would run Ghostscript to read its pixels
+        ("scan.tiff", lambda path: Image.new("RGB", (16, 16)).save(path)),
+        ("icon.ico", lambda path: Image.new("RGB", (16, 16)).save(path)),
+    ],
+)
+def test_only_the_listed_formats_are_decoded(tmp_path, monkeypatch, name, write):
+    """EPS, TIFF, ICO... are refused in one line before any decoder runs (no Ghostscript is started: PATH is
+    empty), by clse-run's loader, the server's decoder and, for an image opened elsewhere, the Engine's check."""
+    monkeypatch.setenv("PATH", "")
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError, match="not an image in an accepted format; send PNG, JPEG, WebP, GIF or BMP"):
+        load_image(path)
+    with pytest.raises(ValueError, match="cannot read video .*not an image in an accepted format"):
+        load_video(path, 2)
+    with pytest.raises(RequestError, match="not an image in an accepted format") as caught:
+        _decode_image(path.read_bytes(), Limits())
+    assert caught.value.status == 415
+    with Image.open(path) as opened:  # a caller's own Image.open: refused before its pixels are read
+        with pytest.raises(ValueError, match=f"{opened.format} images are not accepted; send PNG"):
+            check_image(opened)
+    for image in (Image.new("RGB", (16, 16)), Image.new("L", (16, 16))):  # made in memory: no format to check
+        check_image(image)

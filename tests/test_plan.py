@@ -107,3 +107,17 @@ def test_prune_config_validation():
     ]:
         with pytest.raises(ValueError, match=message):
             PruneConfig(plan=plan, **bad)
+
+
+def test_what_a_config_decides_is_checked_before_the_model_loads():
+    """check_plan_fits runs plan_budget's checks on the depth and visual-token count config.json gives; what it
+    cannot give (None) is left for the loaded model."""
+    from clse_fx.plan import check_plan_fits
+
+    with pytest.raises(ValueError, match="exceeds the 256 visual tokens"):
+        check_plan_fits(1000, None, 6, 256)
+    with pytest.raises(ValueError, match="stage layer 9 is out of range: use 1..5"):
+        check_plan_fits(None, "9:10", 6, None)  # any-resolution images: no count, the layers still checked
+    check_plan_fits(None, "1:10", 6, None)
+    check_plan_fits(1000, None, 6, None)
+    check_plan_fits(1000, None, None, None)

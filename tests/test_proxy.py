@@ -142,6 +142,17 @@ def test_explain_writes_a_png_of_the_right_size(tmp_path):
         assert png.format == "PNG" and png.size == (900, 330)
 
 
+def test_explain_legend_ties_each_stage_to_the_layers_that_see_its_tokens(tmp_path):
+    from clse_fx.deploy.explain import layer_spans, overlay_png
+
+    assert layer_spans([1, 2, 4], 6) == ["layer 1", "layers 2-3", "layers 4-5"]
+    image = np.random.default_rng(0).random((64, 64, 3))
+    kept = [np.arange(0, 256, 3), np.arange(0, 256, 9), np.array([5, 17])]
+    path = overlay_png(image, kept, (16, 16), tmp_path / "explain.png", [1, 2, 4], 6)
+    with Image.open(path) as png:
+        assert png.size == (1200, 365)  # a line more for the legend
+
+
 def test_follow_up_questions_are_answered_by_their_scene():
     rng = np.random.default_rng(0)
     for item in data.make_split("val", 20):

@@ -39,6 +39,12 @@ def _sample_questions() -> list[tuple[list[str], str]]:
     return [(shlex.split(command), answer) for command, answer in samples]
 
 
+def _commands(tool: str) -> list[list[str]]:
+    """Every README line that runs ``tool``, split as a shell would (comments dropped)."""
+    pattern = rf"^(\.venv/bin/)?{tool} "
+    return [shlex.split(line, comments=True) for line in README.splitlines() if re.match(pattern, line)]
+
+
 def _captured(main, argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -106,6 +112,34 @@ def test_prompts_the_model_cannot_read_are_answered_with_a_warning(demo):
     code, out, err = _captured(run_main, [*argv[:4], "what colour is the circle ?", "--json"])
     (warning,) = json.loads(out)["results"][0]["warnings"]
     assert code == 0 and "not in the model's chat format (ending 'assistant :'); pass --chat" in warning
+
+
+def test_the_explain_line_runs_right_after_the_quick_start_without_touching_its_bundle():
+    """It writes another bundle (no --force needed, the quick start's answers unchanged) and an image that exists."""
+    from clse_fx.cli import _parser
+
+    (explain,) = [argv for argv in _commands("clse-compile") if "--explain" in argv]
+    args = _parser().parse_args(explain[1:])
+    assert args.output != DEMO_OUTPUT and not args.force and (ROOT / args.explain).is_file()
+
+
+def test_the_video_quick_start_makes_a_checkpoint_compiles_it_and_asks_about_a_shipped_video():
+    """The three lines fit together: the checkpoint the first writes is the one compiled, the bundle compiled is the
+    one run, with as many frames as the shipped GIF holds. (tests/test_video.py runs this path end to end.)"""
+    from clse_fx.cli import _parser
+    from clse_fx.deploy.cli import _run_parser
+    from tests import tiny_models
+
+    make = next(line for line in README.splitlines() if "save_tiny_llava_next_video" in line)
+    code = shlex.split(make)[2]
+    checkpoint = re.search(r"s\('([^']+)'\)", code)[1]
+    assert "from tests.tiny_models import save_tiny_llava_next_video as s" in code
+    assert callable(tiny_models.save_tiny_llava_next_video)
+    (compiled,) = [_parser().parse_args(argv[1:]) for argv in _commands("clse-compile") if checkpoint in argv]
+    (run,) = [_run_parser().parse_args(argv[1:]) for argv in _commands("clse-run") if compiled.output in argv]
+    assert compiled.model == checkpoint and compiled.frames > 1 and run.chat
+    with Image.open(ROOT / run.video[0]) as video:
+        assert video.n_frames >= compiled.frames
 
 
 @pytest.fixture(scope="module")

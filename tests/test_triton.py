@@ -392,7 +392,7 @@ def test_pipeline_graphs_run_before_the_prefill_and_external_weights_travel(comp
 
 
 def test_cli_refuses_triton_repo_without_a_bundle_or_over_an_existing_dir(tiny_llava_dir, tmp_path, capsys):
-    argv = [str(tiny_llava_dir), "--keep", "8", "--target", "torch-compile", "--triton-repo", str(tmp_path / "r")]
+    argv = [str(tiny_llava_dir), "--keep", "8", "--target", "aot-inductor", "--triton-repo", str(tmp_path / "r")]
     assert compile_main(argv) == 2
     assert "--triton-repo needs an ONNX bundle" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()

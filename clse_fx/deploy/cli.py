@@ -10,8 +10,22 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming ``--help``, not argparse's usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+    def refuse_unused(self, given: dict[str, bool], needs: str) -> None:
+        """A usage error for each option in ``given`` that was passed (True) but would be ignored without ``needs``."""
+        unused = [option for option, passed in given.items() if passed]
+        if unused:
+            self.error(f"{', '.join(unused)} only take{'s' if len(unused) == 1 else ''} effect with {needs}")
 
 
 def one_line_warnings() -> None:
@@ -25,7 +39,7 @@ def one_line_warnings() -> None:
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clse-run", description="Answer a prompt about an image or a video with a bundle (no torch needed)."
     )
     parser.add_argument("bundle", help="bundle directory written by clse-compile")
@@ -37,9 +51,9 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (one per --image/--video)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="with --sample; 0: every token (default: 0)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--temperature", type=float, help="with --sample (default: 1.0)")
+    parser.add_argument("--top-k", type=int, help="with --sample; 0: every token (default: 0)")
+    parser.add_argument("--seed", type=int, help="with --sample: the same seed, the same answer")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
         "--json",
@@ -80,7 +94,11 @@ def run_main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = _run_parser().parse_args(argv)
+    parser = _run_parser()
+    args = parser.parse_args(argv)
+    sampling_options = {"--temperature": args.temperature, "--top-k": args.top_k, "--seed": args.seed}
+    if not args.sample:
+        parser.refuse_unused({name: value is not None for name, value in sampling_options.items()}, "--sample")
     one_line_warnings()
     import json
 
@@ -94,7 +112,12 @@ def _run(argv: list[str] | None) -> int:
             )
         from clse_fx.deploy.engine import Engine, SamplingConfig
 
-        sampling = SamplingConfig(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        sampling = SamplingConfig(
+            do_sample=args.sample,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=args.top_k or 0,
+            seed=args.seed,
+        )
         limits = image_limits(args)
         engine = Engine.load(args.bundle)
         engine.image_limits = limits
@@ -147,9 +170,10 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
+    from clse_fx.deploy.frontend import FrontLimits
     from clse_fx.deploy.serve import Limits
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clse-serve",
         description="Serve a bundle with Ray Serve: POST /generate, GET /health, GET /metadata. Ctrl-C stops it.",
     )
@@ -189,11 +213,60 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="how long a short batch waits for more requests"
     )
+    parser.add_argument(
+        "--max-decodes", type=int, default=2, help="images one replica decodes at once (default: %(default)s)"
+    )
+    front = parser.add_argument_group("connections (the HAProxy front end)")
+    front.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=FrontLimits.max_header_bytes,
+        help="request headers past this get 431 (default: %(default)s)",
+    )
+    front.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=FrontLimits.header_timeout_s,
+        help="time to send the headers (and a body under 32 KiB), else 408 (default: %(default)s)",
+    )
+    front.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=FrontLimits.body_timeout_s,
+        help="time to send a whole body, and the longest a client may stay silent, else 408 (default: %(default)s)",
+    )
+    front.add_argument(
+        "--max-connections",
+        type=int,
+        default=FrontLimits.max_connections,
+        help="client connections held at once (default: %(default)s)",
+    )
+    front.add_argument(
+        "--max-large-requests",
+        type=int,
+        help="requests with a body over 32 KiB inside the service at once; the rest wait in the front end "
+        "(default: 2 x compiled batch x replicas)",
+    )
+    front.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=FrontLimits.queue_timeout_s,
+        help="how long a large request waits in the front end before a 503 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=Limits.stall_timeout_s,
+        help="/health answers 503 'stalled' when requests wait and none is answered this long (default: %(default)s)",
+    )
     return parser
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    args = _serve_parser().parse_args(argv)
+    parser = _serve_parser()
+    args = parser.parse_args(argv)
+    if args.address:
+        parser.refuse_unused({"--num-cpus": args.num_cpus is not None}, "a local cluster (no --address)")
     one_line_warnings()
     import signal
     import time
@@ -211,6 +284,16 @@ def serve_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--image-root {args.image_root} is not a directory")
         if importlib.util.find_spec("ray") is None:
             raise ValueError("clse-serve needs Ray Serve: pip install 'clse-fx[serve]'")
+        if not args.stall_timeout_s > 0:
+            raise ValueError(f"--stall-timeout-s must be > 0, got {args.stall_timeout_s:g}")
+        front = serve.FrontLimits(
+            max_header_bytes=args.max_header_bytes,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+            max_connections=args.max_connections,
+            max_large_requests=args.max_large_requests,
+            queue_timeout_s=args.queue_timeout_s,
+        )
         limits = serve.Limits(
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=sizes.max_pixels,
@@ -220,16 +303,21 @@ def serve_main(argv: list[str] | None = None) -> int:
             image_root=args.image_root,
             max_body_bytes=args.max_body_bytes,
             max_prompt_chars=args.max_prompt_chars,
+            front=front,
+            stall_timeout_s=args.stall_timeout_s,
         )
         from clse_fx.deploy.manifest import read_manifest
 
+        batch = read_manifest(Path(args.bundle), verify=False).batch
         concurrency = serve.Concurrency.derive(
-            read_manifest(Path(args.bundle), verify=False).batch,
+            batch,
             args.replicas,
             args.max_ongoing_requests,
             args.max_queued_requests,
             args.batch_wait_ms / 1e3,
+            args.max_decodes,
         )
+        front.resolved(batch, args.replicas, concurrency.max_queued_requests)  # its one-line errors, before Ray
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.default_int_handler)  # either one stops the service cleanly, even starting
         url = serve.start(

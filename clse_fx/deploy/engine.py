@@ -80,7 +80,9 @@ class Engine:
 
                 return AotiSession(path, graphs[name], manifest.device)
             shared = weights.initializers(name, graphs[name]) if providers[0] == "CPUExecutionProvider" else None
-            return OnnxSession(path, providers, threads, manifest.dtype, shared)
+            # Quantized graphs compute in float32 whatever the checkpoint's type (clse_fx/export/quantize.py).
+            dtype = "float32" if manifest.quantization else manifest.dtype
+            return OnnxSession(path, providers, threads, dtype, shared)
 
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None

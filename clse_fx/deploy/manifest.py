@@ -117,6 +117,7 @@ class Manifest:
     graphs: dict[str, dict] = field(default_factory=dict)  # name -> file and signature
     pipeline: list[str] = field(default_factory=list)  # graphs the runtime runs, in order, before the prefill
     opset: int | None = None
+    quantization: dict | None = None  # weight-only int8/int4 (clse_fx.export.quantize): formats, bits, bytes
     tensorrt_readiness: dict[str, list[str]] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # the compile's peak memory at each phase's end
@@ -151,7 +152,7 @@ class Manifest:
     def to_dict(self) -> dict:
         """The JSON form; optional sections a compile did not produce (e.g. FLOPs without verification) are left
         out, other fields are written as they are (an unknown EOS id is null)."""
-        optional = {"flops", "opset", "tensorrt_readiness", "preprocess"}
+        optional = {"flops", "opset", "tensorrt_readiness", "preprocess", "quantization"}
         return {key: value for key, value in asdict(self).items() if value is not None or key not in optional}
 
     @classmethod

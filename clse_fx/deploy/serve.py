@@ -11,20 +11,31 @@ that gets a quick 503. ``/health`` is its own small application: it never waits 
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import os
+import socket
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clse_fx.deploy.engine import Engine, SamplingConfig
+from clse_fx.deploy.frontend import FrontEnd, FrontLimits
 from clse_fx.deploy.manifest import Manifest, read_manifest
-from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, ImageLimits, ImageTooLarge, as_rgb, open_image
+from clse_fx.deploy.preprocess.media import (
+    DEFAULT_LIMITS,
+    FORMATS_HINT,
+    ImageLimits,
+    ImageTooLarge,
+    UnacceptedFormat,
+    as_rgb,
+    open_image,
+)
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -40,6 +51,13 @@ INGRESS_REPLICAS = 2  # HTTP front ends: no single point of failure on one node
 INGRESS_HEADER = "X-Clse-Ingress"  # the answer's ingress replica (Ray Serve's replica id)
 GRPC_MESSAGE_LIMIT_VAR = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"  # what an engine replica accepts, bytes
 ENGINE_HEALTH_CHECK_S = 2.0  # how often Serve's controller checks each engine replica
+REPORT_PERIOD_S = 0.5  # how often an ingress with requests in flight tells /health how they fare
+REPORT_FRESH_S = 3.0  # an ingress report older than this no longer counts (the ingress went idle or died)
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # Ray Serve names each replica's actor SERVE_REPLICA::app#deployment#id
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which request bodies
+# and images come from heaps that keep the memory: with a fixed threshold every block over 1 MiB is mapped on its own
+# and handed back when freed, so a replica's memory follows the requests it holds, not the most it ever held.
+REPLICA_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 RETRIES = 2  # times a request is sent to another replica when the one answering it dies
 DEFAULT_NEW_TOKENS = 32  # what a request without max_new_tokens gets, as Engine.generate
 FIELDS = (
@@ -103,6 +121,8 @@ class Limits:
     image_root: str | None = None
     max_prompt_chars: int = 16384  # checked before tokenizing: a 10 MB prompt took 26 s to reach its 422
     max_body_bytes: int = 32 << 20  # the largest image in base64 (27 MB at the default) and room for the rest
+    front: FrontLimits = field(default_factory=FrontLimits)  # headers, timeouts and connections (HAProxy)
+    stall_timeout_s: float = 60.0  # /health says "stalled" (503) when requests wait and none is answered this long
 
 
 @dataclass(frozen=True)
@@ -110,11 +130,13 @@ class Concurrency:
     """How much work the service holds. ``max_ongoing_requests``: requests one replica accepts at once (the one
     batch it runs, the batches waiting in its ``@serve.batch`` queue); ``max_queued_requests``: requests waiting
     in front of all replicas when every one is full (-1: unbounded), past which a request gets 503 at once;
-    ``batch_wait_s``: how long a short batch waits to fill."""
+    ``batch_wait_s``: how long a short batch waits to fill; ``max_decodes``: requests one replica decodes and
+    encodes at once (each decoded image costs up to ~200 MB at the default image limits, whatever the body)."""
 
     max_ongoing_requests: int
     max_queued_requests: int
     batch_wait_s: float = 0.01
+    max_decodes: int = 2
 
     PIPELINE = 32  # compiled batches a replica holds: one running, the rest queued behind it in FIFO order
 
@@ -126,6 +148,7 @@ class Concurrency:
         max_ongoing_requests: int | None = None,
         max_queued_requests: int | None = None,
         batch_wait_s: float = 0.01,
+        max_decodes: int = 2,
     ) -> "Concurrency":
         """Defaults from the compiled batch: a replica holds ``PIPELINE`` batches (so Ray Serve's router, which
         backs off and retries while every replica is full, rarely has to), and twice what all replicas hold may
@@ -140,7 +163,9 @@ class Concurrency:
             raise ValueError(f"--max-queued-requests must be >= 0, or -1 for unbounded, got {queued}")
         if not 0 <= batch_wait_s <= 10:
             raise ValueError(f"--batch-wait-ms must be between 0 and 10000, got {batch_wait_s * 1e3:g}")
-        return cls(ongoing, queued, batch_wait_s)
+        if max_decodes < 1:
+            raise ValueError(f"--max-decodes must be >= 1, got {max_decodes}")
+        return cls(ongoing, queued, batch_wait_s, max_decodes)
 
 
 class RequestError(Exception):
@@ -242,17 +267,15 @@ def _path_bytes(path: str, limits: Limits) -> bytes:
 
 
 def _decode_image(data: bytes, limits: Limits):
-    from PIL import UnidentifiedImageError
-
     sizes = ImageLimits(limits.max_image_pixels, limits.max_image_side, limits.max_image_aspect_ratio)
     try:
         return as_rgb(open_image(io.BytesIO(data), sizes))
     except ImageTooLarge as error:
         raise RequestError(413, str(error)) from error
-    except UnidentifiedImageError as error:  # its text is the repr of our in-memory buffer: say it plainly
-        raise RequestError(400, "cannot decode the image: not a format Pillow reads; send PNG, JPEG or WebP") from error
+    except UnacceptedFormat as error:
+        raise RequestError(415, f"cannot decode the image: {error}") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise RequestError(400, f"cannot decode the image ({error}); send a PNG, JPEG or WebP file") from error
+        raise RequestError(400, f"cannot decode the image ({error}); {FORMATS_HINT}") from error
 
 
 def load_images(body: dict, limits: Limits) -> list:
@@ -267,7 +290,7 @@ def load_images(body: dict, limits: Limits) -> list:
     return [_decode_image(read(value, limits), limits) for value in values]
 
 
-def read_body(raw: bytes) -> object:
+def read_body(raw: bytes | bytearray) -> object:
     """A request body's JSON (the ingress has already capped its size), or a 400 saying why not: not UTF-8, not
     JSON, or nested past the parser's depth."""
     try:
@@ -277,20 +300,27 @@ def read_body(raw: bytes) -> object:
         raise RequestError(400, f"the request body is {reason}; send a JSON object") from None
 
 
-async def capped_body(request, limit: int) -> bytes:
-    """The request's body, read up to ``limit`` bytes: a 413 as soon as the declared length or the bytes received
-    pass it, before anything is parsed or held beyond the limit."""
+async def capped_body(request, limit: int, timeout_s: float) -> bytearray:
+    """The request's body, read up to ``limit`` bytes within ``timeout_s``: a 413 as soon as the declared length or
+    the bytes received pass the limit, before anything is parsed or held beyond it; a 408 when the client is too
+    slow. (HAProxy holds small bodies whole before forwarding them, but streams larger ones and can only time out
+    an idle client: one sending a byte a second is timed here.)"""
     too_large = RequestError(413, f"the request body is over the server's {limit}-byte limit (--max-body-bytes)")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body = bytearray()  # one growing buffer: a list of chunks joined at the end held each body twice
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > limit:
+                    raise too_large
+                body += chunk
+    except TimeoutError:
+        raise RequestError(
+            408, f"the request body did not arrive within {timeout_s:g} s (--body-timeout-s); send it again"
+        ) from None
+    return body
 
 
 def parse_request(body: object, engine: Engine, limits: Limits) -> Prepared:
@@ -385,6 +415,59 @@ def run_batch(engine: Engine, items: list[Prepared]) -> list[dict]:
     return results
 
 
+def public_metadata(manifest: dict) -> dict:
+    """The manifest as ``/metadata`` shows it: no file-system path of the machine that compiled the bundle (the
+    source checkpoint's) or serves it; an absolute path is cut to its last part (e.g. the checkpoint's folder)."""
+    if isinstance(manifest, dict):
+        return {key: public_metadata(value) for key, value in manifest.items()}
+    if isinstance(manifest, list):
+        return [public_metadata(value) for value in manifest]
+    if isinstance(manifest, str) and (manifest.startswith(("/", "~", "\\")) or PureWindowsPath(manifest).drive):
+        return PureWindowsPath(manifest).name  # splits on / and \ alike
+    return manifest
+
+
+class Progress:
+    """The requests one ingress holds past reading their bodies, for ``/health``: how many, how long the oldest has
+    waited, and how long since the ingress last answered one (or, idle before, since work arrived)."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, float] = {}
+        self.progress = time.monotonic()
+
+    def begin(self, key: int) -> None:
+        now = time.monotonic()
+        if not self.started:
+            self.progress = now
+        self.started[key] = now
+
+    def end(self, key: int) -> None:
+        self.started.pop(key, None)
+        self.progress = time.monotonic()
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        return {
+            "in_flight": len(self.started),
+            "oldest_request_s": round(now - min(self.started.values()), 2) if self.started else 0.0,
+            "since_progress_s": round(now - self.progress, 2),
+        }
+
+
+def health_status(running: int, fronts: int, replicas: int, reports: list[dict], stall_s: float) -> tuple[str, int]:
+    """(status, HTTP code) of ``/health`` from the live engine and ingress replicas and the fresh ingress reports:
+    "unavailable" (503) with no engine or no ingress; "stalled" (503) when some ingress holds requests and has
+    answered none for ``stall_s``; "degraded" (200) while a replica is missing or a request has waited past
+    ``stall_s``; else "ok"."""
+    if not running or not fronts:
+        return "unavailable", 503
+    if any(report["in_flight"] and report["since_progress_s"] > stall_s for report in reports):
+        return "stalled", 503
+    slow = any(report["oldest_request_s"] > stall_s for report in reports)
+    whole = running >= replicas and fronts >= INGRESS_REPLICAS
+    return ("ok" if whole and not slow else "degraded"), 200
+
+
 def build_app(
     bundle: str | Path,
     limits: Limits,
@@ -423,7 +506,9 @@ def build_app(
             "num_gpus": gpus_per_replica,
             # The ingress calls the engines over Serve's gRPC transport (see Ingress); a request carries its
             # image(s) inline, so the engines must accept messages up to the body limit (gRPC's default is 4 MB).
-            "runtime_env": {"env_vars": {GRPC_MESSAGE_LIMIT_VAR: str(limits.max_body_bytes + (1 << 20))}},
+            "runtime_env": {
+                "env_vars": {GRPC_MESSAGE_LIMIT_VAR: str(limits.max_body_bytes + (1 << 20)), **REPLICA_MALLOC_ENV}
+            },
         },
         # Room for twice the share the ingress sends it: the router never finds every replica full (and backs
         # off) while one is being replaced, or while its view of the replicas' queues lags.
@@ -435,15 +520,21 @@ def build_app(
     class BundleServer:
         def __init__(self) -> None:
             self.engine = Engine.load(bundle, threads=threads)
+            # Decoding is where a request's memory peaks (an image up to the pixel limit, whatever its body's size):
+            # a bound of its own, not the thread pool's size (up to 32 threads).
+            self.decodes = asyncio.Semaphore(concurrency.max_decodes)
 
         def metadata(self) -> dict:
-            return self.engine.manifest.to_dict()
+            return public_metadata(self.engine.manifest.to_dict())
 
         async def generate(self, body: object) -> tuple[int, dict]:
             """(HTTP status, answer): text, token ids and timings, or an error saying what to fix."""
             start = time.perf_counter()
             try:
-                prepared = await asyncio.to_thread(parse_request, body, self.engine, limits)
+                async with self.decodes:
+                    prepared = await asyncio.to_thread(parse_request, body, self.engine, limits)
+                if isinstance(body, dict):  # Serve holds the arguments until the answer: drop the image text, so
+                    body.clear()  # only the compiled-shape feeds wait for the batch
                 result = await self.batched(prepared)
             except RequestError as error:
                 return error.status, {"error": str(error)}
@@ -464,9 +555,14 @@ def build_app(
     queued = concurrency.max_queued_requests
     queued = queued if queued < 0 else -(-queued // INGRESS_REPLICAS)
     capacity = running + (queued if queued >= 0 else 100_000)
+    # Bodies still arriving count against Serve's limit too: room for every large request HAProxy lets in (it
+    # holds small bodies whole before forwarding them), so slow senders never make the router back off.
+    reading = limits.front.max_large_requests or 0
 
     @serve.deployment(
-        num_replicas=INGRESS_REPLICAS, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity + 100
+        num_replicas=INGRESS_REPLICAS,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_MALLOC_ENV}},
+        max_ongoing_requests=capacity + reading + 100,
     )
     @serve.ingress(api)
     class Ingress:
@@ -478,6 +574,23 @@ def build_app(
             self.engines = engines.options(_by_reference=False)
             self.slots = asyncio.Semaphore(running)
             self.waiting = 0
+            self.progress = Progress()
+            self.reporter: asyncio.Task | None = None
+            self.name = serve.get_replica_context().replica_id.unique_id
+
+        async def report(self) -> None:
+            """Tell /health how this ingress's requests fare every REPORT_PERIOD_S while it holds any, and once
+            more when it holds none."""
+            health = serve.get_deployment_handle("Health", app_name=HEALTH_APP_NAME)
+            while True:
+                snapshot = self.progress.snapshot()
+                try:
+                    await health.report.remote(self.name, snapshot)
+                except Exception:  # /health is deployed after this application, and may be restarting
+                    pass
+                if not snapshot["in_flight"]:
+                    return
+                await asyncio.sleep(REPORT_PERIOD_S)
 
         @api.get("/metadata")
         async def metadata(self) -> dict:
@@ -488,7 +601,7 @@ def build_app(
         async def generate(self, request: Request) -> JSONResponse:
             """Answer one prompt about its image(s): text, token ids and timings, or a 4xx saying what to fix."""
             try:
-                body = read_body(await capped_body(request, limits.max_body_bytes))
+                body = read_body(await capped_body(request, limits.max_body_bytes, limits.front.body_timeout_s))
             except RequestError as error:
                 return JSONResponse({"error": str(error)}, status_code=error.status)
             if self.slots.locked() and 0 <= queued <= self.waiting:
@@ -497,6 +610,17 @@ def build_app(
                     status_code=503,
                     headers={"Retry-After": "1"},
                 )
+            key = id(body)
+            self.progress.begin(key)
+            if self.reporter is None or self.reporter.done():
+                self.reporter = asyncio.create_task(self.report())
+            try:
+                return await self.answer(body)
+            finally:
+                self.progress.end(key)
+
+        async def answer(self, body: object) -> JSONResponse:
+            """A slot, then an engine's answer (another engine's when the first died under the request)."""
             self.waiting += 1
             try:
                 await self.slots.acquire()
@@ -519,17 +643,26 @@ def build_app(
     return Ingress.bind(BundleServer.bind())
 
 
-def build_health_app(batch: int, concurrency: Concurrency, replicas: int = 1) -> "Application":
-    """``GET /health`` as its own application with no engine: it answers from Serve's controller how many
-    replicas of the bundle's engines and of the HTTP ingress are running: "ok" with all of them, "degraded" (still
-    200) while one is being replaced, 503 when either has none; it never queues behind generation."""
+def build_health_app(
+    batch: int, concurrency: Concurrency, replicas: int = 1, stall_timeout_s: float = 60.0
+) -> "Application":
+    """``GET /health`` as its own application with no engine (it never queues behind generation), by
+    :func:`health_status`: the engine and ingress replicas alive (the fewer of what Serve's controller counts
+    running and what Ray's actor registry still lists, which drops a dead replica at once while the controller
+    notices it at its next health check) and what each ingress reports of its requests."""
     from ray import serve
+    from ray.util import list_named_actors
     from starlette.responses import JSONResponse
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     class Health:
         def __init__(self) -> None:
             self.checked, self.answer, self.refreshing = 0.0, None, None
+            self.reports: dict[str, tuple[float, dict]] = {}
+
+        def report(self, ingress: str, snapshot: dict) -> None:
+            """An ingress replica's :meth:`Progress.snapshot`."""
+            self.reports[ingress] = (time.monotonic(), snapshot)
 
         def replicas(self) -> tuple[dict, int]:
             application = serve.status().applications.get(APP_NAME)
@@ -537,18 +670,28 @@ def build_health_app(batch: int, concurrency: Concurrency, replicas: int = 1) ->
             ingress = application and application.deployments.get("Ingress")
             if engines is None or ingress is None:
                 return {"status": "starting", "replicas": 0, "ingress_replicas": 0, "batch": batch}, 503
-            running = engines.replica_states.get("RUNNING", 0)
-            fronts = ingress.replica_states.get("RUNNING", 0)
-            whole = running >= replicas and fronts >= INGRESS_REPLICAS
+            alive = [entry["name"] for entry in list_named_actors(all_namespaces=True)]
+
+            def live(deployment: str, state) -> int:
+                prefix = f"{REPLICA_ACTOR_PREFIX}{APP_NAME}#{deployment}#"
+                return min(state.replica_states.get("RUNNING", 0), sum(name.startswith(prefix) for name in alive))
+
+            running, fronts = live("BundleServer", engines), live("Ingress", ingress)
+            now = time.monotonic()
+            reports = [snapshot for at, snapshot in self.reports.values() if now - at < REPORT_FRESH_S]
+            status, code = health_status(running, fronts, replicas, reports, stall_timeout_s)
             body = {
-                "status": "ok" if whole else "degraded" if running and fronts else "unavailable",
+                "status": status,
                 "replicas": running,
                 "ingress_replicas": fronts,
                 "batch": batch,
                 "max_ongoing_requests": concurrency.max_ongoing_requests,
                 "max_queued_requests": concurrency.max_queued_requests,
+                "in_flight": sum(report["in_flight"] for report in reports),
+                "oldest_request_s": max((report["oldest_request_s"] for report in reports), default=0.0),
+                "stall_timeout_s": stall_timeout_s,
             }
-            return body, 200 if running and fronts else 503
+            return body, code
 
         async def refresh(self) -> None:
             try:
@@ -558,8 +701,8 @@ def build_health_app(batch: int, concurrency: Concurrency, replicas: int = 1) ->
                 self.refreshing = None
 
         async def __call__(self, request) -> JSONResponse:
-            """Liveness: the running replicas, the compiled batch and the limits. The controller is asked in the
-            background at most every 0.25 s; a check answers from the last reply (at most ~0.5 s old) at once."""
+            """Liveness and progress. The controller is asked in the background at most every 0.25 s; a check
+            answers from the last reply (at most ~0.5 s old) at once."""
             if self.refreshing is None and time.monotonic() - self.checked > 0.25:
                 self.refreshing = asyncio.create_task(self.refresh())
             if self.answer is None:
@@ -584,7 +727,10 @@ def start(
     concurrency: Concurrency | None = None,
 ) -> str:
     """Join the Ray cluster at ``address`` (or start a local one on loopback), deploy, return the base URL.
-    A local cluster is kept on loopback only when Ray is first imported here (it reads the switch at import)."""
+    A local cluster is kept on loopback only when Ray is first imported here (it reads the switch at import).
+    ``host:port`` is HAProxy's (:mod:`clse_fx.deploy.frontend`), started first so that a taken port fails at once;
+    Ray Serve's own proxy listens on a free loopback port behind it."""
+    global _front_end
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine unless asked
     if not address:
         # Single node: Ray would otherwise advertise the machine's outward address instead of loopback.
@@ -596,15 +742,35 @@ def start(
 
     batch = read_manifest(Path(bundle), verify=False).batch
     concurrency = concurrency or Concurrency.derive(batch, replicas)
+    front = limits.front.resolved(batch, replicas, concurrency.max_queued_requests)
+    limits = dataclasses.replace(limits, front=front)
     app = build_app(bundle, limits, replicas, cpus_per_replica, gpus_per_replica, threads, concurrency)
-    if address:
-        ray.init(address=address, logging_level="warning", log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    serve.run(build_health_app(batch, concurrency, replicas), name=HEALTH_APP_NAME, route_prefix="/health")
+    serve_port = free_loopback_port()
+    _front_end = FrontEnd.start(host, port, serve_port, front)
+    try:
+        if address:
+            ray.init(address=address, logging_level="warning", log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        health = build_health_app(batch, concurrency, replicas, limits.stall_timeout_s)
+        serve.run(health, name=HEALTH_APP_NAME, route_prefix="/health")
+    except Exception:  # the caller stops Ray (see clse-serve); the front end is ours to stop
+        _front_end.stop()
+        _front_end = None
+        raise
     return f"http://{host}:{port}"
+
+
+_front_end: FrontEnd | None = None  # the running HAProxy, which stop() ends
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for Serve's proxy, which only HAProxy talks to)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def quiet_ray_logs() -> None:
@@ -623,6 +789,10 @@ def stop(local: bool) -> None:
     import ray
     from ray import serve
 
+    global _front_end
+    if _front_end is not None:
+        _front_end.stop()
+        _front_end = None
     if not local:  # a local cluster ends with ray.shutdown (Serve's own shutdown there logged a failed retry)
         serve.delete(HEALTH_APP_NAME)
         serve.delete(APP_NAME)

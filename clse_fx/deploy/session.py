@@ -141,7 +141,12 @@ class OnnxSession:
             options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
             options.enable_cpu_mem_arena = False
             return_freed_memory()
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        # A bfloat16 bundle's graphs compute in float32 from bfloat16 weights through explicit casts
+        # (clse_fx/export/float32_compute.py); constant folding would turn each into a float32 copy at load.
+        disabled = ["ConstantFolding"] if dtype == "bfloat16" else None
+        self.session = onnxruntime.InferenceSession(
+            str(path), options, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled
+        )
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.dtypes = {i.name: ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
 
@@ -190,8 +195,7 @@ def checked_feeds(
         if name not in feeds:
             raise ValueError(f"{graph} needs input {name!r} of shape {shape}")
         value = feeds[name]
-        # torch tensors (the compiler's parity checks) without importing torch here
-        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        array = as_array(value)
         fixed = all(not isinstance(want, int) or have == want for have, want in zip(array.shape, shape))
         if not fixed or len(array.shape) != len(shape):
             raise ValueError(
@@ -203,6 +207,15 @@ def checked_feeds(
             raise ValueError(f"{name} has dtype {array.dtype} but {graph} takes {want}; convert it before the call")
         arrays[name] = row_major(array)
     return arrays
+
+
+def as_array(value) -> np.ndarray:
+    """``value`` as a numpy array; torch tensors (the compiler's checks) without importing torch here, bfloat16
+    ones widened to float32 (numpy has no bfloat16, and bundles compute in float32 where the model was bfloat16)."""
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    tensor = value.detach().cpu()
+    return (tensor.float() if str(tensor.dtype) == "torch.bfloat16" else tensor).numpy()
 
 
 def row_major(array: np.ndarray) -> np.ndarray:

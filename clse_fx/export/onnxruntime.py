@@ -14,7 +14,10 @@ import torch
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.deploy.manifest import decode_names, prefill_output_names
-from clse_fx.deploy.session import OnnxSession
+from clse_fx.deploy.session import OnnxSession, as_array
+from clse_fx.export.float32_compute import compute_in_float32
+from clse_fx.export.quantize import quantize_bundle, roles_for
+from clse_fx.export.rsqrt_as_division import rsqrt_as_division
 from clse_fx.export.shared_weights import share_weights
 from clse_fx.export.targets import TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
@@ -74,6 +77,8 @@ def export_program(
         defer_weight_transposes(onnx_program.model)  # before the optimizer, which would fold them in memory
         if optimize:
             onnx_program.optimize()
+        compute_in_float32(onnx_program.model)  # after it: it would fold the weights' casts in memory
+        rsqrt_as_division(onnx_program.model)
     # Weights as external data, always: the exporter then streams them to PATH.data tensor by tensor instead of
     # serialising one protobuf that holds them all (the ONNX export's peak RSS at 1/8 LLaVA-1.5 width in float16:
     # 2.49 -> 0.99 GiB), and checks and signature reads load the graph without its weights.
@@ -113,6 +118,11 @@ def export_input_graph(graph: InputGraph, inputs: dict[str, torch.Tensor], path:
             output_names=list(graph.outputs),
             opset_version=OPSET,
         )
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    if compute_in_float32(model):
+        ir.save(model, path)
     return checked_onnx(path)
 
 
@@ -188,7 +198,7 @@ def run_input_graphs(
         outputs = OnnxSession(paths[graph.name], dtype=dtype).run(**{name: feeds[name] for name in graph.inputs})
         for name, value in zip(graph.outputs, outputs):
             feeds[name] = produced[name] = value
-            reference = expected[name].cpu().numpy()
+            reference = as_array(expected[name])
             parity[f"onnxruntime_{graph.name}_{name}_max_abs"] = float(np.abs(value - reference).max())
     return produced, parity
 
@@ -237,7 +247,7 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
     with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
         step_args = decode_example(device_out.cache)
         with torch.no_grad():  # PyTorch first, then its mapped weights handed back: ONNX Runtime maps the bundle's
-            decode_torch = [t.cpu().numpy() for t in decode_program.module()(*step_args)]
+            decode_torch = [as_array(t) for t in decode_program.module()(*step_args)]
             expected = input_graph_outputs(model, inputs) if pre_paths else {}
         page_out_weights(model)
         produced, parity = run_input_graphs(input_graphs, pre_paths, inputs, expected, dtype)
@@ -250,10 +260,15 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         differences = [float(np.abs(e - t).max()) for e, t in zip(decode_engine, decode_torch)]
         parity["onnxruntime_decode_max_abs"] = max(differences)
     paths = {**pre_paths, "prefill": prefill_path, "decode": decode_path}
+    quantization = None
+    if context.options.weight_format:  # after the exact parity above: it checks the export, not the quantization
+        with context.phase(f"{context.options.weight_format} weight quantization", "quantize"):
+            quantization = quantize_bundle(list(paths.values()), roles_for(model), context.options.weight_format)
     return TargetSection(
         graphs={name: {"file": path.name, **graph_signature(path)} for name, path in paths.items()},
         pipeline=list(pre_paths),
         parity=parity,
         tensorrt_readiness={name: [str(f) for f in check_tensorrt_ready(path)] for name, path in paths.items()},
         opset=OPSET,
+        quantization=quantization,
     )

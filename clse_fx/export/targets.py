@@ -24,6 +24,7 @@ class TargetSection:
     parity: dict[str, float | bool] = field(default_factory=dict)
     tensorrt_readiness: dict[str, list[str]] | None = None
     opset: int | None = None
+    quantization: dict | None = None  # what --weight-format did (clse_fx.export.quantize.quantize_bundle)
     module: object | None = None
 
 

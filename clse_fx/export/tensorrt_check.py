@@ -84,6 +84,11 @@ def check_tensorrt_ready(model: onnx.ModelProto | str | Path) -> list[Finding]:
         def flag(problem: str, node=node) -> None:
             findings.append(Finding(node.name, node.op_type, _layer(node), problem))
 
+        if node.domain not in ("", "ai.onnx"):
+            flag(
+                f"{node.op_type} is an ONNX Runtime contrib op ({node.domain}) that TensorRT's ONNX parser cannot "
+                "import; compile without --weight-format for TensorRT"
+            )
         if node.op_type in UNSUPPORTED_OPS:
             flag(f"{node.op_type} is not supported by TensorRT's ONNX parser")
         if node.op_type in DATA_DEPENDENT_OPS:

@@ -33,9 +33,9 @@ def defer_weight_transposes(model) -> int:
             lambda weight=weight, perm=perm: ir.tensor(np.ascontiguousarray(weight.numpy().transpose(perm))),
             dtype=weight.dtype,
             shape=ir.Shape([weight.shape[axis] for axis in perm]),
-            name=output.name,
+            name=f"{source.name}.T",  # after the weight, so later passes can tell whose it is (export/quantize.py)
         )
-        folded = ir.Value(name=output.name, shape=lazy.shape, type=ir.TensorType(weight.dtype), const_value=lazy)
+        folded = ir.Value(name=lazy.name, shape=lazy.shape, type=ir.TensorType(weight.dtype), const_value=lazy)
         output.replace_all_uses_with(folded)
         graph.remove(node, safe=True)
         del graph.initializers[source.name]

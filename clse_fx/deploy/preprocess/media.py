@@ -12,8 +12,16 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grayscale PNG/TIFF open as one of these
+FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grayscale PNG opens as one of these
+# The only formats pillow is asked to decode, each by its own in-process decoder. Pillow's other plugins include
+# EPS and PDF, which hand the file to Ghostscript when one is installed, and dozens of rarely used decoders: a file
+# in any other format is refused before a decoder sees it.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# What those decoders name the images they open: pillow's JPEG opener names a camera's JPEG that carries a
+# multi-picture index MPO.
+OPENED_FORMATS = (*IMAGE_FORMATS, "MPO")
+FORMATS_HINT = "send PNG, JPEG, WebP, GIF or BMP"
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,16 @@ def check_image_size(width: int, height: int, limits: ImageLimits = DEFAULT_LIMI
 
 
 def check_image(image: object, limits: ImageLimits = DEFAULT_LIMITS) -> None:
-    """A TypeError naming what is expected when ``image`` is not a PIL image; its size by :func:`check_image_size`."""
+    """A TypeError naming what is expected when ``image`` is not a PIL image; a ValueError when it was opened from a
+    file of a format outside :data:`IMAGE_FORMATS` (an EPS image would run Ghostscript when its pixels are read);
+    its size by :func:`check_image_size`."""
     if not isinstance(image, Image.Image):
         raise TypeError(
             f"images must be PIL images (a video: a list of them), got {type(image).__name__}; open files with "
             "clse_fx.deploy.preprocess.media.load_image"
         )
+    if image.format is not None and image.format not in OPENED_FORMATS:
+        raise ValueError(f"{image.format} images are not accepted; {FORMATS_HINT}")
     check_image_size(image.width, image.height, limits)
 
 
@@ -66,14 +78,19 @@ def as_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "F":
         raise ValueError("floating-point (mode F) images are not supported; save the image with 8 or 16 bits")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # pillow's convert would copy an RGB image
+
+
+class UnacceptedFormat(ValueError):
+    """Data that is not an image in one of :data:`IMAGE_FORMATS` (HTTP 415 in the server)."""
 
 
 def open_image(source: str | Path | BinaryIO, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """An image from a file path or a binary stream, its size checked against ``limits`` from the header before
-    decoding (``check_image_size``); decompression bombs and unreadable data are one-line ValueErrors."""
+    """An image from a file path or a binary stream in one of :data:`IMAGE_FORMATS`, its size checked against
+    ``limits`` from the header before decoding (``check_image_size``); other formats (:class:`UnacceptedFormat`),
+    decompression bombs and unreadable data are one-line ValueErrors."""
     try:
-        with Image.open(source) as image:
+        with _open(source) as image:
             check_image_size(image.width, image.height, limits)
             image.load()
             return image
@@ -81,11 +98,19 @@ def open_image(source: str | Path | BinaryIO, limits: ImageLimits = DEFAULT_LIMI
         raise ImageTooLarge(f"the image has more than the {limits.max_pixels} pixels allowed; downscale it") from error
 
 
+def _open(source: str | Path | BinaryIO) -> Image.Image:
+    """``Image.open`` trying only the accepted formats' decoders."""
+    try:
+        return Image.open(source, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError as error:  # its text names pillow's plugins or our in-memory buffer: say it plainly
+        raise UnacceptedFormat(f"not an image in an accepted format; {FORMATS_HINT}") from error
+
+
 def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """One image file, decoded; a missing, unreadable or oversized file is a one-line ValueError."""
     try:
         return open_image(path, limits)
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, ValueError) as error:
+    except (FileNotFoundError, IsADirectoryError, OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
@@ -103,12 +128,12 @@ def load_video(path: str | Path, frames: int, limits: ImageLimits = DEFAULT_LIMI
             raise ValueError(f"video folder {path} holds no frame images ({', '.join(sorted(FRAME_SUFFIXES))})")
         return [as_rgb(load_image(files[i], limits)) for i in sample_indices(len(files), frames)]
     try:
-        with Image.open(path) as video:
+        with _open(path) as video:
             check_image_size(video.width, video.height, limits)
             decoded = [frame.convert("RGB") for frame in ImageSequence.Iterator(video)]
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+    except (FileNotFoundError, UnacceptedFormat, OSError) as error:
         raise ValueError(
-            f"cannot read video {path}: {error}; give a folder of frames or an animated GIF/WebP "
+            f"cannot read video {path}: {error}; give a folder of frames or an animated GIF/WebP/PNG "
             "(extract an MP4's frames with ffmpeg first)"
         ) from error
     return [decoded[i] for i in sample_indices(len(decoded), frames)]
