@@ -22,7 +22,18 @@ Per model (``--models llava-1.5,qwen2-vl``) at ``--width`` (1/8: text hidden 512
   targets, and a Markdown table to benchmarks/results/peer_cpu.md.
 
 Checkpoints, bundles, exports and the peer environment are cached under ``--cache`` (default
-~/.cache/clse-fx/peer), so a later run only measures. Timings mean something only on an otherwise idle machine.
+~/.cache/clse-fx/peer), so a later run only measures. Timings mean something only on an otherwise idle machine:
+``--build-only`` builds everything (on a busy machine if need be), ``--measure-only`` then measures what is built.
+A bundle cached for another prompt length is compiled again.
+
+The peer's environment, as :func:`ensure_peer_venv` builds it (by hand: the same commands)::
+
+    python3 -m venv ~/.cache/clse-fx/peer-venv
+    ~/.cache/clse-fx/peer-venv/bin/pip install torch==2.13.0
+    printf 'torch==2.13.0+cpu\ntransformers==5.0.0\n' > ~/.cache/clse-fx/peer-venv/constraints.txt
+    ~/.cache/clse-fx/peer-venv/bin/pip install -c ~/.cache/clse-fx/peer-venv/constraints.txt \
+        "optimum-intel[openvino]==2.2.0" openvino-genai==2026.4.1.0
+    ~/.cache/clse-fx/peer-venv/bin/pip uninstall -y torchvision
 """
 
 from __future__ import annotations
@@ -210,11 +221,13 @@ def chat_text(tokenizer, spec: ModelSpec) -> str:
 
 
 def text_tokens(checkpoint: Path, spec: ModelSpec) -> int:
-    """The prompt's tokens other than the image placeholder: the bundle's --text-len, so nothing is padded."""
+    """The prompt's tokens outside the image's span (its placeholder; Qwen's vision start and end too): the
+    bundle's --text-len, so nothing is padded."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    return len(tokenizer(chat_text(tokenizer, spec))["input_ids"]) - 1
+    image = tokenizer(spec.item_text, add_special_tokens=False)["input_ids"]
+    return len(tokenizer(chat_text(tokenizer, spec))["input_ids"]) - len(image)
 
 
 # Weight names as the Hub's checkpoints have them. transformers 5.25 saves LLaVA's CLIP tower without its
@@ -327,12 +340,15 @@ def check_peer_weights(python: Path, work: Path, openvino_fp16: Path) -> dict:
 
 
 def compile_bundle(checkpoint: Path, spec: ModelSpec, variant: Variant, out: Path) -> None:
-    """``clse-compile`` for the prompt's exact length; clse-compile itself never leaves a half-written bundle."""
-    if (out / "manifest.json").is_file():
+    """``clse-compile`` for the prompt's exact length (a cached bundle compiled for another is compiled again);
+    clse-compile itself never leaves a half-written bundle."""
+    text_len = text_tokens(checkpoint, spec)
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["geometry"]["text_len"] == text_len:
         return
     budget = variant.budget if variant.budget is not None else spec.num_visual  # every visual token: unpruned
     command = [sys.executable, "-m", "clse_fx.cli", str(checkpoint), "--keep", str(budget)]
-    command += ["--text-len", str(text_tokens(checkpoint, spec)), *CLSE_FLAGS[variant.precision]]
+    command += ["--text-len", str(text_len), *CLSE_FLAGS[variant.precision]]
     if spec.name == "qwen2-vl":
         command += ["--image-size", str(spec.image_size)]
     run_checked(command + ["-o", str(out), "--force"], f"clse-compile ({variant.name})")
@@ -366,6 +382,9 @@ def measure(variant: Variant, artifact: Path, image: Path, peer_python: Path) ->
     sample = json.loads(run_checked(command, f"measuring {variant.name}", timeout=900).splitlines()[-1])
     if sample["new_tokens"] != NEW_TOKENS:
         raise RuntimeError(f"{variant.name} generated {sample['new_tokens']} tokens, not {NEW_TOKENS}")
+    computed = sample.get("compiled_tokens", sample["prompt_tokens"])
+    if computed != sample["prompt_tokens"]:
+        print(f"warning: {variant.name} computes {computed} tokens for a {sample['prompt_tokens']}-token prompt")
     return sample | {"disk_mb": directory_mb(artifact)}
 
 
@@ -470,20 +489,22 @@ class Phases(dict):
             print(f"{name}: {seconds:.1f} s", flush=True)
 
 
-def prepare(chosen: list[Variant], width: Fraction, cache: Path, phases: Phases, skipped: list[dict]):
-    """Build what every variant runs (checkpoint, bundles, exports, the peer's weight check): the artifact of each
-    runnable variant, each model's image, the peer's Python and its weight checks."""
+def prepare(chosen: list[Variant], width: Fraction, cache: Path, phases: Phases, skipped: list[dict], build: bool):
+    """Build what every variant runs (checkpoint, bundles, exports, the peer's weight check; with ``build`` off,
+    only take what is cached): the artifact of each runnable variant, each model's image, the peer's Python and
+    its weight checks."""
     peer_python = phases.timed("peer environment", ensure_peer_venv)
     artifacts: dict[Variant, Path] = {}
     images, checks = {}, {}
     for model in dict.fromkeys(v.model for v in chosen):
         spec = MODELS[model]
         work = cache / f"{model}-{str(width).replace('/', '_')}"
+        checkpoint, fp16 = work / "checkpoint", work / "openvino" / "fp16"
+        if not build and not (work / "peer-check.json").is_file():
+            raise RuntimeError(f"{model} at width {width} is not built yet; run without --measure-only first")
         work.mkdir(parents=True, exist_ok=True)
         phases.timed(f"{model}: checkpoint", build_checkpoint, spec, width, work)
         images[model] = work / f"image-{spec.image_size}.png"
-        checkpoint = work / "checkpoint"
-        fp16 = work / "openvino" / "fp16"
         phases.timed(f"{model}: openvino export fp16", export_openvino, peer_python, checkpoint, "fp16", fp16)
         checks[model] = phases.timed(f"{model}: peer weight check", check_peer_weights, peer_python, work, fp16)
         for variant in (v for v in chosen if v.model == model):
@@ -496,7 +517,10 @@ def prepare(chosen: list[Variant], width: Fraction, cache: Path, phases: Phases,
                 step, action = f"compile {variant.precision} {variant.budget or 'unpruned'}", compile_bundle
                 args = (checkpoint, spec, variant, out)
             try:
-                phases.timed(f"{model}: {step}", action, *args)
+                if build:
+                    phases.timed(f"{model}: {step}", action, *args)
+                elif not any((out / name).is_file() for name in ("manifest.json", "openvino_language_model.xml")):
+                    raise RuntimeError("not built (run without --measure-only)")
             except RuntimeError as error:
                 skipped.append({"variant": variant.name, "reason": str(error)})
                 print(f"skipped {variant.name}: {error}", flush=True)
@@ -508,6 +532,8 @@ def prepare(chosen: list[Variant], width: Fraction, cache: Path, phases: Phases,
 def measure_rounds(artifacts: dict, images: dict, peer_python: Path, rounds: int) -> dict[Variant, list[dict]]:
     """``rounds`` interleaved rounds, the variants in an order rotated by one each round, one process each."""
     order = list(artifacts)
+    if not order:
+        raise RuntimeError("nothing to measure: every variant was skipped")
     samples: dict[Variant, list[dict]] = {v: [] for v in order}
     for number in range(rounds):
         shift = number % len(order)
@@ -560,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--width", type=Fraction, default=Fraction(1, 8), help="of the 7B models (default: 1/8)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 round, LLaVA-1.5, fp32")
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument("--build-only", action="store_true", help="build and cache everything, measure nothing")
+    stage.add_argument(
+        "--measure-only", action="store_true", help="measure what is cached (others are skipped), build nothing"
+    )
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"built models (default: {CACHE})")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default: {RESULTS})")
     argv = sys.argv[1:] if argv is None else argv
@@ -574,9 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     phases, skipped = Phases(), []
     try:
+        chosen = variants(models, precisions)
         artifacts, images, peer_python, checks = prepare(
-            variants(models, precisions), args.width, args.cache, phases, skipped
+            chosen, args.width, args.cache, phases, skipped, build=not args.measure_only
         )
+        if args.build_only:
+            print(f"built {len(artifacts)} of {len(chosen)} variants under {args.cache}: {dict(phases)}")
+            return 0
         samples = phases.timed("measuring", measure_rounds, artifacts, images, peer_python, args.rounds)
     except (RuntimeError, subprocess.SubprocessError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -598,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, ratios)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    print(f"({phases['total'] if 'total' in phases else result['phases_s']['total']:.0f} s; {args.out})")
+    print(f"({result['phases_s']['total']:.0f} s; {args.out})")
     return 0
 
 
