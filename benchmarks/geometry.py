@@ -95,22 +95,39 @@ def _on_meta(model_class, config):
         return model_class(config).eval()
 
 
-def qwen2_vl_7b() -> Qwen2VLForConditionalGeneration:
-    """Published Qwen2-VL-7B, weightless: 28-layer GQA decoder (3584 wide, 4 KV heads), 675M-param ViT/14."""
+def qwen2_vl_config(
+    hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, layers: int, vision_depth: int,
+    vision_hidden: int, vision_heads: int,
+) -> Qwen2VLConfig:
+    """Qwen2-VL geometry: a ViT/14 with 2x2 patch merging into a GQA decoder with M-RoPE (128-wide heads), with
+    Qwen2-VL's vision token ids (151652-151656)."""
     text = dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        max_position_embeddings=32768, pad_token_id=0,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, max_position_embeddings=32768, pad_token_id=0,
     )  # fmt: skip
     vision = dict(
-        depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2,
+        depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden, num_heads=vision_heads, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2,
     )  # fmt: skip
     config = Qwen2VLConfig(
         text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
         vision_start_token_id=151652, vision_end_token_id=151653,
     )  # fmt: skip
-    return _on_meta(Qwen2VLForConditionalGeneration, config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+# Published Qwen2-VL-7B: a 28-layer decoder 3584 wide (28 heads, 4 KV heads), a 32-layer ViT 1280 wide (675M params).
+QWEN2_VL_7B = dict(
+    hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, layers=28, vision_depth=32,
+    vision_hidden=1280, vision_heads=16,
+)  # fmt: skip
+
+
+def qwen2_vl_7b() -> Qwen2VLForConditionalGeneration:
+    """Published Qwen2-VL-7B, weightless."""
+    return _on_meta(Qwen2VLForConditionalGeneration, qwen2_vl_config(**QWEN2_VL_7B))
 
 
 def llava_next_video_7b() -> LlavaNextVideoForConditionalGeneration:

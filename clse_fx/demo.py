@@ -107,7 +107,7 @@ def tiny_llava_config(
 def save_tiny_llava(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
     """Build a random tiny LLaVA with tokenizer and processor, save it to ``path``, return the path."""
     import torch  # here, not at module level: the CLI resolves --demo without importing torch
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaForConditionalGeneration
 
     config = tiny_llava_config(**config_kwargs)
     torch.manual_seed(seed)
@@ -117,18 +117,24 @@ def save_tiny_llava(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.2)
+    path = Path(path)
+    model.save_pretrained(path)
+    llava_processor(config, build_tokenizer()).save_pretrained(path)
+    return path
+
+
+def llava_processor(config, tokenizer):
+    """LLaVA-1.5's processor for ``config``: CLIP preprocessing at the tower's size, one placeholder per patch."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     size = config.vision_config.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
     )
-    path = Path(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path

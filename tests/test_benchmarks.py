@@ -114,3 +114,65 @@ def test_gpu_table_names_the_device_versions_and_every_figure():
     assert "139 tokens/s pruned KV, 136 full KV (1.02x)" in table
     assert "Peak GPU memory (GiB, cumulative): prefill 16.3, decode_budget_192 28.7" in table
     assert "(LLaVA-1.5-7B geometry, 512 wide, float32): eager 1 of 2 budget x batch cases, Inductor-compiled" in table
+
+
+def _peer_row(model, system, precision, ttft, decode, rss, disk, budget=None, pruning_ratio=None) -> dict:
+    return {
+        "model": model, "system": system, "precision": precision, "budget": budget, "pruning_ratio": pruning_ratio,
+        "width": "1/8", "ttft_ms": ttft, "decode_tokens_per_s": decode, "peak_rss_mib": rss, "disk_mb": disk,
+        "load_s": 1.0,
+    }  # fmt: skip
+
+
+def test_peer_cpu_ratios_pair_each_pruned_precision_with_the_peer_at_the_same_weights():
+    from benchmarks.peer_cpu import compare, markdown
+
+    rows = [
+        _peer_row("llava-1.5", "clse-fx", "bf16", 200, 60, 600, 210, budget=192),
+        _peer_row("llava-1.5", "clse-fx", "int8", 250, 80, 500, 100, budget=192),
+        _peer_row("llava-1.5", "clse-fx", "fp32", 900, 40, 1600, 415),  # unpruned: compared with nothing
+        _peer_row("llava-1.5", "openvino-genai", "fp16", 400, 60, 640, 200),
+        _peer_row("llava-1.5", "openvino-genai", "int8", 360, 90, 430, 106),
+        _peer_row("qwen2-vl", "clse-fx", "fp32", 300, 70, 700, 160, budget=0.334),
+        _peer_row("qwen2-vl", "openvino-genai", "fp16", 480, 84, 600, 163),  # unpruned: not its counterpart
+        _peer_row("qwen2-vl", "openvino-genai", "fp16", 320, 80, 600, 163, pruning_ratio=67),
+    ]
+    ratios = compare(rows)
+    assert [(r["model"], r["precision"], r["against"]) for r in ratios] == [
+        ("llava-1.5", "bf16", {"precision": "fp16", "pruning_ratio": None}),
+        ("llava-1.5", "int8", {"precision": "int8", "pruning_ratio": None}),
+        ("qwen2-vl", "fp32", {"precision": "fp16", "pruning_ratio": 67}),
+    ]
+    bf16, int8, qwen = ratios
+    assert bf16["ttft_ms"] == {"ratio": 0.5, "target": "<= 0.6", "met": True}
+    assert bf16["decode_tokens_per_s"] == {"ratio": 1.0, "target": ">= 1.0", "met": True}
+    assert bf16["disk_mb"]["met"] is True and int8["peak_rss_mib"]["met"] is False  # 210/200 <= 1.1; 500/430 > 1.1
+    assert int8["ttft_ms"] == {"ratio": 0.694, "target": "<= 0.6", "met": False}
+    assert qwen["ttft_ms"] == {"ratio": 0.938, "target": "<= 1.0", "met": True}
+    assert qwen["decode_tokens_per_s"]["met"] is False
+    table = markdown(rows, ratios).splitlines()
+    assert len(table) == 2 + len(rows) + 1 + 2 + len(ratios)
+    assert "| qwen2-vl | fp32 | fp16, pruning_ratio 67 | 0.94x (<= 1.0: met) |" in table[-1]
+
+
+def test_peer_cpu_rows_have_exactly_the_issue_schema():
+    from benchmarks.peer_cpu import Variant, median_row, variants
+
+    samples = [
+        {"ttft_ms": t, "decode_tokens_per_s": 50.0, "peak_rss_mib": 600.4, "disk_mb": 210.04, "load_s": 1.234}
+        for t in (300.0, 310.0, 900.0)
+    ]
+    row = median_row(Variant("llava-1.5", "clse-fx", "int4", 192), samples, "1/8")
+    assert row == {
+        "model": "llava-1.5", "system": "clse-fx", "precision": "int4", "budget": 192, "pruning_ratio": None,
+        "width": "1/8", "ttft_ms": 310.0, "decode_tokens_per_s": 50.0, "peak_rss_mib": 600.0, "disk_mb": 210.0,
+        "load_s": 1.23,
+    }  # fmt: skip
+    chosen = {v.name for v in variants(["llava-1.5", "qwen2-vl"], ["fp32", "bf16", "int4"])}
+    assert chosen == {
+        "llava-1.5/clse-fx/fp32/192", "llava-1.5/clse-fx/bf16/192", "llava-1.5/clse-fx/int4/192",
+        "llava-1.5/clse-fx/fp32/all", "llava-1.5/openvino-genai/fp16/all", "llava-1.5/openvino-genai/int4/all",
+        "qwen2-vl/clse-fx/fp32/0.334", "qwen2-vl/clse-fx/bf16/0.334", "qwen2-vl/clse-fx/int4/0.334",
+        "qwen2-vl/clse-fx/fp32/all", "qwen2-vl/openvino-genai/fp16/all", "qwen2-vl/openvino-genai/fp16/67",
+        "qwen2-vl/openvino-genai/int4/all", "qwen2-vl/openvino-genai/int4/67",
+    }  # fmt: skip

@@ -238,12 +238,14 @@ def tiny_tokenizer(image_id: int, video_id: int | None = None, vocab_size: int =
     )  # fmt: skip
 
 
-def tiny_processor(family: str):
+def tiny_processor(family: str, image_processor=None, tokenizer=None):
     """The family's transformers processor for its tiny checkpoint. Processors with a video processor are built
     without it (transformers' video processors need torchvision, not installed here: ``clse_fx`` then reads the
     frame settings from the image processor, which they share) and save their tokenizer and image processor.
     Qwen2-VL / Qwen2.5-VL: the PIL image processor at the tiny tower's sizes (4 px patches, 2 x 2 merge, 2-frame
-    temporal patches) and a tokenizer with Qwen's vision tokens at the tiny config's ids (vocabulary 200)."""
+    temporal patches) and a tokenizer with Qwen's vision tokens at the tiny config's ids (vocabulary 200).
+    ``image_processor`` and ``tokenizer`` replace the tiny ones of the families with a video processor (larger
+    checkpoints of the same family: benchmarks/peer_cpu.py)."""
     from unittest import mock
 
     import transformers
@@ -281,6 +283,7 @@ def tiny_processor(family: str):
         kwargs = clip
     else:
         raise ValueError(family)
+    image, tokens = image_processor or image, tokenizer or tokens
     # The argument check looks the video processor class up, which fails without torchvision.
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *args: None):
         processor = make(image_processor=image, video_processor=None, tokenizer=tokens, **kwargs)
