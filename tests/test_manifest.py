@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from clse_fx.deploy.manifest import (
+    KV_IN_GRAPH,
     KV_RUNTIME,
     MANIFEST,
     SCHEMA_VERSION,
@@ -33,6 +34,7 @@ def test_a_written_manifest_reads_back_typed_and_unchanged(cli_bundle, manifest_
     assert manifest.runtime.padding == "left"
     assert manifest.runtime.decode_position_start == manifest.sequence_length
     assert manifest.runtime.max_new_tokens == manifest.max_position_embeddings - manifest.sequence_length
+    assert manifest.runtime.kv_cache_update == KV_IN_GRAPH  # the onnxruntime target's decode writes the KV cache
     # The graph's recorded outputs are the one output layout the runtime splits by.
     names = [entry["name"] for entry in manifest.graphs["prefill"]["outputs"]]
     assert names == prefill_output_names(manifest.num_stages, manifest.num_layers)
