@@ -338,6 +338,7 @@ def add_section(manifest: Manifest, section: TargetSection) -> None:
         manifest.tensorrt_readiness = section.tensorrt_readiness
     manifest.opset = section.opset or manifest.opset
     manifest.quantization = section.quantization or manifest.quantization
+    manifest.runtime.kv_cache_update = section.kv_cache_update or manifest.runtime.kv_cache_update
 
 
 def _versions() -> dict[str, str]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -15,8 +17,9 @@ from clse_fx.models import adapter_for
 
 def _share_the_onnx_op_registry() -> None:
     """torch.onnx.export rebuilds its registry of torchlib translations on every call (about 1.4 s on these
-    cores, a tenth of a tiny model's compile); the tests build it once per opset. Nothing here registers
-    custom translations, the only thing that changes a registry after it is built."""
+    cores, a tenth of a tiny model's compile); the tests build it once per opset. Custom translations change a
+    registry after it is built: the only one (clse_fx/export/group_query_attention.py, for an op only the
+    in-graph decode step calls) is the same in every export."""
     import functools
 
     from torch.onnx._internal.exporter import _registration
@@ -152,6 +155,57 @@ def prompt_ids(model, layout: list[list[int | str]]) -> torch.Tensor:
             ids.extend([image_token_id] * per_image if item == "img" else [item])
         rows.append(ids)
     return torch.tensor(rows)
+
+
+def portable_twin(engine, model, folder: Path):
+    """``engine``'s bundle with the portable decode graph (:class:`clse_fx.decode.DecodeStep`: the runtime writes
+    the KV cache, as in the tensorrt target's bundle) in place of its in-graph one, exported for the same caches
+    into ``folder`` and quantized as the bundle was: the oracle of the in-graph decode step."""
+    import dataclasses
+
+    from clse_fx.deploy.engine import Engine
+    from clse_fx.deploy.manifest import KV_IN_GRAPH, KV_RUNTIME
+    from clse_fx.deploy.session import OnnxSession
+    from clse_fx.export.onnxruntime import export_decode_onnx
+    from clse_fx.export.quantize import quantize_bundle, roles_for
+    from clse_fx.export.shared_weights import share_weights
+
+    manifest = engine.manifest
+    assert manifest.runtime.kv_cache_update == KV_IN_GRAPH
+    shapes = {output["name"]: output["shape"] for output in manifest.graphs["prefill"]["outputs"]}
+    dtype = getattr(torch, manifest.dtype)
+    cache = [
+        tuple(torch.zeros(shapes[f"present.{i}.{kind}"], dtype=dtype) for kind in ("key", "value"))
+        for i in range(manifest.num_layers)
+    ]
+    _, path = export_decode_onnx(model, cache, folder / "decode.onnx", optimize=False)
+    if manifest.quantization:
+        share_weights([path])
+        quantize_bundle([path], roles_for(model), manifest.quantization["weight_format"])
+    decode = OnnxSession(path, dtype="float32" if manifest.quantization else manifest.dtype)
+    runtime = dataclasses.replace(manifest.runtime, kv_cache_update=KV_RUNTIME)
+    twin = dataclasses.replace(manifest, runtime=runtime)
+    return Engine(engine.bundle, twin, engine.prefill, decode, engine.preprocessor, engine.input_graphs)
+
+
+def assert_decodes_like_portable(engine, model, folder: Path, feeds: dict, steps: int, bound: float) -> list:
+    """``engine``'s in-graph decode against its :func:`portable_twin` on ``feeds``: the twin decodes greedily,
+    the engine is fed the twin's tokens; every step's logits within ``bound`` (max abs), and the same greedy
+    token wherever the twin's best two logits are more than ``2 * bound`` apart (closer ones may trade places).
+    Returns the twin's greedy tokens."""
+    from clse_fx.export.deploy_check import TeacherForcing
+
+    want = TeacherForcing()
+    tokens, _ = portable_twin(engine, model, folder).generate_ids(feeds, steps, want)
+    got = TeacherForcing(np.array(tokens))
+    engine.generate_ids(feeds, steps, got)
+    assert len(got.logits) == len(want.logits) == steps
+    for have, expected in zip(got.logits, want.logits):
+        assert np.abs(have - expected).max() <= bound
+        best_two = np.sort(expected, axis=-1)[:, -2:]
+        decided = best_two[:, 1] - best_two[:, 0] > 2 * bound
+        assert np.array_equal(have.argmax(-1)[decided], expected.argmax(-1)[decided])
+    return tokens
 
 
 # The slowest files first (seconds on 2 cores): xdist gives each worker whole files, and a long file started

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clse_fx.compiler import prune_prefill
-from clse_fx.decode import DecodeStep, decode_example
+from clse_fx.decode import DecodeStep, InPlaceDecodeStep, decode_example, equal_lengths
 from clse_fx.models.llava import LlavaAdapter
 from clse_fx.plan import PruneConfig, plan_budget, scored_count
 from clse_fx.reference import reference_generate, reference_prune
@@ -53,9 +53,11 @@ def test_meta_default_device_changes_nothing(tiny_llava, monkeypatch, score, mer
         generated = reference_generate(model, prune, ids, pixels, mask, max_new_tokens=3)
         prefill = prune_prefill(model, prune, inputs)()
         step = DecodeStep(model)(*decode_example(prefill.cache))
+        in_place = InPlaceDecodeStep(model, equal_lengths(prefill.cache))(*decode_example(prefill.cache))
         return [reference.logits, reference.kept, reference.cache, generated, prefill.logits, prefill.kept] + [
             prefill.cache,
             step,
+            in_place,
         ]
 
     expected = list(_flat(run(tiny_llava)))

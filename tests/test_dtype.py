@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import clse_fx
-from clse_fx.api import example_inputs, load_checkpoint
+from clse_fx.api import example_inputs, load_checkpoint, place_model
 from clse_fx.cli import compile_main
 from clse_fx.deploy.engine import Engine
 from clse_fx.options import CompileOptions
@@ -56,6 +56,20 @@ def test_float16_bundle_runs_in_onnx_runtime_close_to_float32(half_bundle, tiny_
     logits = torch.from_numpy(half_bundle.prefill.run(**feeds)[0]).float()
     expected = float32_result.pruned().logits
     assert (logits - expected).abs().max() <= FLOAT16_VS_FLOAT32_MAX_ABS_LOGITS
+
+
+def test_float16_in_graph_decode_stays_close_to_the_portable_one(half_bundle, tiny_llava_dir, tmp_path):
+    """GroupQueryAttention in float16 (ONNX Runtime's CPU kernel computes its scores in float32) against the
+    portable float16 decode step on the same bundle, left-padded rows."""
+    from PIL import Image
+
+    from .conftest import assert_decodes_like_portable
+
+    model = place_model(load_checkpoint(tiny_llava_dir, dtype="float16")[0], None, "float16")  # as compiled
+    image = Image.new("RGB", (40, 30), "green")
+    feeds = half_bundle.encode([image, image], ["red ?", "what colour ?"])
+    assert feeds["attention_mask"][0].sum() != feeds["attention_mask"][1].sum()
+    assert_decodes_like_portable(half_bundle, model, tmp_path, feeds, steps=8, bound=FLOAT16_ORT_MAX_ABS_LOGITS)
 
 
 def test_scores_stay_float32_inside_a_bfloat16_graph(tiny_llava_dir):

@@ -15,7 +15,7 @@ from clse_fx.metrics import kv_cache_bytes, kv_cache_tokens
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_generate
 
-from .conftest import prompt_ids
+from .conftest import assert_decodes_like_portable, prompt_ids
 
 TEXT_LEN = 8
 STAGES = "1:20,2:10,3:4"
@@ -93,6 +93,23 @@ def test_left_padded_prompts_from_the_processor_equal_reference(tiny_llava, bund
         *(torch.from_numpy(feeds[k]) for k in ("input_ids", "pixel_values", "attention_mask")),
     )
     assert generated == expected.tolist()
+
+
+@pytest.mark.parametrize("policy", ["uniform", "per-layer"])
+def test_in_graph_decode_equals_the_portable_decode_step(tiny_llava, bundles, policy, tmp_path):
+    """The bundle's decode step (ONNX Runtime's GroupQueryAttention, writing the KV buffers it is bound to in place)
+    against the portable one (the runtime writes the new keys and values) on the same bundle and left-padded rows
+    of different lengths: same greedy tokens, same logits, under either KV policy (equal or per-layer lengths)."""
+    import onnx
+
+    engine = Engine.load(bundles[policy])
+    decode = onnx.load(str(bundles[policy] / "decode.onnx"), load_external_data=False).graph
+    assert {node.op_type for node in decode.node if node.domain} == {"GroupQueryAttention"}
+    assert [o.name for o in decode.output][1:3] == ["present.0.key", "present.0.value"]
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 50, 3), dtype=np.uint8))
+    feeds = engine.encode([image, image], ["describe ?", "how many red star ?"])
+    portable = assert_decodes_like_portable(engine, tiny_llava, tmp_path, feeds, steps=12, bound=1e-4)
+    assert engine.generate_ids(feeds, 12)[0] == portable  # float32: the same greedy tokens
 
 
 def test_pruning_disabled_equals_transformers_generate(tiny_llava, bundles):

@@ -10,6 +10,8 @@ import shutil
 import pytest
 
 from clse_fx.deploy.manifest import (
+    KV_IN_GRAPH,
+    KV_RUNTIME,
     MANIFEST,
     SCHEMA_VERSION,
     Manifest,
@@ -32,6 +34,7 @@ def test_a_written_manifest_reads_back_typed_and_unchanged(cli_bundle, manifest_
     assert manifest.runtime.padding == "left"
     assert manifest.runtime.decode_position_start == manifest.sequence_length
     assert manifest.runtime.max_new_tokens == manifest.max_position_embeddings - manifest.sequence_length
+    assert manifest.runtime.kv_cache_update == KV_IN_GRAPH  # the onnxruntime target's decode writes the KV cache
     # The graph's recorded outputs are the one output layout the runtime splits by.
     names = [entry["name"] for entry in manifest.graphs["prefill"]["outputs"]]
     assert names == prefill_output_names(manifest.num_stages, manifest.num_layers)
@@ -78,6 +81,7 @@ def test_undecodable_manifest_is_a_one_line_error(tmp_path):
         (lambda m: m | {"geometry": {**m["geometry"], "sequence_length": 10**12}}, "geometry.sequence_length is"),
         (lambda m: m | {"geometry": {**m["geometry"], "text_len": -5}}, "geometry.text_len is -5"),
         (lambda m: m | {"runtime": {**m["runtime"], "max_new_tokens": -3}}, "runtime.max_new_tokens is -3"),
+        (lambda m: m | {"runtime": {**m["runtime"], "kv_cache_update": "x"}}, "runtime.kv_cache_update is 'x'"),
     ],
 )
 def test_manifest_numbers_are_checked_on_load(manifest_json, tmp_path, change, message):
@@ -85,6 +89,12 @@ def test_manifest_numbers_are_checked_on_load(manifest_json, tmp_path, change, m
     with pytest.raises(ValueError, match="recompile the bundle") as error:
         read_manifest(tmp_path, verify=False)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bundles_written_before_in_graph_kv_updates_read_as_runtime_written(manifest_json):
+    """Their decode graphs output the new keys and values (new.{i}.*): the runtime writes them, as it did."""
+    old = manifest_json | {"runtime": {k: v for k, v in manifest_json["runtime"].items() if k != "kv_cache_update"}}
+    assert Manifest.from_dict(old).runtime.kv_cache_update == KV_RUNTIME
 
 
 def _edited_copy(bundle, tmp_path, edit) -> object:

@@ -106,7 +106,9 @@ def test_bundle_runs_vision_and_mrope_graphs_and_matches_pytorch(qwen_bundle):
     assert parity["onnxruntime_max_abs_logits"] <= 1e-4 and parity["onnxruntime_indices_identical"]
     assert parity["reference_max_abs_logits"] <= 1e-5 and parity["reference_kept_identical"]
     assert manifest.geometry["grid"] == [1, 7, 9] and manifest.geometry["grid_thw"] == [1, 14, 18]
-    assert not any(manifest.tensorrt_readiness.values())
+    readiness = manifest.tensorrt_readiness
+    assert not any(found for graph, found in readiness.items() if graph != "decode")
+    assert readiness["decode"] and all("GroupQueryAttention is an ONNX Runtime" in f for f in readiness["decode"])
 
 
 def _padded(inputs):

@@ -20,7 +20,7 @@ from clse_fx.deploy.loop import (
     decode_start,
     generation_loop,
 )
-from clse_fx.deploy.manifest import Manifest, split_prefill_outputs
+from clse_fx.deploy.manifest import KV_IN_GRAPH, Manifest, split_prefill_outputs
 from clse_fx.deploy.preprocess import Preprocessor
 from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, check_image
 from clse_fx.deploy.session import bound_decode
@@ -213,7 +213,7 @@ class Engine:
         ids."""
         check_sampling(sampling)
         self.check_feeds(feeds)
-        decode = bound_decode(self.decode)
+        decode = bound_decode(self.decode, self.manifest.runtime.kv_cache_update == KV_IN_GRAPH)
 
         start = time.perf_counter()
         feeds = self.run_input_graphs(feeds)

@@ -168,10 +168,20 @@ class KVBuffers:
             self.buffers.append(buffer)
 
     def write(self, new: list[np.ndarray]) -> None:
-        """Store one step's new key/value per layer ([B, Hkv, 1, D] each) at each layer's next slot."""
+        """Store one step's new key/value per layer ([B, Hkv, 1, D] each) at each layer's next slot (none where
+        the decode step wrote them into the buffers itself), and count the slot as filled."""
         for i, (buffer, tensor) in enumerate(zip(self.buffers, new)):
             buffer[:, :, self.filled[i // 2]] = tensor[:, :, 0]
         self.filled += 1
+
+
+def copy_written_slots(buffers: list[np.ndarray], presents: list[np.ndarray], cache_lengths: np.ndarray) -> None:
+    """Copy the slot a decode step that writes the KV cache itself filled (``cache_lengths[i]`` of layer i) from
+    the present buffers it returned into the loop's ``buffers``: for runtimes that cannot bind the graph's present
+    outputs to its past inputs' memory (Triton), O(1) per step like :meth:`KVBuffers.write`."""
+    for i, (buffer, present) in enumerate(zip(buffers, presents)):
+        slot = cache_lengths[i // 2]
+        buffer[:, :, slot] = present[:, :, slot]
 
 
 def generation_loop(
@@ -188,9 +198,10 @@ def generation_loop(
     and value, ``decode(input_ids, position_ids, pad_counts, cache_lengths, buffers)`` the decode graph's
     outputs (logits, then each layer's new key and value) for the :class:`KVBuffers` ``buffers`` whose first
     ``cache_lengths`` slots per layer are filled; the list ``buffers`` is the same object at every step of a
-    generation (sized to the prompt plus ``max_new_tokens``), so an engine may bind it once. Decoding starts
-    at ``positions`` (:func:`decode_start`); ``sampling`` picks each token, drawing from ``rng`` (default
-    ``sampling.rng()``); per row the new ids, cut after the first stop token."""
+    generation (sized to the prompt plus ``max_new_tokens``), so an engine may bind it once. A decode step that
+    writes the new keys and values into ``buffers`` itself (at slot ``cache_lengths[i]``) returns the logits
+    alone. Decoding starts at ``positions`` (:func:`decode_start`); ``sampling`` picks each token, drawing from
+    ``rng`` (default ``sampling.rng()``); per row the new ids, cut after the first stop token."""
     rng = sampling.rng() if rng is None else rng
     start = time.perf_counter()
     logits, past = prefill(feeds)

@@ -36,13 +36,23 @@ def prefill_output_names(num_stages: int, num_layers: int) -> list[str]:
     return ["logits", "positions", *(f"kept_{i}" for i in range(num_stages)), *cache, "valid"]
 
 
-def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
+# Who writes each decode step's new key/value into the KV buffers (runtime.kv_cache_update). KV_RUNTIME: the
+# decode graph outputs them (new.{i}.*, [B, Hkv, 1, D]) and the runtime writes them at slot cache_lengths[i].
+# KV_IN_GRAPH: the graph writes them there itself (ONNX Runtime's GroupQueryAttention) and outputs each buffer
+# (present.{i}.*, shaped as past.{i}.*); a runtime binds every present output to its past input's memory, so
+# the write happens in place, or, where it cannot bind outputs (Triton), copies that slot from the returned one.
+KV_RUNTIME, KV_IN_GRAPH = "runtime", "in-graph"
+
+
+def decode_names(num_layers: int, in_graph: bool = False) -> tuple[list[str], list[str]]:
     """Input and output names of the decode-step graph: ``past.{i}.key/value`` are layer i's KV buffers
-    [B, Hkv, capacity, D] (capacity dynamic, the first ``cache_lengths[i]`` slots filled), ``new.{i}.*`` the new
-    token's key/value [B, Hkv, 1, D], which the runtime writes at slot ``cache_lengths[i]``."""
+    [B, Hkv, capacity, D] (capacity dynamic, the first ``cache_lengths[i]`` slots filled); then the logits and
+    per layer ``new.{i}.*``, or ``present.{i}.*`` for a graph that writes the cache itself (``in_graph``,
+    :data:`KV_IN_GRAPH`)."""
     per_layer = [(i, kind) for i in range(num_layers) for kind in ("key", "value")]
     inputs = [*DECODE_STEP_INPUTS, *(f"past.{i}.{kind}" for i, kind in per_layer)]
-    return inputs, ["logits", *(f"new.{i}.{kind}" for i, kind in per_layer)]
+    written = "present" if in_graph else "new"
+    return inputs, ["logits", *(f"{written}.{i}.{kind}" for i, kind in per_layer)]
 
 
 def split_prefill_outputs(flat: list | tuple, num_stages: int) -> tuple[Any, Any, list, list, Any]:
@@ -85,12 +95,15 @@ class RuntimeSection:
     Prompts are left padded to ``sequence_length``; the decode step's ``pad_counts`` is each row's number of
     left-pad tokens; decode positions continue after the unpruned prompt, at ``decode_position_start`` plus,
     where the pipeline outputs ``rope_deltas`` (M-RoPE), that row's delta. ``max_new_tokens`` is what the
-    model's positions leave after the prompt (null: unbounded)."""
+    model's positions leave after the prompt (null: unbounded). ``kv_cache_update``: who writes each step's new
+    key/value into the KV buffers, :data:`KV_RUNTIME` or :data:`KV_IN_GRAPH` (bundles written before the field
+    are the former)."""
 
     padding: str
     decode_position_start: int
     position_offset_input: str | None
     max_new_tokens: int | None
+    kv_cache_update: str = KV_RUNTIME
 
 
 GEOMETRY_KEYS = ("batch", "text_len", "images", "num_visual", "visual_tokens_per_prompt", "layout", "sequence_length")
@@ -179,6 +192,8 @@ class Manifest:
                 raise KeyError(f"graphs.{PREFILL if PREFILL not in manifest.graphs else DECODE}")
             _check_numbers(manifest)
             _check_layout(manifest)
+            if manifest.runtime.kv_cache_update not in (KV_RUNTIME, KV_IN_GRAPH):
+                raise TypeError(f"runtime.kv_cache_update is {manifest.runtime.kv_cache_update!r}")
         except (KeyError, TypeError) as error:
             detail = error.args[0] if error.args else error
             raise ValueError(f"{where} is invalid ({detail}); recompile the bundle") from None

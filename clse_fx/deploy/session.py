@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from clse_fx.deploy.loop import check_finite_feeds, check_token_ids
-from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, error_line
+from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, decode_names, error_line
 
 LOW_PRECISION = ("float16", "bfloat16")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -122,12 +122,16 @@ class OnnxSession:
         with self.using_weights():
             return self.session.run(None, checked)
 
-    def bind(self, fixed: dict[str, np.ndarray]):
+    def bind(self, fixed: dict[str, np.ndarray], shared: dict[str, str] | None = None):
         """A run function with the ``fixed`` inputs bound once through ONNX Runtime IO binding; each call
         takes the other inputs. On the CPU the bound OrtValues share the arrays' memory, so in-place writes
-        to them between calls (the decode loop's KV buffers) are what the next call reads, never copied."""
+        to them between calls (the decode loop's KV buffers) are what the next call reads, never copied.
+        ``shared`` binds outputs to the memory of ``fixed`` inputs (output name -> input name: a decode graph's
+        present KV buffers to its past ones, which ONNX Runtime's GroupQueryAttention then writes in place); a
+        call returns the other outputs."""
         import onnxruntime
 
+        shared = shared or {}
         others = {name: shape for name, shape in self.inputs.items() if name not in fixed}
         bound = {name: self.inputs[name] for name in fixed}
         checked = checked_feeds(self.path.name, bound, fixed, self.dtypes, self.vocab_size)
@@ -137,15 +141,20 @@ class OnnxSession:
             if value.data_ptr() != checked[name].ctypes.data:  # a copy would not see the in-place writes
                 raise RuntimeError(f"onnxruntime copied bound input {name}; bind C-contiguous CPU arrays")
             binding.bind_ortvalue_input(name, value)
-        for output in self.session.get_outputs():
-            binding.bind_output(output.name, "cpu")
+        returned = [output.name for output in self.session.get_outputs() if output.name not in shared]
+        for name in returned:  # bound first: get_outputs() lists outputs in the order they were bound
+            binding.bind_output(name, "cpu")
+        for output, name in shared.items():
+            binding.bind_ortvalue_output(output, values[name])
 
         def run(**feeds: np.ndarray) -> list[np.ndarray]:
             for name, array in checked_feeds(self.path.name, others, feeds, self.dtypes, self.vocab_size).items():
                 binding.bind_cpu_input(name, array)
             with self.using_weights():
                 self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()
+            # OrtValue.numpy() is a view of memory ONNX Runtime may reuse on the next call: copies, as
+            # copy_outputs_to_cpu() makes (which would also copy the shared buffers).
+            return [value.numpy().copy() for value in binding.get_outputs()[: len(returned)]]
 
         run.values = values  # the OrtValues live as long as the function
         return run
@@ -220,21 +229,25 @@ def row_major(array: np.ndarray) -> np.ndarray:
     return array if array.strides == expected else array.copy(order="C")
 
 
-def bound_decode(session):
+def bound_decode(session, in_graph: bool = False):
     """The decode callable of :func:`clse_fx.deploy.loop.generation_loop` over a decode-graph session
     (:class:`OnnxSession` or ``AotiSession``): the loop hands it the same KV buffers at every step of a
     generation, so they are bound once per generation (:meth:`OnnxSession.bind`) and each step passes only
-    the token, its position, the pad counts and the filled slots."""
+    the token, its position, the pad counts and the filled slots. ``in_graph``: the graph writes the KV cache
+    itself (manifest ``runtime.kv_cache_update``, :data:`~clse_fx.deploy.manifest.KV_IN_GRAPH`); its present
+    outputs are bound to the buffers, written in place, and the callable returns the logits alone."""
     if DECODE_STEP_INPUTS[-1] not in session.inputs:
         raise ValueError(
             f"{session.path.name} predates preallocated KV buffers (no cache_lengths); recompile the bundle"
         )
     names = list(session.inputs)[len(DECODE_STEP_INPUTS) :]
+    _, outputs = decode_names(len(names) // 2, in_graph)
+    shared = {"shared": dict(zip(outputs[1:], names))} if in_graph else {}  # AotiSession.bind binds no outputs
     bound: dict = {}
 
     def decode(input_ids, position_ids, pad_counts, cache_lengths, buffers: list[np.ndarray]) -> list[np.ndarray]:
         if bound.get("buffers") is not buffers:
-            bound.update(buffers=buffers, run=session.bind(dict(zip(names, buffers))))
+            bound.update(buffers=buffers, run=session.bind(dict(zip(names, buffers)), **shared))
         return bound["run"](**dict(zip(DECODE_STEP_INPUTS, (input_ids, position_ids, pad_counts, cache_lengths))))
 
     return decode

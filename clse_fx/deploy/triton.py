@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from clse_fx.deploy.files import staged_directory
-from clse_fx.deploy.manifest import PREFILL, Manifest, read_manifest, split_prefill_outputs
+from clse_fx.deploy.manifest import KV_IN_GRAPH, PREFILL, Manifest, read_manifest, split_prefill_outputs
 
 GENERATE = "clse_generate"
 TRITON_TYPES = {
@@ -129,6 +129,7 @@ def generate_settings(manifest: Manifest, max_new_tokens: int, limit: int) -> di
         "pipeline": [named[graph] for graph in manifest.pipeline],
         "prefill": dict(named[PREFILL], outputs=["logits", *cache, valid]),
         "decode": named["decode"],
+        "decode_writes_kv_cache": manifest.runtime.kv_cache_update == KV_IN_GRAPH,
         "shape": [manifest.batch, manifest.sequence_length],
         "decode_position_start": manifest.runtime.decode_position_start,
         "position_offset_input": manifest.runtime.position_offset_input,

@@ -17,6 +17,7 @@ from clse_runtime import (
     check_finite_feeds,
     check_prompt_feeds,
     check_valid_rows,
+    copy_written_slots,
     decode_start,
     generation_loop,
 )
@@ -62,7 +63,12 @@ class TritonPythonModel:
         # BLS sends every input (the KV buffers too) to clse_decode each step: no binding across calls here.
         graph = self.settings["decode"]
         step = [input_ids, position_ids, pad_counts, cache_lengths, *buffers]
-        return self._infer(graph, dict(zip(graph["inputs"], step)))
+        outputs = self._infer(graph, dict(zip(graph["inputs"], step)))
+        if not self.settings["decode_writes_kv_cache"]:
+            return outputs  # the logits and each layer's new key/value, which the loop writes
+        logits, *presents = outputs  # the buffers as the graph wrote them, copies here
+        copy_written_slots(buffers, presents, cache_lengths)
+        return [logits]
 
     def _generate(self, request):
         settings = self.settings

@@ -12,15 +12,16 @@ import numpy as np
 import torch
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
-from clse_fx.decode import decode_example, export_decode
-from clse_fx.deploy.manifest import decode_names, prefill_output_names
+from clse_fx.decode import decode_example, equal_lengths, export_decode
+from clse_fx.deploy.manifest import KV_IN_GRAPH, KV_RUNTIME, decode_names, prefill_output_names
 from clse_fx.deploy.onnx_graph import declared_initializers
 from clse_fx.deploy.session import OnnxSession, as_array
 from clse_fx.export.float32_compute import compute_in_float32
+from clse_fx.export.group_query_attention import translation_table
 from clse_fx.export.quantize import quantize_bundle, roles_for
 from clse_fx.export.rsqrt_as_division import rsqrt_as_division
 from clse_fx.export.shared_weights import share_weights
-from clse_fx.export.targets import TargetSection
+from clse_fx.export.targets import TARGETS, TargetSection
 from clse_fx.export.tensorrt_check import check_tensorrt_ready
 from clse_fx.export.weight_transposes import defer_weight_transposes
 from clse_fx.models import adapter_for, deploy_recipe_for
@@ -55,10 +56,12 @@ def export_program(
     inputs: list[str],
     outputs: list[str],
     optimize: bool = True,
+    translations: dict | None = None,
 ) -> Path:
     """Export an ExportedProgram to a checked ONNX file free of ops that engines reject. ``optimize`` runs
     onnxscript's optimizer (constant folding, rewrites): graphs about half the size, for about twice the export
-    time on small models; TensorRT readiness needs it (it folds shape computations to build-time constants)."""
+    time on small models; TensorRT readiness needs it (it folds shape computations to build-time constants).
+    ``translations``: torch.onnx's ``custom_translation_table`` (custom ops -> onnxscript functions)."""
 
     path = Path(path)
     # The exporter logs a warning per torchvision op it cannot register; torchvision is not used here.
@@ -74,6 +77,7 @@ def export_program(
             dynamo=True,
             optimize=False,
             verbose=False,
+            custom_translation_table=translations,
         )
         defer_weight_transposes(onnx_program.model)  # before the optimizer, which would fold them in memory
         if optimize:
@@ -205,15 +209,23 @@ DECODE_CACHE_MAX_BYTES = 256 << 20
 
 
 def export_decode_onnx(
-    model: torch.nn.Module, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]], path: Path, optimize: bool = True
+    model: torch.nn.Module,
+    prefill_cache: list[tuple[torch.Tensor, torch.Tensor]],
+    path: Path,
+    optimize: bool = True,
+    in_place: bool = False,
 ) -> tuple[torch.export.ExportedProgram, Path]:
-    """Export the decode step for caches shaped like ``prefill_cache`` to ``path`` (checked ONNX)."""
+    """Export the decode step for caches shaped like ``prefill_cache`` to ``path`` (checked ONNX); ``in_place``:
+    the :class:`~clse_fx.decode.InPlaceDecodeStep` (GroupQueryAttention), else the portable one."""
     layout = tuple((t.shape[0], t.shape[1], t.shape[3], t.dtype, t.device) for pair in prefill_cache for t in pair)
-    layout += weights_key(model) + (optimize,)  # the file holds the weights: modified weights need a new export
+    layout += weights_key(model) + (optimize, in_place)  # the file holds the weights: modified ones need an export
+    if in_place:
+        layout += (equal_lengths(prefill_cache),)  # the in-place step shares one capacity between equal layers
     exports = _DECODE_EXPORTS.setdefault(model, {})
-    program, files = exports.get(layout) or (export_decode(model, prefill_cache), None)
+    program, files = exports.get(layout) or (export_decode(model, prefill_cache, in_place), None)
     if files is None:
-        export_program(program, path, *decode_names(len(prefill_cache)), optimize)
+        names = decode_names(len(prefill_cache), in_place)
+        export_program(program, path, *names, optimize, translation_table() if in_place else None)
         written = [f for f in path.parent.iterdir() if f.name.startswith(path.name)]  # with any external data
         small = sum(f.stat().st_size for f in written) <= DECODE_CACHE_MAX_BYTES
         exports[layout] = (program, {f.name: f.read_bytes() for f in written} if small else None)
@@ -234,7 +246,10 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         prefill_path = export_onnx(pruned, bundle / "prefill.onnx", optimize)
         device_out = context.program_output()  # on the model's device; parity is measured on the CPU
         torch_out = device_out.cpu()
-        decode_program, decode_path = export_decode_onnx(model, device_out.cache, bundle / "decode.onnx", optimize)
+        in_place = writes_kv_in_graph(context.options.target, device_out.cache)
+        decode_program, decode_path = export_decode_onnx(
+            model, device_out.cache, bundle / "decode.onnx", optimize, in_place
+        )
         share_weights([*pre_paths.values(), prefill_path, decode_path])
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
@@ -264,4 +279,12 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         tensorrt_readiness={name: [str(f) for f in check_tensorrt_ready(path)] for name, path in paths.items()},
         opset=OPSET,
         quantization=quantization,
+        kv_cache_update=KV_IN_GRAPH if in_place else KV_RUNTIME,
     )
+
+
+def writes_kv_in_graph(target: str, prefill_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether ``target``'s decode step writes the KV cache itself (GroupQueryAttention): where the target asks
+    for it (the CPU target; see :data:`~clse_fx.export.targets.TARGETS` for why the others do not) and ONNX
+    Runtime's CPU kernel takes the head size (a multiple of 8)."""
+    return TARGETS[target].kv_cache_update == KV_IN_GRAPH and prefill_cache[0][0].shape[3] % 8 == 0

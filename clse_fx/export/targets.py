@@ -12,6 +12,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from clse_fx.deploy.manifest import KV_IN_GRAPH, KV_RUNTIME
+
 
 @dataclass
 class TargetSection:
@@ -25,6 +27,7 @@ class TargetSection:
     tensorrt_readiness: dict[str, list[str]] | None = None
     opset: int | None = None
     quantization: dict | None = None  # what --weight-format did (clse_fx.export.quantize.quantize_bundle)
+    kv_cache_update: str | None = None  # the decode graph's protocol (manifest runtime.kv_cache_update)
     module: object | None = None
 
 
@@ -35,10 +38,20 @@ class Target:
     summary: str = ""
     device: str | None = None  # where the model must be traced (None: where it is)
     runtime: str = "onnxruntime"  # what runs the bundle: "onnxruntime" (Engine, Triton) or "torch" (libtorch)
+    # Who writes each decode step's new key/value into the KV buffers (manifest runtime.kv_cache_update): the
+    # decode graph itself through ONNX Runtime's GroupQueryAttention (KV_IN_GRAPH), or the runtime.
+    kv_cache_update: str = KV_RUNTIME
 
 
 TARGETS: dict[str, Target] = {
-    "onnxruntime": Target(("onnxruntime",), summary="ONNX bundle (prefill + decode) for ONNX Runtime on the CPU"),
+    "onnxruntime": Target(
+        ("onnxruntime",),
+        summary="ONNX bundle (prefill + decode) for ONNX Runtime on the CPU",
+        kv_cache_update=KV_IN_GRAPH,
+    ),
+    # Its decode step stays portable: ONNX Runtime's CUDA GroupQueryAttention has float16/bfloat16 kernels only
+    # (a float32 graph would run it on the CPU provider, copying across the bus in every layer) and the TensorRT
+    # provider it prefers cannot import contrib ops.
     "onnxruntime-gpu": Target(
         ("onnxruntime",), summary="the same bundle; loading prefers the TensorRT and CUDA execution providers"
     ),

@@ -35,6 +35,9 @@ COMPLEX_TYPES = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
 # Inputs TensorRT needs as build-time constants: (op, input index).
 CONSTANT_INPUTS = {("TopK", 1), ("CumSum", 1), ("Slice", 3), ("Squeeze", 1), ("Unsqueeze", 1)}
 TOPK_MAX_K = 3840
+# What to do about an ONNX Runtime contrib op, by op: the in-graph KV decode step's attention, else quantization.
+CONTRIB_FIX = {"GroupQueryAttention": "import: the onnxruntime target's decode step; other targets keep a portable one"}
+QUANTIZED_FIX = "import; compile without --weight-format for TensorRT"
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,8 @@ def check_tensorrt_ready(model: onnx.ModelProto | str | Path) -> list[Finding]:
             findings.append(Finding(node.name, node.op_type, _layer(node), problem))
 
         if node.domain not in ("", "ai.onnx"):
-            flag(
-                f"{node.op_type} is an ONNX Runtime contrib op ({node.domain}) that TensorRT's ONNX parser cannot "
-                "import; compile without --weight-format for TensorRT"
-            )
+            contrib = f"{node.op_type} is an ONNX Runtime contrib op ({node.domain})"
+            flag(f"{contrib} that TensorRT's ONNX parser cannot {CONTRIB_FIX.get(node.op_type, QUANTIZED_FIX)}")
         if node.op_type in UNSUPPORTED_OPS:
             flag(f"{node.op_type} is not supported by TensorRT's ONNX parser")
         if node.op_type in DATA_DEPENDENT_OPS:
