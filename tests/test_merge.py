@@ -51,7 +51,7 @@ def test_pass_equals_reference_with_merging(tiny_llava, inputs, metric, stages):
     merged = PruneConfig(plan=plan, merge="tome", merge_metric=metric)
     out = prune_prefill(tiny_llava, merged, inputs)()
     ref = reference_prune(tiny_llava, merged, **inputs)
-    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert (out.logits - ref.logits[:, -1:]).abs().max() <= 1e-5
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
     for (key, value), (ref_key, ref_value) in zip(out.cache, ref.cache):
         assert (key - ref_key).abs().max() <= 1e-5 and (value - ref_value).abs().max() <= 1e-5

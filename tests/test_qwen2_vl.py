@@ -56,7 +56,7 @@ def test_budget_of_all_tokens_equals_unmodified_model(qwen):
     inputs = _inputs(qwen, TWO_ROWS)
     out = prune_prefill(qwen, PruneConfig(plan=_plan("1:63,2:63,3:63")), inputs)()
     with torch.no_grad():
-        plain = qwen(**inputs).logits
+        plain = qwen(**inputs, logits_to_keep=1).logits
     assert (out.logits - plain).abs().max() <= 1e-5
 
 
@@ -67,7 +67,7 @@ def test_pass_equals_reference(qwen, score, stages):
     prune = PruneConfig(plan=_plan(stages), score=score)
     out = prune_prefill(qwen, prune, inputs)()
     ref = reference_prune(qwen, prune, **inputs)
-    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert (out.logits - ref.logits[:, -1:]).abs().max() <= 1e-5  # the prefill gives the last position's
     assert torch.equal(out.positions, ref.positions)
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
     for (key, value), (ref_key, ref_value) in zip(out.cache, ref.cache):

@@ -76,7 +76,7 @@ def test_video_pass_equals_reference(video_model, frames, score, three_stage):
     prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=stages), score=score)
     out = prune_prefill(video_model, prune, inputs)()
     ref = reference_prune(video_model, prune, **inputs)
-    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert (out.logits - ref.logits[:, -1:]).abs().max() <= 1e-5  # the prefill gives the last position's
     assert torch.equal(out.positions, ref.positions)
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
 
@@ -86,7 +86,7 @@ def test_video_budget_of_all_tokens_equals_unmodified_model(video_model):
     prune = PruneConfig(plan=plan_budget(None, 4, tokens, stages=[(1, tokens), (3, tokens)]))
     out = prune_prefill(video_model, prune, inputs)()
     with torch.no_grad():
-        plain = video_model(**inputs).logits
+        plain = video_model(**inputs, logits_to_keep=1).logits
     assert (out.logits - plain).abs().max() <= 1e-5
 
 

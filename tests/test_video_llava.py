@@ -60,7 +60,7 @@ def test_pass_equals_reference(model, modality, count, score, stages):
     prune = PruneConfig(plan=plan_budget(None, 4, scored, stages=stages), score=score)
     out = prune_prefill(model, prune, inputs)()
     ref = reference_prune(model, prune, **inputs)
-    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    assert (out.logits - ref.logits[:, -1:]).abs().max() <= 1e-5  # the prefill gives the last position's
     assert torch.equal(out.positions, ref.positions)
     assert all(torch.equal(a, b) for a, b in zip(out.kept, ref.kept))
     if modality == "video":  # every frame's CLS survives every stage
@@ -74,7 +74,7 @@ def test_budget_of_all_tokens_equals_unmodified_model(model, modality):
     prune = PruneConfig(plan=plan_budget(scored, 4, scored))
     out = prune_prefill(model, prune, inputs)()
     with torch.no_grad():
-        plain = model(**inputs).logits
+        plain = model(**inputs, logits_to_keep=1).logits
     assert (out.logits - plain).abs().max() <= 1e-5
 
 

@@ -29,9 +29,9 @@ DECODE_STEP_INPUTS = ("input_ids", "position_ids", "pad_counts", "cache_lengths"
 
 
 def prefill_output_names(num_stages: int, num_layers: int) -> list[str]:
-    """The prefill graph's outputs, in order: logits, the kept tokens' original positions, each stage's kept
-    visual ids, every layer's pruned key and value, then ``valid``: per row, whether the prompt is one the
-    graph was built for (the other outputs of an invalid row are meaningless)."""
+    """The prefill graph's outputs, in order: the last position's logits [B, 1, V], the kept tokens' original
+    positions, each stage's kept visual ids, every layer's pruned key and value, then ``valid``: per row, whether
+    the prompt is one the graph was built for (the other outputs of an invalid row are meaningless)."""
     cache = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     return ["logits", "positions", *(f"kept_{i}" for i in range(num_stages)), *cache, "valid"]
 

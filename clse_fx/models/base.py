@@ -114,8 +114,16 @@ class ModelAdapter(ABC):
         return None
 
     def prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor):
-        """The unmodified model's prefill logits for the graph inputs."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+        """The unmodified model's prefill logits for the graph inputs, at the last position (:meth:`last_logits`)."""
+        return self.last_logits(self.model.model(input_ids=input_ids, attention_mask=attention_mask, **extra))
+
+    def last_logits(self, outputs) -> torch.Tensor:
+        """The LM head on the last position of the model's final (normed) hidden states: [B, 1, V]. Generation
+        reads no other (transformers' generate asks ``logits_to_keep=1``), and the head over every kept token costs
+        as much as several decoder layers where the vocabulary is large (152064 for Qwen2-VL). Selected here with
+        the position dimension dropped, rather than through ``logits_to_keep``, whose [B, 1, H] slice makes export
+        guard the batch to be other than 1."""
+        return self.lm_head()(outputs.last_hidden_state[:, -1])[:, None]
 
     @property
     def num_layers(self) -> int:

@@ -105,7 +105,7 @@ class LlavaNextAdapter(ModelAdapter):
         features = self.packed_image_features(pixel_values, image_size).to(embeds.dtype)
         mask = (input_ids == self.visual_token_ids()[0])[..., None].expand_as(embeds)
         embeds = embeds.masked_scatter(mask, features)
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        return self.last_logits(self.model.model(inputs_embeds=embeds, attention_mask=attention_mask))
 
     def packed_image_features(self, pixel_values: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """[images, tiles, 3, s, s] pixels -> [images, tokens, C] features laid out as :meth:`image_layout`."""

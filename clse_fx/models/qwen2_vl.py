@@ -170,13 +170,14 @@ class Qwen2VLAdapter(ModelAdapter):
     ) -> torch.Tensor:
         embeds = {"image": image_embeds, "video": video_embeds}
         encoded = {key: BaseModelOutputWithPooling(pooler_output=[e]) for key, e in embeds.items() if e is not None}
-        return self.model(
+        outputs = self.model.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             mm_encoder_outputs=encoded or None,
             use_cache=False,
-        ).logits
+        )
+        return self.last_logits(outputs)
 
 
 class Qwen2VLExamples(ExampleInputs):
