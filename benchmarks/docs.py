@@ -108,6 +108,14 @@ def accuracy_precision(results: Path) -> str:
     return _markdown(header, ([name, *cells(rows)] for name, rows in by_precision.items()))
 
 
+@table("peer_cpu")
+def peer_cpu(results: Path) -> str:
+    from benchmarks.peer_cpu import markdown
+
+    data = _json(results / "peer_cpu.json")
+    return markdown(data["rows"], data["ratios"])
+
+
 @table("scale")
 def scale(results: Path) -> str:
     gib = 2**30
