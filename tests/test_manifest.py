@@ -93,8 +93,13 @@ def test_manifest_numbers_are_checked_on_load(manifest_json, tmp_path, change, m
 
 def test_bundles_written_before_in_graph_kv_updates_read_as_runtime_written(manifest_json):
     """Their decode graphs output the new keys and values (new.{i}.*): the runtime writes them, as it did."""
-    old = manifest_json | {"runtime": {k: v for k, v in manifest_json["runtime"].items() if k != "kv_cache_update"}}
+    old = json.loads(json.dumps(manifest_json))
+    del old["runtime"]["kv_cache_update"]
+    for entry in old["graphs"]["decode"]["outputs"]:
+        entry["name"] = entry["name"].replace("present.", "new.")
     assert Manifest.from_dict(old).runtime.kv_cache_update == KV_RUNTIME
+    with pytest.raises(ValueError, match="graphs.decode.outputs do not match"):
+        Manifest.from_dict(manifest_json | {"runtime": old["runtime"]})  # present.* outputs the runtime would not write
 
 
 def _edited_copy(bundle, tmp_path, edit) -> object:

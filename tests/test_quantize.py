@@ -107,6 +107,8 @@ def test_an_int4_bundle_stores_quantized_weights_once_and_answers_through_engine
     decode, prefill = quantization["weights"]["decode"], quantization["weights"]["prefill"]
     assert decode == {"int4": 4 * 7, "int8": 2}  # 4 layers x (q, k, v, o, gate, up, down); embedding, LM head
     assert prefill["int4"] == 4 * 7 and prefill["int8"] > 2  # and the vision tower and projector at 8 bits
+    # The prefill's LM head runs on the last position only, a 2-D product the exporter writes as Gemm: quantized too.
+    assert "gm.model.lm_head.weight.q8" in manifest["graphs"]["prefill"]["initializers"]
     assert quantization["bytes"]["after"] < quantization["bytes"]["before"] / 3
     assert sorted(p.name for p in bundle.glob("*.data")) == ["weights.data"]  # every graph reads one file
     types = {entry["type"] for graph in manifest["graphs"].values() for entry in graph["initializers"].values()}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clse_fx.deploy.session import ORT_TYPES, checked_feeds
+from clse_fx.deploy.session import ORT_TYPES, as_array, checked_feeds
 
 
 class AotiSession:
@@ -35,6 +35,9 @@ class AotiSession:
         self.dtypes = {
             entry["name"]: entry["dtype"] if entry["dtype"] in checkable else None for entry in graph["inputs"]
         }
+        # numpy has no bfloat16: a bfloat16 package's outputs come back widened to float32 (as_array) and its
+        # float inputs (the KV buffers the loop feeds back) are narrowed again on the way in.
+        self.torch_dtypes = {entry["name"]: getattr(torch, entry["dtype"]) for entry in graph["inputs"]}
         logits = [entry["shape"][-1] for entry in graph["outputs"] if entry["name"] == "logits"]
         self.vocab_size = vocab_size if vocab_size is not None else next(iter(logits), None)
 
@@ -42,9 +45,12 @@ class AotiSession:
         import torch
 
         arrays = checked_feeds(self.path.name, self.inputs, feeds, self.dtypes, self.vocab_size)
+        tensors = [
+            torch.from_numpy(array).to(self.device, dtype=self.torch_dtypes[name]) for name, array in arrays.items()
+        ]
         with torch.no_grad():
-            outputs = self.runner.boxed_run([torch.from_numpy(array).to(self.device) for array in arrays.values()])
-        return [output.cpu().numpy() for output in outputs]
+            outputs = self.runner.boxed_run(tensors)
+        return [as_array(output) for output in outputs]
 
     def bind(self, fixed: dict[str, np.ndarray]):
         """:meth:`OnnxSession.bind`'s interface: a run function that adds the ``fixed`` inputs to each call's.

@@ -191,9 +191,9 @@ class Manifest:
             if PREFILL not in manifest.graphs or DECODE not in manifest.graphs:
                 raise KeyError(f"graphs.{PREFILL if PREFILL not in manifest.graphs else DECODE}")
             _check_numbers(manifest)
-            _check_layout(manifest)
             if manifest.runtime.kv_cache_update not in (KV_RUNTIME, KV_IN_GRAPH):
                 raise TypeError(f"runtime.kv_cache_update is {manifest.runtime.kv_cache_update!r}")
+            _check_layout(manifest)
         except (KeyError, TypeError) as error:
             detail = error.args[0] if error.args else error
             raise ValueError(f"{where} is invalid ({detail}); recompile the bundle") from None
@@ -243,10 +243,11 @@ def _check_layout(manifest: Manifest) -> None:
     if not pairs or not isinstance(plan.visual_tokens_per_layer, list):
         raise TypeError("plan.stages is not a list of [layer, keep] pairs, or plan.visual_tokens_per_layer not a list")
     layers = manifest.num_layers
+    decode_inputs, decode_outputs = decode_names(layers, manifest.runtime.kv_cache_update == KV_IN_GRAPH)
     expected = {
         f"graphs.{PREFILL}.outputs": (PREFILL, "outputs", prefill_output_names(manifest.num_stages, layers)),
-        f"graphs.{DECODE}.inputs": (DECODE, "inputs", decode_names(layers)[0]),
-        f"graphs.{DECODE}.outputs": (DECODE, "outputs", decode_names(layers)[1]),
+        f"graphs.{DECODE}.inputs": (DECODE, "inputs", decode_inputs),
+        f"graphs.{DECODE}.outputs": (DECODE, "outputs", decode_outputs),
     }
     for key, (graph, side, names) in expected.items():
         recorded = manifest.graphs[graph].get(side) if isinstance(manifest.graphs[graph], dict) else None

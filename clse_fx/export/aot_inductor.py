@@ -14,6 +14,7 @@ import torch
 from clse_fx.decode import decode_example, export_decode
 from clse_fx.deploy.aoti import AotiSession
 from clse_fx.deploy.manifest import DECODE_STEP_INPUTS, decode_names
+from clse_fx.deploy.session import as_array
 from clse_fx.export.onnxruntime import input_names, output_names
 from clse_fx.export.targets import TargetSection
 from clse_fx.models import deploy_recipe_for
@@ -79,13 +80,13 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
         decode = AotiSession(bundle / "decode.pt2", graphs["decode"], device)
         decode_engine = decode.run(**dict(zip(names_in, step_args)))
     parity = {
-        "aot_inductor_max_abs_logits": float(np.abs(engine[0] - out.logits.cpu().numpy()).max()),
+        "aot_inductor_max_abs_logits": float(np.abs(engine[0] - as_array(out.logits)).max()),
         "aot_inductor_indices_identical": all(
             np.array_equal(a, b.cpu().numpy())
             for a, b in zip(engine[1 : 2 + len(out.kept)], [out.positions, *out.kept])
         ),
         "aot_inductor_decode_max_abs": max(
-            float(np.abs(e - t.cpu().numpy()).max()) for e, t in zip(decode_engine, decode_out)
+            float(np.abs(e - as_array(t)).max()) for e, t in zip(decode_engine, decode_out)
         ),
     }
     return TargetSection(graphs=graphs, parity=parity)

@@ -159,6 +159,14 @@ def _stored_weight(ir, value):
     return value, cast
 
 
+def _plain_product(node) -> bool:
+    """Whether a ``Gemm`` is a plain ``A @ B`` (or ``A @ B.T``): no bias, scale or transposed ``A`` (the exporter
+    writes a 2-D ``nn.Linear`` without bias this way: the LM head on the last position)."""
+    attributes = node.attributes
+    no_bias = len(node.inputs) < 3 or node.inputs[2] is None
+    return no_bias and attributes.get_float("alpha", 1.0) == 1.0 and attributes.get_int("transA", 0) == 0
+
+
 def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> dict[str, int]:
     """Rewrite ``model`` (an ``onnx_ir.Model``, in place) with quantized MatMul weights and embedding tables;
     returns how many weights were quantized at each width (``{"int4": n, "int8": m}``)."""
@@ -167,16 +175,23 @@ def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> di
     graph = model.graph
     counts: dict[str, int] = {}
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gather"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
             continue
         gather = node.op_type == "Gather"
+        if node.op_type == "Gemm" and not _plain_product(node):
+            continue
         table, cast = _stored_weight(ir, node.inputs[0 if gather else 1])
-        dtype = _float_type(ir, node.outputs[0])  # what the op computes in: the scales' type
-        if table is None or dtype is None or (not gather and _float_type(ir, node.inputs[0]) != dtype):
+        # What the op computes in (the scales' type): its output's float type, else (graphs exported without shape
+        # inference leave some outputs untyped) its activation's, or for a Gather the table's as read.
+        typed = [_float_type(ir, value) for value in (node.outputs[0], node.inputs[0])]
+        dtype = next((element for element in typed if element is not None), None)
+        if table is None or dtype is None:
             continue
         weight = table.const_value
         bits = roles.bits(table.name, weight_format)
-        rows, cols = weight.shape
+        # A Gemm with transB holds the weight as [N, K]: MatMulNBits' own layout, quantized as given.
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+        cols, rows = weight.shape if transposed else weight.shape[::-1]
         block = block_for(cols, weight_format.block_size) if gather else weight_format.block_size
         if gather:  # [vocab, hidden], blocks along hidden: MatMulNBits' layout of the table's transpose
             if node.attributes.get_int("axis", 0) != 0 or block is None:
@@ -189,7 +204,7 @@ def quantize_graph(model, roles: WeightRoles, weight_format: WeightFormat) -> di
             attributes = {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
         else:  # [K, N] -> N rows of K / block blocks
             blocks = -(-rows // block)
-            quantized = _Quantized(weight, bits, block, False, dtype)
+            quantized = _Quantized(weight, bits, block, transposed, dtype)
             shapes = [(cols, blocks, block * bits // 8), (cols, blocks), (cols, -(-blocks * bits // 8))]
             packed, scales, zero_points = _lazy_parts(ir, quantized, shapes, table.name)
             inputs, op = [node.inputs[0], packed, scales, zero_points], "MatMulNBits"
