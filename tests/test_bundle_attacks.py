@@ -233,6 +233,22 @@ def test_a_graph_swapped_while_the_sessions_are_built_is_refused(bundle, monkeyp
         Engine.load(bundle)
 
 
+def test_a_graph_hard_linked_while_the_sessions_are_built_still_loads(bundle, tmp_path, monkeypatch):
+    """A hard link (a Triton repository written from the bundle meanwhile) moves the ctime, not the content: the
+    file is hashed again and the load goes on."""
+    from clse_fx.deploy import session
+
+    build = session.inference_session
+
+    def linking(path, *args):
+        os.link(path, tmp_path / f"{path.name}.link")
+        return build(path, *args)
+
+    monkeypatch.setattr(session, "inference_session", linking)
+    time.sleep(0.05)
+    assert Engine.load(bundle).manifest.num_layers > 0
+
+
 def test_clse_run_answers_a_tampered_bundle_with_one_line(bundle, tmp_path, capsys):
     manifest = _manifest(bundle)
     _embedding_reads_the_lm_head(manifest)

@@ -72,7 +72,7 @@ def test_exported_graph_is_static_and_engine_friendly(exported):
     assert names[5:7] == ["present.0.key", "present.0.value"] and names[5 + 8 :] == ["valid"]
     for value in signature["inputs"] + signature["outputs"]:
         assert all(d > 0 for d in value["shape"]), value  # every dimension static
-    assert signature["outputs"][0]["shape"][:2] == [2, 4 + 4]
+    assert signature["outputs"][0]["shape"][:2] == [2, 1]  # logits at the last position only
 
 
 def test_engine_rejects_shapes_it_was_not_compiled_for(exported):

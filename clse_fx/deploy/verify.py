@@ -19,6 +19,7 @@ load, e.g. on a network filesystem whose server's clock or timestamps you do not
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import stat
@@ -121,21 +122,29 @@ def verify_file(bundle: Path, manifest: Manifest, name: str, stamps: Stamps) -> 
 
 
 def verified_bytes(verified: VerifiedBundle, name: str) -> bytes:
-    """The content of the verified (small) file ``name``, read only if it is still the version verified."""
+    """The content of the verified (small) file ``name``, hashed again as read: what the caller parses is what the
+    manifest lists, whatever happened to the file since it was verified."""
     with open(verified.path / name, "rb", buffering=0) as file:
-        check_unchanged(verified, name, os.fstat(file.fileno()))
         data = file.read()
-        check_unchanged(verified, name, os.fstat(file.fileno()))
+    if hashlib.sha256(data).hexdigest() != verified.manifest.files[name]["sha256"]:
+        raise ValueError(f"bundle file {name} changed after it was verified; load the bundle again")
     return data
 
 
-def check_unchanged(verified: VerifiedBundle, name: str, status: os.stat_result | None = None) -> None:
-    """Raise a one-line ValueError unless the bundle file ``name`` (by default: what its path names now) is the
-    version that was verified. Any change to a file, even one undone (a rewrite restored, a file renamed away and
-    back), moves its ctime: so a runtime that read a file by its path between two such checks read what was
-    verified."""
-    status = status or os.stat(verified.path / name)
-    if FileIdentity.of(status) != verified.identities[name]:
+def check_unchanged(verified: VerifiedBundle, name: str) -> None:
+    """Raise a one-line ValueError unless the bundle file ``name`` (what its path names now) is the version that was
+    verified. Any change to a file, even one undone (a rewrite restored, a file renamed away and back), moves its
+    ctime: so a runtime that read a file by its path between two such checks read what was verified. A hard link or
+    chmod moves the ctime too (a Triton repository written from the bundle links its files): a file changed in its
+    ctime alone is hashed again rather than refused."""
+    path = verified.path / name
+    with open(path, "rb", buffering=0) as file:
+        now = FileIdentity.of(os.fstat(file.fileno()))
+        known = verified.identities[name]
+        if now != known and dataclasses.replace(now, ctime_ns=known.ctime_ns) == known:
+            if file_sha256(file) == verified.manifest.files[name]["sha256"]:
+                verified.identities[name] = now = FileIdentity.of(os.fstat(file.fileno()))
+    if now != verified.identities[name]:
         raise ValueError(f"bundle file {name} changed after it was verified; load the bundle again")
 
 
