@@ -101,6 +101,12 @@ def _parser() -> OneLineParser:
         "--device", choices=DEVICES, help="trace and verify on this device (default: cpu; cuda for tensorrt)"
     )
     parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the checks against the eager reference and the unquantized model (parity, deploy path, the "
+        "lossy floors): the manifest then records none; for timing experiments, not for bundles you ship",
+    )
+    parser.add_argument(
         "--check",
         choices=["tensorrt"],
         help="also report every node TensorRT's ONNX parser would reject; exit 1 if any",
@@ -202,6 +208,8 @@ def _report(console, result, bundle: Path, dump_graph: str | None = None) -> Non
         f"({kv.unpruned / kv.pruned:.2f}x smaller, {plan.kv_policy})",
     )
     parity = m.parity
+    if "reference_max_abs_logits" not in parity:
+        table.add_row("checks", "skipped (--no-verify): nothing was compared with the eager reference")
     if "reference_max_abs_logits" in parity:
         table.add_row(
             "parity vs eager reference",
@@ -349,6 +357,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             fp16=args.fp16,
             dtype=args.dtype,
             weight_format=args.weight_format,
+            verify=not args.no_verify,
             device=args.device or (None if args.target == "tensorrt" else "cpu"),  # TensorRT: CUDA by default
             dump_graph=args.dump_graph,
             optimize_onnx=args.optimize_onnx,

@@ -145,6 +145,22 @@ def test_failure_mid_compile_leaves_nothing_behind(tiny_llava_dir, tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
+def test_no_verify_compiles_without_the_checks(tiny_llava_dir, tmp_path, capsys, monkeypatch):
+    """--no-verify reaches the compiler as verify=False (no parity, deploy-path or lossy check runs)."""
+    import clse_fx.api
+
+    asked = []
+
+    def stop(model, options, **kwargs):
+        asked.append(options.verify)
+        raise ValueError("stopped before compiling")
+
+    monkeypatch.setattr(clse_fx.api, "compile", stop)
+    argv = [str(tiny_llava_dir), "--keep", "8", "-o", str(tmp_path / "b")]
+    assert _run(capsys, *argv, "--no-verify")[0] == 2 and _run(capsys, *argv)[0] == 2
+    assert asked == [False, True]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
