@@ -232,3 +232,22 @@ def test_qwen_bundle_answers_from_images_and_text(qwen, qwen_bundle, tmp_path):
     assert any(len(a.token_ids) > 1 for a in answers)
     rows = clse_run_blocked(bundle, images, prompts, tmp_path)
     assert [row["token_ids"] for row in rows] == [a.token_ids for a in answers]
+
+
+def test_a_bfloat16_vision_graph_exports_and_computes_in_float32(qwen, tmp_path):
+    """The TorchScript exporter (torch 2.13) breaks bfloat16 graphs twice: its constant folding fails and its
+    casts to bfloat16 come out typed complex128 (export/onnxruntime.py); the vision graph exported from bfloat16
+    weights runs in ONNX Runtime close to the bfloat16 tower."""
+    from clse_fx.api import load_checkpoint
+    from clse_fx.deploy.session import OnnxSession
+    from clse_fx.export.onnxruntime import export_input_graph
+    from clse_fx.models import deploy_recipe_for
+
+    model, _ = load_checkpoint(qwen.name_or_path, dtype="bfloat16")
+    inputs = _inputs(model, [[5, START] + [IMAGE] * TOKENS + [END, 6]])
+    vision, _ = deploy_recipe_for(model).input_graphs(inputs)
+    path = export_input_graph(vision, inputs, tmp_path / "vision.onnx", optimize=False)
+    (embeds,) = OnnxSession(path).run(pixel_values=inputs["pixel_values"].numpy())
+    with torch.no_grad():
+        expected = vision.module(inputs["pixel_values"].to(torch.bfloat16)).float().numpy()
+    assert embeds.dtype == np.float32 and np.abs(embeds - expected).max() <= 5e-2 * np.abs(expected).max()
