@@ -360,7 +360,7 @@ def compile_bundle(checkpoint: Path, spec: ModelSpec, variant: Variant, out: Pat
             raise
         # The quantized bundle missed the accuracy floors on this random checkpoint: clse-compile refuses to write
         # it. Its speed and size are still measured, from a --no-verify build, and the row says so.
-        refusal.write_text(str(error).split("failed: ", 1)[-1] + "\n")
+        refusal.write_text(str(error).split("failed: ", 1)[-1].removeprefix("error: ") + "\n")
         run_checked(command + ["-o", str(out), "--force", "--no-verify"], f"clse-compile ({variant.name})")
 
 
