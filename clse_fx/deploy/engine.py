@@ -23,7 +23,7 @@ from clse_fx.deploy.loop import (
 from clse_fx.deploy.manifest import KV_IN_GRAPH, Manifest, split_prefill_outputs
 from clse_fx.deploy.preprocess import Preprocessor
 from clse_fx.deploy.preprocess.media import DEFAULT_LIMITS, check_image
-from clse_fx.deploy.session import bound_decode
+from clse_fx.deploy.session import bound_decode, widened_weights_fit
 
 
 @dataclass
@@ -37,6 +37,11 @@ class Generation:
     kept_ids: list[list[int]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what in the prompt the model cannot read
 
+
+
+def graph_weight_bytes(graph: dict, element_type: int = 16) -> int:
+    """Bytes of a manifest graph's external weights of ``element_type`` (ONNX's; 16: bfloat16)."""
+    return sum(entry["length"] for entry in graph.get("initializers", {}).values() if entry["type"] == element_type)
 
 class Engine:
     """A loaded bundle. Feeds must match the compiled geometry; text and pixels are fitted to it by the bundle's
@@ -102,7 +107,9 @@ class Engine:
             # products are 10% slower unpacked) nor quantized ones anywhere (MatMulNBits unpacked: 1.6x the
             # prefill, 12x the decode step).
             prepack = name == DECODE or manifest.quantization is not None
-            return OnnxSession(path, providers, threads, dtype, shared, weights, vocab, prepack)
+            # The decode step reads every weight per token: a bfloat16 one runs from float32 copies where they fit.
+            widen = name == DECODE and dtype == "bfloat16" and widened_weights_fit(graph_weight_bytes(graphs[name]))
+            return OnnxSession(path, providers, threads, dtype, shared, weights, vocab, prepack, widen)
 
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None
