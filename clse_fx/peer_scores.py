@@ -22,9 +22,11 @@ DART_IMAGE_PIVOTS = 4
 DART_TEXT_PIVOTS = 4
 # CDPruner's min-max normalisation of the relevance adds this to the numerator (authors' code).
 RELEVANCE_EPS = 1e-6
-# A greedy DPP step divides by the square root of the chosen token's residual gain; once the kernel's rank is
-# spent (more steps than feature dimensions) the gains are rounding noise, so they are floored here.
-GAIN_FLOOR = 1e-12
+# Residual DPP gains at or below this count as spent (kernel values r_i r_j S_ij are at most about 1): once a
+# token's near-duplicates are chosen, or the steps outnumber the feature dimensions, what is left of its gain is
+# float32 rounding, which would order the rest differently in every backend. Spent tokens tie at 0 (the lower
+# index goes first) and change no other gain.
+SPENT_GAIN = 1e-5
 
 
 class Instruction(NamedTuple):
@@ -128,29 +130,32 @@ def dpp_greedy(kernel: torch.Tensor, keep: int, candidates: torch.Tensor | None 
     """Greedy MAP inference of a DPP (Chen et al. 2018's incremental Cholesky form), unrolled for ``keep`` fixed
     steps: [B, n, n] kernel -> [B, n] score, keep - t for the token chosen at step t, 0 for the rest.
 
-    Each step takes the token of largest residual gain (ties to the lower index, as ONNX ArgMax), computes
-    its new Cholesky row e = (L[j] - c_j C) / sqrt(d_j) and lowers every gain by e^2. The rows live in a
-    zero-initialised [B, keep, n] matrix that each step writes one row of, so every step has the same shapes.
+    Each step takes the token j of largest residual gain d_j (ties to the lower index, as ONNX ArgMax), computes
+    its Cholesky row e = (L[j] - sum_t c_t[j] c_t) / sqrt(d_j) and lowers every gain by e^2; gains at or below
+    ``SPENT_GAIN`` count as 0 and a spent pick's row is 0. The rows computed so far are one [B, t, n] tensor that
+    each step appends to: about 25 vectorised ops per step, no loop op.
     """
     batch, n, _ = kernel.shape
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    gains = torch.diagonal(kernel, dim1=1, dim2=2)
     if candidates is not None:
         gains = gains.masked_fill(~candidates, float("-inf"))
-    rows = torch.zeros(batch, keep, n, dtype=kernel.dtype, device=kernel.device)
-    steps = torch.eye(keep, dtype=kernel.dtype, device=kernel.device)
     positions = torch.arange(n, device=kernel.device)
-    order = torch.zeros(batch, n, dtype=kernel.dtype, device=kernel.device)
-    for step in range(keep):
+    rows: torch.Tensor | None = None
+    picks = []
+    for _ in range(keep):
+        gains = torch.where((gains <= SPENT_GAIN) & (gains > float("-inf")), torch.zeros_like(gains), gains)
         best = gains.amax(dim=1, keepdim=True)
-        pick = positions == gains.argmax(dim=1, keepdim=True)  # [B, n] one-hot
+        picks.append(gains.argmax(dim=1, keepdim=True))
+        pick = positions == picks[-1]  # [B, n] one-hot
         one_hot = pick.to(kernel.dtype)[..., None]
-        column = torch.matmul(kernel, one_hot)[..., 0]  # L[:, j] (the kernel is symmetric)
-        earlier = torch.matmul(rows, one_hot)  # [B, keep, 1]: c_j, zero past this step
-        update = (column - (earlier * rows).sum(dim=1)) / best.clamp(min=GAIN_FLOOR).sqrt()
-        rows = rows + steps[step][None, :, None] * update[:, None, :]
+        residual = torch.matmul(kernel, one_hot)[..., 0]  # L[:, j] (the kernel is symmetric)
+        if rows is not None:
+            residual = residual - (torch.matmul(rows, one_hot) * rows).sum(dim=1)
+        update = torch.where(best > 0, residual / best.clamp(min=SPENT_GAIN).sqrt(), torch.zeros_like(residual))
+        rows = update[:, None] if rows is None else torch.cat([rows, update[:, None]], dim=1)
         gains = (gains - update * update).masked_fill(pick, float("-inf"))
-        order = order + (keep - step) * pick.to(kernel.dtype)
-    return order
+    order = torch.arange(keep, 0, -1, dtype=kernel.dtype, device=kernel.device).expand(batch, keep)
+    return torch.zeros(batch, n, dtype=kernel.dtype, device=kernel.device).scatter(1, torch.cat(picks, dim=1), order)
 
 
 def cdpruner_selection(

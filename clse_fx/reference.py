@@ -177,7 +177,8 @@ def cdpruner_keep(z: torch.Tensor, text: torch.Tensor, keep: int, candidates: li
     (over the candidates, +1e-6) negated mean cosine similarity of each visual token ``z`` [n, C] to the
     instruction tokens ``text`` [m, C]; kernel L = diag(r) S diag(r) with S the visual cosine similarities;
     ``keep`` steps of greedy DPP MAP (Chen et al. 2018), taking the largest residual gain (first on ties).
-    Gains are floored at 1e-12 before their square root. Returns the chosen indices in the order chosen."""
+    Gains at or below 1e-5 are spent: they count as 0, and choosing one changes no other gain. Returns the
+    chosen indices in the order chosen."""
     unit, text_unit = F.normalize(z.float(), dim=-1), F.normalize(text.float(), dim=-1)
     relevance = -(unit @ text_unit.T).mean(dim=1)
     low, high = relevance[candidates].min(), relevance[candidates].max()
@@ -188,9 +189,10 @@ def cdpruner_keep(z: torch.Tensor, text: torch.Tensor, keep: int, candidates: li
     rows: list[torch.Tensor] = []
     chosen: list[int] = []
     for _ in range(keep):
+        gains[(gains <= 1e-5) & (gains > float("-inf"))] = 0.0
         j = int(gains.argmax())
         residual = kernel[j] - sum((row[j] * row for row in rows), torch.zeros(len(z)))
-        row = residual / max(float(gains[j]), 1e-12) ** 0.5
+        row = residual / float(gains[j]) ** 0.5 if gains[j] > 0 else torch.zeros(len(z))
         rows.append(row)
         gains = gains - row**2
         gains[j] = float("-inf")
