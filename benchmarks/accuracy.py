@@ -298,17 +298,19 @@ def stage_costs(model_dir: Path, results: list[dict], cache: Path) -> dict:
     return costs
 
 
-def cost_table(costs: dict) -> str:
-    """Stage cost per method and plan: ms of the first stage at each budget."""
-    budgets = list(dict.fromkeys(b for plans in costs.values() for by in plans.values() for b in by))
-    lines = [
-        "| method | plan | " + " | ".join(f"{b} [ms]" for b in budgets) + " |",
-        "|---|---|" + "---|" * len(budgets),
-    ]
-    for plan in ("3-stage", "1-stage"):
-        for method, plans in costs.items():
-            if plan in plans:
-                lines.append(f"| {method} | {plan} | " + " | ".join(f"{plans[plan][b]:.2f}" for b in budgets) + " |")
+def score_table(results: list[dict], costs: dict, unpruned: float) -> str:
+    """Per score (no merging) and plan: share of unpruned accuracy and the first stage's ms at each budget."""
+    rows = [r for r in results if r["budget"] != "unpruned" and r["merge"] == "none"]
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    head = " | ".join(f"{b} [% of unpruned, stage ms]" for b in budgets)
+    lines = [f"| score | method | plan (first stage) | {head} |", "|---|---|---|" + "---|" * len(budgets)]
+    for plan in ("1-stage", "3-stage"):
+        for method in dict.fromkeys(r["method"] for r in rows if r["plan"] == plan):
+            runs = {r["budget"]: r for r in rows if (r["method"], r["plan"]) == (method, plan)}
+            first = runs[budgets[0]]["stages"][0][0]
+            cells = [f"{100 * runs[b]['accuracy'] / unpruned:.1f}%, {costs[method][plan][b]:.2f} ms" for b in budgets]
+            score = runs[budgets[0]]["score"]
+            lines.append(f"| `{score}` | {method} | {plan} (layer {first}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -444,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             table(results, unpruned),
             f"Per question type (unpruned and {FOCUS_BUDGET}):",
             by_type_table(results),
-            "Stage cost: the first stage of each plan alone (score, top-K, survivor index) on ONNX Runtime, one "
-            "thread, batch 1, this model's geometry (272 tokens, 256 visual, width 128), median ms:",
-            cost_table(costs),
+            "Per score: share of unpruned accuracy and the cost of the plan's first stage alone (score, top-K, "
+            "survivor index) on ONNX Runtime, one thread, batch 1, this model's geometry (272 tokens, 256 visual, "
+            "width 128), median ms:",
+            score_table(results, costs, unpruned),
             "CLSE against the others (generated):",
             "\n".join(findings(results, unpruned)),
             f"Full bundle through Engine.generate vs the sweep's prefill engine on the first 60 questions: "
