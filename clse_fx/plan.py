@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -275,7 +276,7 @@ def _check_stage_layer(layer: int, num_layers: int) -> None:
         )
 
 
-def check_score_layers(score: str, stages) -> None:
+def check_score_layers(score: str, stages: Iterable[tuple[int, int]]) -> None:
     """A stage before layer 0 needs a score that reads nothing of layer K-1 (``LAYER0_SCORES``)."""
     if score not in LAYER0_SCORES and any(layer == 0 for layer, _ in stages):
         raise ValueError(
