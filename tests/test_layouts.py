@@ -63,9 +63,7 @@ def segmented(monkeypatch):
     monkeypatch.setattr(LlavaAdapter, "visual_layout", lambda self, num_visual, **inputs: LAYOUT)
 
 
-@pytest.mark.parametrize(
-    ("score", "merge"), [("clse_attn", "none"), ("uniform", "none"), ("clse_attn", "tome"), ("dart", "none")]
-)
+@pytest.mark.parametrize(("score", "merge"), [("clse_attn", "none"), ("uniform", "none"), ("clse_attn", "tome")])
 def test_pass_equals_reference_and_keeps_every_extra(tiny_llava, segmented, score, merge):
     prune = PruneConfig(plan=plan_budget(None, 4, 31, stages="1:20,2:10,3:4"), score=score, merge=merge)
     pruned, _ = _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, TWO_ROWS))

@@ -139,13 +139,13 @@ def test_cdpruner_graph_form_equals_oracle_with_excluded_tokens():
         assert order[row].argsort(descending=True)[:12].tolist() == oracle
 
 
-def test_cdpruner_before_layer0_equals_reference_and_exports_static(tiny_llava, tmp_path):
-    """One-shot before the decoder, as the authors prune: the graph keeps the oracle's tokens, and its ONNX
-    graph has no data-dependent ops and keeps the same tokens on ONNX Runtime."""
+def test_cdpruner_from_layer0_equals_reference_and_exports_static(tiny_llava, tmp_path):
+    """Before the decoder, as the authors prune, then again at layer 2 among what is left: the graph keeps the
+    oracle's tokens, and its ONNX graph has no data-dependent ops and keeps the same tokens on ONNX Runtime."""
     from clse_fx.deploy.session import OnnxSession
     from clse_fx.export.onnxruntime import export_onnx
 
-    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="0:12"), score="cdpruner")
+    prune = PruneConfig(plan=plan_budget(None, 4, 36, stages="0:12,2:6"), score="cdpruner")
     pruned, _ = _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, TWO_ROWS))
     path = export_onnx(pruned, tmp_path / "prefill.onnx", optimize=False)
     ops = {node.op_type for node in onnx.load(path, load_external_data=False).graph.node}
@@ -153,4 +153,4 @@ def test_cdpruner_before_layer0_equals_reference_and_exports_static(tiny_llava, 
     engine = OnnxSession(path).run(**dict(zip(pruned.input_names, pruned.example_args)))
     torch_out = pruned.flat()
     assert np.abs(engine[0] - torch_out[0].numpy()).max() <= 1e-4
-    assert all(np.array_equal(e, t.numpy()) for e, t in zip(engine[1:3], torch_out[1:3]))
+    assert all(np.array_equal(e, t.numpy()) for e, t in zip(engine[1:4], torch_out[1:4]))  # positions, 2 stages
