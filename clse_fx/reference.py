@@ -172,13 +172,17 @@ def dart_keep(
     return kept
 
 
-def cdpruner_keep(z: torch.Tensor, text: torch.Tensor, keep: int, candidates: list[int]) -> list[int]:
+def cdpruner_keep(
+    z: torch.Tensor, text: torch.Tensor, keep: int, candidates: list[int]
+) -> tuple[list[int], torch.Tensor]:
     """CDPruner (arXiv 2506.10967) on one row, as the authors' code does it: relevance r = min-max normalised
     (over the candidates, +1e-6) negated mean cosine similarity of each visual token ``z`` [n, C] to the
     instruction tokens ``text`` [m, C]; kernel L = diag(r) S diag(r) with S the visual cosine similarities;
     ``keep`` steps of greedy DPP MAP (Chen et al. 2018), taking the largest residual gain (first on ties).
     Gains at or below 1e-5 are spent: they count as 0, and choosing one changes no other gain. Returns the
-    chosen indices in the order chosen."""
+    chosen indices in the order chosen and each token's closeness to being chosen [n]: the largest ratio of its
+    gain to the chosen one's over the steps (1 for chosen and spent tokens, 0 for non-candidates), which tells a
+    near-tie trade (another backend choosing a near-duplicate) from a divergence."""
     unit, text_unit = F.normalize(z.float(), dim=-1), F.normalize(text.float(), dim=-1)
     relevance = -(unit @ text_unit.T).mean(dim=1)
     low, high = relevance[candidates].min(), relevance[candidates].max()
@@ -188,16 +192,19 @@ def cdpruner_keep(z: torch.Tensor, text: torch.Tensor, keep: int, candidates: li
     gains[candidates] = torch.diagonal(kernel)[candidates]
     rows: list[torch.Tensor] = []
     chosen: list[int] = []
+    closeness = torch.zeros(len(z))
     for _ in range(keep):
         gains[(gains <= 1e-5) & (gains > float("-inf"))] = 0.0
         j = int(gains.argmax())
+        ratio = gains / gains[j] if gains[j] > 0 else (gains == 0).float()
+        closeness = torch.maximum(closeness, ratio.clamp(min=0))
         residual = kernel[j] - sum((row[j] * row for row in rows), torch.zeros(len(z)))
         row = residual / float(gains[j]) ** 0.5 if gains[j] > 0 else torch.zeros(len(z))
         rows.append(row)
         gains = gains - row**2
         gains[j] = float("-inf")
         chosen.append(j)
-    return chosen
+    return chosen, closeness
 
 
 def _peer_stage(
@@ -211,8 +218,9 @@ def _peer_stage(
     norm_weight: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A DART or CDPruner stage, row by row with the oracles above: the kept local indices [B, visual_out]
-    (extras included) and a [B, n] score (chosen tokens positive, extras +inf). The instruction is every token
-    after the row's last visual token; key norms sum |k| over heads and channels."""
+    (extras included) and a [B, n] score, whose cut is 1 (DART: 1 chosen, 0 not; CDPruner: the closeness to
+    being chosen; extras +inf). The instruction is every token after the row's last visual token; key norms sum
+    |k| over heads and channels."""
     locals_, scores = [], torch.zeros(z.shape[:2])
     for row in range(z.shape[0]):
         last_visual = int(visual[row].nonzero().max())
@@ -222,9 +230,9 @@ def _peer_stage(
             norms = key[row].float().abs().sum(dim=(0, 2))  # [S]
             vis_norms = norms[visual[row]]
             chosen = dart_keep(z[row], vis_norms, hidden[row, text], norms[text], spec.keep, candidates, norm_weight)
+            scores[row, chosen] = 1.0
         else:
-            chosen = cdpruner_keep(z[row], hidden[row, text], spec.keep, candidates)
-        scores[row, chosen] = torch.arange(len(chosen), 0, -1, dtype=torch.float32)
+            chosen, scores[row] = cdpruner_keep(z[row], hidden[row, text], spec.keep, candidates)
         scores[row, is_extra[row]] = float("inf")
         locals_.append(sorted(chosen + is_extra[row].nonzero()[:, 0].tolist()))
     return torch.tensor(locals_, dtype=torch.long), scores

@@ -52,7 +52,8 @@ def test_cdpruner_is_greedy_log_det_maximisation_of_the_conditional_kernel():
     relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
     kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
     expected = _greedy_log_det(kernel, 6)
-    assert cdpruner_keep(z, text, 6, list(range(10))) == expected
+    chosen, closeness = cdpruner_keep(z, text, 6, list(range(10)))
+    assert chosen == expected and bool((closeness[chosen] == 1).all()) and bool((closeness <= 1).all())
     instruction = Instruction(text[None], torch.ones(1, 5, dtype=torch.bool))
     order = cdpruner_selection(z[None], instruction, 6, None)[0]
     assert order.argsort(descending=True)[:6].tolist() == expected
@@ -135,7 +136,7 @@ def test_cdpruner_graph_form_equals_oracle_with_excluded_tokens():
     order = cdpruner_selection(z, Instruction(hidden, is_query), 12, candidates)
     for row in range(2):
         text = hidden[row, is_query[row]]
-        oracle = cdpruner_keep(z[row], text, 12, [i for i in range(30) if i not in (0, 11)])
+        oracle, _ = cdpruner_keep(z[row], text, 12, [i for i in range(30) if i not in (0, 11)])
         assert order[row].argsort(descending=True)[:12].tolist() == oracle
 
 
