@@ -6,6 +6,8 @@ benchmarks/results/accuracy/: results.json, table.md, summary.md and PNG plots (
 accuracy by the queried object's grid row, keep frequency per grid position). Engines are cached per
 configuration in --cache, so an interrupted run resumes. Not part of CI (about 12 minutes on one thread).
 `python -m benchmarks.accuracy --plot-only [--out DIR]` only redraws the PNG plots from DIR/results.json (seconds).
+`--reuse-results` seeds the cache with the runs of OUT/results.json, so only configurations missing there (a new
+method) are compiled. Each score's stage cost (one stage alone on ONNX Runtime, one thread) is measured too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +44,7 @@ def table(results: list[dict], unpruned: float) -> str:
         "| method | plan | " + " | ".join(header(b) for b in budgets) + " |",
         "|---|---|" + "---|" * len(budgets),
     ]
-    lines.append(
-        "| unpruned | - | "
-        + " | ".join([f"{100 * unpruned:.1f} (100%) [{visual}]"] * len(budgets))
-        + " |"
-    )
+    lines.append("| unpruned | - | " + " | ".join([f"{100 * unpruned:.1f} (100%) [{visual}]"] * len(budgets)) + " |")
     rows = [r for r in results if r["budget"] != "unpruned"]
     for plan in ("3-stage", "1-stage"):
         for method in dict.fromkeys(r["method"] for r in rows if r["plan"] == plan):
@@ -228,6 +227,105 @@ def plots(results: list[dict], items, grid: int, out: Path) -> None:
     plt.close(fig)
 
 
+STAGE_TEXT = (12, 4)  # text tokens before and after the image in the stage-cost input (the proxy prompt's shape)
+
+
+def _stage_inputs(config, spec, seed: int = 0) -> tuple:
+    """Random inputs of one stage on the proxy's prefill geometry (batch 1): the clse_stage arguments."""
+    from clse_fx.passes.ops import sequence_positions
+
+    text, grid = config.text_config, spec.num_current
+    before, after = STAGE_TEXT
+    ids = torch.tensor([[1] * before + [config.image_token_id] * grid + [2] * after])
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    head_dim = text.hidden_size // heads
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, ids.shape[1], text.hidden_size, generator=generator)
+    query = torch.randn(1, heads, ids.shape[1], head_dim, generator=generator)
+    key = torch.randn(1, kv_heads, ids.shape[1], head_dim, generator=generator)
+    weight = torch.ones(text.hidden_size)
+    return ids, sequence_positions(ids), hidden, hidden, query, key, None, None, None, weight
+
+
+def stage_cost_ms(config, score: str, layer: int, keep: int, workdir: Path, repeats: int = 30) -> float:
+    """Median ms of one stage (score, top-K, survivor index) before ``layer`` keeping ``keep`` of the proxy's
+    visual tokens, exported alone to ONNX and run on ONNX Runtime with one thread at batch 1."""
+    from clse_fx.deploy.session import OnnxSession
+    from clse_fx.passes.ops import clse_stage
+    from clse_fx.plan import Plan, PruneConfig, grid_layout
+
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    plan = Plan(stages=((layer, keep),), num_layers=config.text_config.num_hidden_layers, num_visual=side * side)
+    spec = PruneConfig(plan=plan, score=score).stage_specs(grid_layout(1, side, side), (config.image_token_id,))[0]
+    spec = spec._replace(scale=(config.text_config.hidden_size // config.text_config.num_attention_heads) ** -0.5)
+    args = _stage_inputs(config, spec)
+    query_args = args[4:6] if layer > 0 else (None, None)
+
+    class Stage(torch.nn.Module):
+        def forward(self, ids, positions, hidden, query, key, weight):
+            return clse_stage(ids, positions, hidden, hidden, query, key, None, None, None, weight, spec=spec)[:3]
+
+    inputs = (args[0], args[1], args[2], *query_args, args[9])
+    names = [n for n, a in zip(("ids", "positions", "hidden", "query", "key", "weight"), inputs) if a is not None]
+    path = workdir / f"stage-{score}-{layer}-{keep}.onnx"
+    if not path.is_file():
+        torch.onnx.export(Stage().eval(), inputs, path, input_names=names, dynamo=True, optimize=False)
+    session = OnnxSession(path, threads=1)
+    feeds = {name: a.numpy() for name, a in zip(names, (a for a in inputs if a is not None))}
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        session.session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return round(1000 * float(np.median(times[3:])), 3)
+
+
+def stage_costs(model_dir: Path, results: list[dict], cache: Path) -> dict:
+    """Per method, the cost of its first stage at each budget: {method: {plan: {budget: ms}}}, cached in ``cache``."""
+    from transformers import AutoConfig
+
+    file = cache / "stage_ms.json"
+    costs = json.loads(file.read_text()) if file.is_file() else {}
+    config = AutoConfig.from_pretrained(model_dir)
+    for run in results:
+        if run["budget"] == "unpruned" or run["merge"] != "none":
+            continue
+        layer, keep = run["stages"][0]
+        budgets = costs.setdefault(run["method"], {}).setdefault(run["plan"], {})
+        if run["budget"] not in budgets:
+            budgets[run["budget"]] = stage_cost_ms(config, run["score"], layer, keep, cache)
+            file.write_text(json.dumps(costs))
+    return costs
+
+
+def score_table(results: list[dict], costs: dict, unpruned: float) -> str:
+    """Per score (no merging) and plan: share of unpruned accuracy and the first stage's ms at each budget."""
+    rows = [r for r in results if r["budget"] != "unpruned" and r["merge"] == "none"]
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    head = " | ".join(f"{b} [% of unpruned, stage ms]" for b in budgets)
+    lines = [f"| score | method | plan (first stage) | {head} |", "|---|---|---|" + "---|" * len(budgets)]
+    for plan in ("1-stage", "3-stage"):
+        for method in dict.fromkeys(r["method"] for r in rows if r["plan"] == plan):
+            runs = {r["budget"]: r for r in rows if (r["method"], r["plan"]) == (method, plan)}
+            first = runs[budgets[0]]["stages"][0][0]
+            cells = [f"{100 * runs[b]['accuracy'] / unpruned:.1f}%, {costs[method][plan][b]:.2f} ms" for b in budgets]
+            score = runs[budgets[0]]["score"]
+            lines.append(f"| `{score}` | {method} | {plan} (layer {first}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_cache(results_file: Path, cache: Path) -> int:
+    """Write each run of a previous results.json into the per-configuration cache (the sweep's file names), so
+    the sweep compiles only configurations missing there. Returns how many runs were written."""
+    runs = json.loads(results_file.read_text())["runs"]
+    cache.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        score = "clse_attn" if run["budget"] == "unpruned" else run["score"]
+        key = f"{score}-{run['merge']}-{run['merge_metric']}-{run['budget'].replace('/', 'of')}-{run['plan']}"
+        (cache / f"{key}.json").write_text(json.dumps(run))
+    return len(runs)
+
+
 def _grid(results: list[dict]) -> int:
     """Side of the square visual grid, from the length of a run's keep counts."""
     return int(round(len(results[0]["keep_counts"][0]) ** 0.5))
@@ -292,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="/tmp/clse-accuracy-cache", help="per-configuration results cache")
     parser.add_argument("--out", default=str(OUT), help="output directory")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUT/results.json")
+    parser.add_argument(
+        "--reuse-results", action="store_true", help="seed the cache with OUT/results.json: compile only new rows"
+    )
     args = parser.parse_args(argv)
     if args.plot_only:
         redraw(Path(args.out))
@@ -310,14 +411,26 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache) / f"{weights}-n{len(items)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.reuse_results:
+        seed_cache(out / "results.json", cache)
     results = sweep(model_dir, items, cache)
+    costs = stage_costs(model_dir, results, cache)
     checks = cross_checks(model_dir, items, results, cache)
     grid = _grid(results)
     unpruned = next(r for r in results if r["budget"] == "unpruned")["accuracy"]
     # Summed per configuration rather than timed here, so a run that reads the cache reports the real cost.
     seconds = sum(r["compile_s"] + r["run_s"] for r in results)
     (out / "results.json").write_text(
-        json.dumps({"questions": len(items), "checks": checks, "sweep_seconds": round(seconds), "runs": results}) + "\n"
+        json.dumps(
+            {
+                "questions": len(items),
+                "checks": checks,
+                "sweep_seconds": round(seconds),
+                "stage_ms": costs,
+                "runs": results,
+            }
+        )
+        + "\n"
     )
     summary = "\n\n".join(
         [
@@ -333,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             table(results, unpruned),
             f"Per question type (unpruned and {FOCUS_BUDGET}):",
             by_type_table(results),
+            "Per score: share of unpruned accuracy and the cost of the plan's first stage alone (score, top-K, "
+            "survivor index) on ONNX Runtime, one thread, batch 1, this model's geometry (272 tokens, 256 visual, "
+            "width 128), median ms:",
+            score_table(results, costs, unpruned),
             "CLSE against the others (generated):",
             "\n".join(findings(results, unpruned)),
             f"Full bundle through Engine.generate vs the sweep's prefill engine on the first 60 questions: "

@@ -247,6 +247,15 @@ def trace_matrix(results: Path) -> str:
     return _markdown(header + ["CUDA, full width"], rows)
 
 
+@table("score_choice")
+def score_choice(results: Path) -> str:
+    from benchmarks.accuracy import score_table
+
+    data = _json(results / "accuracy" / "results.json")
+    unpruned = next(run for run in data["runs"] if run["budget"] == "unpruned")["accuracy"]
+    return score_table(data["runs"], data["stage_ms"], unpruned) + "\n"
+
+
 @table("clse_run")
 def clse_run(results: Path) -> str:
     def part(row: dict, name: str) -> str:  # wall seconds (CPU seconds)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from clse_fx.deploy.files import check_output_dir
 from clse_fx.export.targets import TARGETS
-from clse_fx.plan import check_budget_given, parse_stages
+from clse_fx.plan import check_budget_given, check_score_layers, parse_stages
 
 DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_FORMATS = ("int8", "int4")  # --weight-format, optimum-cli's name for it (clse_fx/export/quantize.py)
@@ -101,3 +101,4 @@ class CompileOptions:
         if self.stages is not None:  # parsed here so a malformed --stages fails before any model is loaded
             stages = parse_stages(self.stages) if isinstance(self.stages, str) else self.stages
             object.__setattr__(self, "stages", tuple(tuple(stage) for stage in stages))
+            check_score_layers(self.score, self.stages)

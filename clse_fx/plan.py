@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 # The choices a plan is made of; plain data here (no torch), so the CLI can list them without importing torch.
-SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform")
+SCORE_TYPES = ("clse_attn", "clse", "attn", "l2", "random", "uniform", "dart", "cdpruner")
+# The peers' selections (clse_fx/peer_scores.py), which read the instruction tokens too.
+PEER_SCORES = ("dart", "cdpruner")
+# Scores that read nothing of layer K-1 (its attention or keys), so a stage can also sit before layer 0, where
+# CDPruner prunes (before the decoder, on the projected visual features).
+LAYER0_SCORES = ("cdpruner", "l2", "random", "uniform")
 MERGE_MODES = ("none", "tome")
 MERGE_METRICS = ("hidden", "keys")
 Grid = tuple[int, int, int]  # (T, H, W) of one grid of visual tokens
@@ -263,20 +269,29 @@ def check_plan_fits(
 
 
 def _check_stage_layer(layer: int, num_layers: int) -> None:
-    if not 1 <= layer < num_layers:
+    if not 0 <= layer < num_layers:
         raise ValueError(
-            f"stage layer {layer} is out of range: use 1..{num_layers - 1} "
-            f"(the model has {num_layers} decoder layers and a stage needs layer K-1's attention)"
+            f"stage layer {layer} is out of range: use 0..{num_layers - 1} (the model has {num_layers} decoder "
+            f"layers; layer 0 only with --score {'/'.join(LAYER0_SCORES)}, which need no layer K-1)"
+        )
+
+
+def check_score_layers(score: str, stages: Iterable[tuple[int, int]]) -> None:
+    """A stage before layer 0 needs a score that reads nothing of layer K-1 (``LAYER0_SCORES``)."""
+    if score not in LAYER0_SCORES and any(layer == 0 for layer, _ in stages):
+        raise ValueError(
+            f"--score {score} reads layer K-1's attention or keys, which a stage before layer 0 does not have: "
+            f"start the stages at layer 1, or use --score {'/'.join(LAYER0_SCORES)}"
         )
 
 
 def _validated(stages: list[tuple[int, int]], num_layers: int, num_visual: int) -> Plan:
     if not stages:
         raise ValueError("a plan needs at least one stage, e.g. --stages 1:64")
-    previous_layer, previous_keep = 0, num_visual
+    previous_layer, previous_keep = -1, num_visual
     for layer, keep in stages:
         _check_stage_layer(layer, num_layers)
-        if layer <= previous_layer and previous_layer:
+        if layer <= previous_layer:
             raise ValueError(f"stage layers must increase, got {layer} after {previous_layer}; sort the stages")
         if not 1 <= keep <= num_visual:
             raise ValueError(f"stage keep {keep} at layer {layer} is out of range: use 1..{num_visual} visual tokens")
@@ -317,6 +332,7 @@ class PruneConfig:
             raise ValueError(f"cutoff must be >= 0, got {self.cutoff}")
         if self.temp <= 0:
             raise ValueError(f"temp must be > 0, got {self.temp}")
+        check_score_layers(self.score, self.plan.stages)
 
     def stage_specs(self, layout: Layout, token_ids: tuple[int, ...]) -> tuple[StageSpec, ...]:
         """One :class:`StageSpec` per planned stage, for visual tokens laid out as ``layout`` and marked by

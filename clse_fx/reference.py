@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from clse_fx.models import adapter_for
-from clse_fx.plan import PruneConfig
+from clse_fx.plan import PEER_SCORES, PruneConfig, StageSpec
 from clse_fx.scoring import last_query_attention, score_stage
 from clse_fx.static_ops import select_topk
 
@@ -132,6 +132,112 @@ def _tome_merge(
     return torch.stack(merged_rows), torch.stack(size_rows)
 
 
+def _most(values: torch.Tensor, pool: list[int], count: int) -> list[int]:
+    """The ``count`` members of ``pool`` with the largest ``values``, ties to the lower index."""
+    return sorted(pool, key=lambda i: (-float(values[i]), i))[:count]
+
+
+def dart_keep(
+    z: torch.Tensor,
+    key_norm: torch.Tensor,
+    text: torch.Tensor,
+    text_key_norm: torch.Tensor,
+    keep: int,
+    candidates: list[int],
+    norm_weight: torch.Tensor | None = None,
+    pivots: tuple[int, int] = (4, 4),
+) -> list[int]:
+    """DART (arXiv 2502.11494) on one row, as the authors' code does it: of the visual tokens ``z`` [n, C]
+    (layer K-1 key L1 norms ``key_norm`` [n]) and the instruction tokens ``text`` [m, C] (``text_key_norm``),
+    the pivots are the tokens of largest key norm (``pivots``: visual, text); the visual pivots are kept, then
+    each pivot in turn takes its quota of the remaining candidates least cosine-similar to it (after the final
+    norm's weight). Ties go to the lower index; the quota is the kept count left over, split over the pivots
+    (the first ones take one more when it does not divide). A missing text pivot (fewer instruction tokens)
+    finds every token equally similar. Returns the kept indices into ``z``."""
+    weight = 1.0 if norm_weight is None else norm_weight.float()
+    feats, text_feats = z.float() * weight, text.float() * weight
+    image_pivots = sorted(_most(key_norm, candidates, min(pivots[0], keep)))
+    text_pivots = sorted(_most(text_key_norm, list(range(len(text))), pivots[1]))
+    pivot_feats = [feats[i] for i in image_pivots] + [text_feats[i] for i in text_pivots]
+    pivot_feats += [None] * (pivots[1] - len(text_pivots))
+    kept = list(image_pivots)
+    pool = [i for i in candidates if i not in kept]
+    rest = keep - len(image_pivots)
+    for index, pivot in enumerate(pivot_feats):
+        quota = rest // len(pivot_feats) + (index < rest % len(pivot_feats))
+        similarity = torch.zeros(len(z)) if pivot is None else F.cosine_similarity(pivot[None], feats, dim=-1)
+        taken = _most(-similarity, pool, quota)
+        kept += taken
+        pool = [i for i in pool if i not in taken]
+    return kept
+
+
+def cdpruner_keep(
+    z: torch.Tensor, text: torch.Tensor, keep: int, candidates: list[int]
+) -> tuple[list[int], torch.Tensor]:
+    """CDPruner (arXiv 2506.10967) on one row, as the authors' code does it: relevance r = min-max normalised
+    (over the candidates, +1e-6) negated mean cosine similarity of each visual token ``z`` [n, C] to the
+    instruction tokens ``text`` [m, C]; kernel L = diag(r) S diag(r) with S the visual cosine similarities;
+    ``keep`` steps of greedy DPP MAP (Chen et al. 2018), taking the largest residual gain (first on ties).
+    Gains at or below 1e-5 are spent: they count as 0, and choosing one changes no other gain. Returns the
+    chosen indices in the order chosen and each token's closeness to being chosen [n]: the largest ratio of its
+    gain to the chosen one's over the steps (1 for chosen and spent tokens, 0 for non-candidates), which tells a
+    near-tie trade (another backend choosing a near-duplicate) from a divergence."""
+    unit, text_unit = F.normalize(z.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    relevance = -(unit @ text_unit.T).mean(dim=1)
+    low, high = relevance[candidates].min(), relevance[candidates].max()
+    relevance = (relevance - low + 1e-6) / max(float(high - low), 1e-6)
+    kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
+    gains = torch.full((len(z),), float("-inf"))
+    gains[candidates] = torch.diagonal(kernel)[candidates]
+    rows: list[torch.Tensor] = []
+    chosen: list[int] = []
+    closeness = torch.zeros(len(z))
+    for _ in range(keep):
+        gains[(gains <= 1e-5) & (gains > float("-inf"))] = 0.0
+        j = int(gains.argmax())
+        ratio = gains / gains[j] if gains[j] > 0 else (gains == 0).float()
+        closeness = torch.maximum(closeness, ratio.clamp(min=0))
+        residual = kernel[j] - sum((row[j] * row for row in rows), torch.zeros(len(z)))
+        row = residual / float(gains[j]) ** 0.5 if gains[j] > 0 else torch.zeros(len(z))
+        rows.append(row)
+        gains = gains - row**2
+        gains[j] = float("-inf")
+        chosen.append(j)
+    return chosen, closeness
+
+
+def _peer_stage(
+    spec: StageSpec,
+    z: torch.Tensor,
+    hidden: torch.Tensor,
+    current_ids: torch.Tensor,
+    visual: torch.Tensor,
+    is_extra: torch.Tensor,
+    key: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DART or CDPruner stage, row by row with the oracles above: the kept local indices [B, visual_out]
+    (extras included) and a [B, n] score, whose cut is 1 (DART: 1 chosen, 0 not; CDPruner: the closeness to
+    being chosen; extras +inf). The instruction is every token after the row's last visual token; key norms sum
+    |k| over heads and channels."""
+    locals_, scores = [], torch.zeros(z.shape[:2])
+    for row in range(z.shape[0]):
+        last_visual = int(visual[row].nonzero().max())
+        text = list(range(last_visual + 1, current_ids.shape[1]))
+        candidates = [i for i in range(z.shape[1]) if not is_extra[row, i]]
+        if spec.score == "dart":
+            norms = key[row].float().abs().sum(dim=(0, 2))  # [S]
+            vis_norms = norms[visual[row]]
+            chosen = dart_keep(z[row], vis_norms, hidden[row, text], norms[text], spec.keep, candidates, norm_weight)
+            scores[row, chosen] = 1.0
+        else:
+            chosen, scores[row] = cdpruner_keep(z[row], hidden[row, text], spec.keep, candidates)
+        scores[row, is_extra[row]] = float("inf")
+        locals_.append(sorted(chosen + is_extra[row].nonzero()[:, 0].tolist()))
+    return torch.tensor(locals_, dtype=torch.long), scores
+
+
 @torch.no_grad()
 def reference_prune(
     model: torch.nn.Module,
@@ -177,16 +283,25 @@ def reference_prune(
         for layer_idx, layer in enumerate(decoder.layers):
             if layer_idx in specs:
                 spec = specs[layer_idx]
-                if layer_idx - 1 not in records:
-                    raise ValueError(
-                        "the reference pruner needs SDPA attention: load the model with attn_implementation='sdpa'"
-                    )
-                query, key, _, layer_mask, scale = records[layer_idx - 1]
-                attn = last_query_attention(query, key, layer_mask, scale).gather(1, vis_index)
+                attn = key = None  # a stage before layer 0 (scores that read no layer K-1)
+                if layer_idx > 0:
+                    if layer_idx - 1 not in records:
+                        raise ValueError(
+                            "the reference pruner needs SDPA attention: load the model with attn_implementation='sdpa'"
+                        )
+                    query, key, _, layer_mask, scale = records[layer_idx - 1]
+                    attn = last_query_attention(query, key, layer_mask, scale).gather(1, vis_index)
                 z_cur = _gather_seq(hidden, vis_index, 1)
                 is_extra = torch.isin(vis_id, torch.tensor(spec.extras, device=device)) if spec.extras else None
-                scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra)
-                local = select_topk(scores, spec.visual_out)
+                if spec.score in PEER_SCORES:
+                    current_ids = input_ids.gather(1, positions)
+                    extra = is_extra if is_extra is not None else torch.zeros_like(vis_id, dtype=torch.bool)
+                    weight = getattr(decoder.norm, "weight", None) if spec.score == "dart" else None
+                    visual_now = adapter.visual_mask(current_ids)
+                    local, scores = _peer_stage(spec, z_cur, hidden, current_ids, visual_now, extra, key, weight)
+                else:
+                    scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra)
+                    local = select_topk(scores, spec.visual_out)
                 by_id = torch.full((batch, num_visual), float("nan"), device=device)
                 stage_scores.append(by_id.scatter(1, vis_id, scores.to(torch.float32)))
                 if config.merge == "tome":

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clse_fx.peer_scores import Instruction, cdpruner_selection, dart_selection
 from clse_fx.plan import SCORE_TYPES, Grid, Layout, extra_positions, layout_grids, scored_positions
 
 if TYPE_CHECKING:
@@ -178,9 +179,13 @@ def combine_scores(
     hidden: torch.Tensor | None = None,
     seed: int = 0,
     grid: Grid | None = None,
+    key_norm: torch.Tensor | None = None,
+    instruction: Instruction | None = None,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The [B, N] score of ``score_type`` from whichever inputs it needs (attn/evo [B, N], hidden [B, N, C];
-    ``grid`` when the N tokens still form the full visual grid)."""
+    ``grid`` when the N tokens still form the full visual grid; for the peers' selections the visual tokens'
+    layer K-1 key norms [B, N], the instruction tokens and which tokens may be chosen, [B, N] bool)."""
     if score_type == "clse_attn":
         return evo * attn
     if score_type == "clse":
@@ -189,6 +194,10 @@ def combine_scores(
         return attn
     if score_type == "l2":
         return l2_score(hidden)
+    if score_type == "dart":
+        return dart_selection(hidden, key_norm, instruction, keep, candidates)
+    if score_type == "cdpruner":
+        return cdpruner_selection(hidden, instruction, keep, candidates)
     batch, n = hidden.shape[:2]
     if score_type == "random":
         return random_score(batch, n, seed).to(hidden.device)
@@ -252,18 +261,23 @@ def score_stage(
     z_ref: torch.Tensor,
     z_cur: torch.Tensor,
     is_extra: torch.Tensor | None = None,
+    key_norm: torch.Tensor | None = None,
+    instruction: Instruction | None = None,
 ) -> torch.Tensor:
     """One stage's [B, n] visual-token scores (docs/method.md#score-types).
 
-    ``attn`` is the last-query attention over the current visual tokens, ``z_ref`` / ``z_cur`` their hidden
-    states at the reference layer and now ([B, n, C]); the spectral terms are only computed when used. Extra
+    ``attn`` is the last-query attention over the current visual tokens (None before layer 0), ``z_ref`` /
+    ``z_cur`` their hidden states at the reference layer and now ([B, n, C]); the spectral terms are only
+    computed when used. ``key_norm`` / ``instruction``: what the peers' selections read (peer_scores.py). Extra
     tokens of the layout (``is_extra`` [B, n] after the first stage) score +inf, so top-K always keeps them;
     on the first stage the grids' tokens are scored alone (docs/method.md#token-layouts).
     """
     kind = stage_score_type(spec.score, spec.index)
     first_with_extras = spec.index == 0 and bool(spec.extras)
     if first_with_extras:  # the intact layout: take the grids' tokens by static slices
-        attn, z_ref, z_cur = (_grid_tokens(x, spec.layout) for x in (attn, z_ref, z_cur))
+        attn, z_ref, z_cur, key_norm = (
+            None if x is None else _grid_tokens(x, spec.layout) for x in (attn, z_ref, z_cur, key_norm)
+        )
     grids = layout_grids(spec.layout)
     evo = None
     if kind in SPECTRAL_SCORE_TYPES:
@@ -271,7 +285,18 @@ def score_stage(
         evo = evolution_factor(s_ref, s_cur, spec.temp)
     # Only the first stage sees one intact grid; later stages score a subset, several grids have no one lattice.
     intact = grids[0] if spec.index == 0 and len(grids) == 1 else None
-    scores = combine_scores(kind, spec.keep, attn=attn, evo=evo, hidden=z_cur, seed=spec.seed + spec.index, grid=intact)
+    scores = combine_scores(
+        kind,
+        spec.keep,
+        attn=attn,
+        evo=evo,
+        hidden=z_cur,
+        seed=spec.seed + spec.index,
+        grid=intact,
+        key_norm=key_norm,
+        instruction=instruction,
+        candidates=None if first_with_extras or not spec.extras else ~is_extra,
+    )
     if first_with_extras:
         return _with_extras(scores, spec.layout)
     if spec.extras:

@@ -178,3 +178,39 @@ def test_peer_cpu_rows_have_exactly_the_issue_schema():
         "qwen2-vl/clse-fx/fp32/all", "qwen2-vl/openvino-genai/fp16/all", "qwen2-vl/openvino-genai/fp16/67",
         "qwen2-vl/openvino-genai/int4/all", "qwen2-vl/openvino-genai/int4/67",
     }  # fmt: skip
+
+
+def test_reused_results_seed_the_sweep_cache_under_its_keys(tmp_path):
+    """--reuse-results: every run of a results.json lands in the cache file the sweep would look up, so only
+    configurations missing there are compiled."""
+    import json
+
+    from benchmarks.accuracy import seed_cache
+    from clse_fx.proxy.evaluate import METHODS
+
+    runs = [
+        {"method": "unpruned", "score": "none", "merge": "none", "merge_metric": "hidden", "budget": "unpruned"},
+        {"method": "DART", "score": "dart", "merge": "none", "merge_metric": "hidden", "budget": "64/576"},
+    ]
+    runs[0]["plan"], runs[1]["plan"] = "none", "1-stage"
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    assert seed_cache(tmp_path / "results.json", tmp_path / "cache") == 2
+    names = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert names == {f"{METHODS[0].score}-none-hidden-unpruned-none.json", "dart-none-hidden-64of576-1-stage.json"}
+
+
+def test_score_table_puts_each_plans_first_stage_cost_beside_its_accuracy():
+    from benchmarks.accuracy import score_table
+
+    runs = _synthetic_accuracy_results(8)
+    for run in runs:
+        run.update(score="random" if run["method"] == "random" else "clse_attn", merge="none")
+    runs = [r for r in runs if not r["method"].startswith("CLSE-M")]
+    costs = {
+        m: {p: {"192/576": 1.0, "128/576": 2.0, "64/576": 3.25} for p in ("1-stage", "3-stage")}
+        for m in ("CLSE (clse_attn)", "random")
+    }
+    lines = score_table(runs, costs, 0.5).splitlines()
+    assert len(lines) == 2 + 4 and lines[2].startswith("| `clse_attn` | CLSE (clse_attn) | 1-stage (layer 1) |")
+    random_64 = next(r for r in runs if (r["method"], r["plan"], r["budget"]) == ("random", "3-stage", "64/576"))
+    assert f"{200 * random_64['accuracy']:.1f}%, 3.25 ms |" in lines[-1]

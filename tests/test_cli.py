@@ -101,7 +101,7 @@ def unsupported_dir(tmp_path):
         (lambda d, u, t: [str(u), "--keep", "8"], "unsupported architecture LlamaForCausalLM; clse-fx supports: Llava"),
         (lambda d, u, t: [str(d), "--keep", "37"], "exceeds the 36 visual tokens"),
         (lambda d, u, t: [str(d), "--keep", "0"], "at least 1"),
-        (lambda d, u, t: [str(d), "--stages", "4:8"], "stage layer 4 is out of range: use 1..3"),
+        (lambda d, u, t: [str(d), "--stages", "4:8"], "stage layer 4 is out of range: use 0..3"),
         (lambda d, u, t: [str(d)], "give a budget"),
         (lambda d, u, t: [str(d), "--keep", "8", "--image-size", "64"], "fixed 48px"),
         (lambda d, u, t: [str(d), "--keep", "8", "--text-len", "0"], "must be >= 1"),
@@ -258,7 +258,7 @@ HELP = "; see clse-compile --help"  # ends every usage error
         # What the checkpoint's config.json decides, before torch is imported.
         (["{empty}", "--keep", "8"], "has no config.json"),
         (["{llama}", "--keep", "8"], "unsupported architecture LlamaForCausalLM; clse-fx supports: Llava"),
-        (["--demo", "--stages", "9:100"], "stage layer 9 is out of range: use 1..5"),
+        (["--demo", "--stages", "9:100"], "stage layer 9 is out of range: use 0..5"),
         (["--demo", "--keep", "1000"], "keep=1000 exceeds the 256 visual tokens of this model"),
         (["--demo", "--keep", "0.001"], "leaves less than one visual token"),
         (["--demo", "--keep", "8", "--target", "torch-compile"], "use the Python API, clse_fx.compile(model"),

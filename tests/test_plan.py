@@ -1,6 +1,6 @@
 import pytest
 
-from clse_fx.plan import QWEN2_VL_SCHEDULE, PruneConfig, parse_stages, plan_budget
+from clse_fx.plan import LAYER0_SCORES, QWEN2_VL_SCHEDULE, SCORE_TYPES, PruneConfig, parse_stages, plan_budget
 
 
 @pytest.mark.parametrize(
@@ -78,8 +78,9 @@ def test_explicit_stages():
         (dict(keep=None), "give a budget"),
         (dict(keep=None, stages="11:100,1:200"), "must increase"),
         (dict(keep=None, stages="1:100,1:50"), "must increase"),
-        (dict(keep=None, stages="32:10"), "out of range: use 1..31"),
-        (dict(keep=None, stages="0:10"), "out of range: use 1..31"),
+        (dict(keep=None, stages="32:10"), "out of range: use 0..31"),
+        (dict(keep=None, stages="-1:10"), "out of range: use 0..31"),
+        (dict(keep=None, stages="0:100,0:50"), "must increase"),
         (dict(keep=None, stages="1:100,11:200"), "must not increase"),
         (dict(keep=None, stages="1:0"), "out of range: use 1..576"),
         (dict(keep=None, stages="1:600"), "out of range: use 1..576"),
@@ -109,6 +110,16 @@ def test_prune_config_validation():
             PruneConfig(plan=plan, **bad)
 
 
+@pytest.mark.parametrize("score", SCORE_TYPES)
+def test_stage_before_layer0_only_for_scores_without_layer_k_minus_1(score):
+    plan = plan_budget(None, 4, 36, stages="0:12,2:6")
+    if score in LAYER0_SCORES:
+        assert PruneConfig(plan=plan, score=score).plan.stages[0] == (0, 12)
+    else:
+        with pytest.raises(ValueError, match="before layer 0 does not have: start the stages at layer 1"):
+            PruneConfig(plan=plan, score=score)
+
+
 def test_what_a_config_decides_is_checked_before_the_model_loads():
     """check_plan_fits runs plan_budget's checks on the depth and visual-token count config.json gives; what it
     cannot give (None) is left for the loaded model."""
@@ -116,7 +127,7 @@ def test_what_a_config_decides_is_checked_before_the_model_loads():
 
     with pytest.raises(ValueError, match="exceeds the 256 visual tokens"):
         check_plan_fits(1000, None, 6, 256)
-    with pytest.raises(ValueError, match="stage layer 9 is out of range: use 1..5"):
+    with pytest.raises(ValueError, match="stage layer 9 is out of range: use 0..5"):
         check_plan_fits(None, "9:10", 6, None)  # any-resolution images: no count, the layers still checked
     check_plan_fits(None, "1:10", 6, None)
     check_plan_fits(1000, None, 6, None)

@@ -63,8 +63,20 @@ def test_budget_of_all_tokens_equals_unmodified_model(qwen):
 @pytest.mark.parametrize("score", ["clse_attn", "attn", "clse"])
 @pytest.mark.parametrize("stages", ["2:20", "1:40,2:20,3:8"])
 def test_pass_equals_reference(qwen, score, stages):
+    _check_against_reference(qwen, PruneConfig(plan=_plan(stages), score=score))
+
+
+@pytest.mark.parametrize(("score", "stages"), [("dart", "2:20"), ("cdpruner", "0:20")])
+def test_peer_scores_one_shot_equal_reference(qwen, score, stages):
+    """The peers where their authors prune (DART after layer 2's K-1, CDPruner before the decoder) keep the
+    oracle's tokens (reference.py), M-RoPE ids gathered alike; on Qwen2-VL only (the same adapter serves 2.5)."""
+    if qwen.config.model_type != "qwen2_vl":
+        pytest.skip("Qwen2.5-VL shares the adapter; one family keeps the suite within its time budget")
+    _check_against_reference(qwen, PruneConfig(plan=_plan(stages), score=score))
+
+
+def _check_against_reference(qwen, prune):
     inputs = _inputs(qwen, TWO_ROWS)
-    prune = PruneConfig(plan=_plan(stages), score=score)
     out = prune_prefill(qwen, prune, inputs)()
     ref = reference_prune(qwen, prune, **inputs)
     assert (out.logits - ref.logits[:, -1:]).abs().max() <= 1e-5  # the prefill gives the last position's

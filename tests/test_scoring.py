@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clse_fx import scoring
+from clse_fx.peer_scores import Instruction
 from clse_fx.plan import StageSpec, grid_layout
 from clse_fx.scoring import evolution_factor, highpass_mask, last_query_attention, spectral_energy
 from clse_fx.static_ops import select_topk
@@ -170,8 +171,11 @@ def test_scores_are_finite_for_finite_input(grid, channels, data):
     z = torch.tensor(values).reshape(2, n, channels)
     z_ref = torch.roll(z, 1, dims=-1)
     attn = torch.softmax(z.sum(-1), -1)
+    # The peers' selections also read the instruction tokens (here the tokens themselves) and key norms.
+    instruction = Instruction(z, torch.ones(2, n, dtype=torch.bool), z.abs().sum(-1))
     for score_type in scoring.SCORE_TYPES:
-        s = scoring.score_stage(_spec(score_type, 0, max(1, n // 2), grid), attn=attn, z_ref=z_ref, z_cur=z)
+        spec = _spec(score_type, 0, max(1, n // 2), grid)
+        s = scoring.score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z, key_norm=attn, instruction=instruction)
         assert torch.isfinite(s).all(), score_type
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from clse_fx.passes.gather_crossing import SequenceInfo, gather_crossing_values
-from clse_fx.passes.layer_boundaries import attention_node, layer_input, layer_nodes
+from clse_fx.passes.layer_boundaries import attention_node, final_norm_weight, layer_input, layer_nodes
 from clse_fx.passes.ops import clse_stage, place_merged, sequence_positions
 from clse_fx.passes.settings import PassSettings
 
@@ -37,16 +37,21 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
     kept: fx.Node | None = None
     kept_outputs: list[fx.Node] = []
     sizes: fx.Node | None = None  # merged-token sizes, carried from stage to stage (merge="tome")
+    norm = final_norm_weight(graph, settings.layers_path) if settings.prune.score == "dart" else None
     for spec in settings.stages:
         cut = layers[spec.layer][0]
-        sdpa = attention_node(layers[spec.layer - 1])
-        query, key, _value = sdpa.args[:3]
-        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        query = key = mask = scale = None  # a stage before layer 0 has no layer K-1 (scores that need none)
+        if spec.layer > 0:
+            sdpa = attention_node(layers[spec.layer - 1])
+            query, key, _value = sdpa.args[:3]
+            mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+            scale = sdpa.kwargs.get("scale")
         hidden = layer_input(layers[spec.layer])
         reference = hidden_ref if spec.index == 0 else None
         with graph.inserting_before(cut):
-            args = (input_ids, positions, hidden, reference, query, key, mask, kept, sizes)
-            stage = graph.call_function(clse_stage, args, {"spec": spec._replace(scale=sdpa.kwargs.get("scale"))})
+            norm_weight = None if norm is None else graph.get_attr(norm.target)
+            args = (input_ids, positions, hidden, reference, query, key, mask, kept, sizes, norm_weight)
+            stage = graph.call_function(clse_stage, args, {"spec": spec._replace(scale=scale)})
             index, positions, kept, *merge_outputs = (
                 graph.call_function(operator.getitem, (stage, i)) for i in range(5 if spec.merge == "tome" else 3)
             )
@@ -54,6 +59,7 @@ def insert_clse_stages(gm: fx.GraphModule, settings: PassSettings) -> fx.GraphMo
             new_length = graph.call_function(torch.ops.aten.sym_size.int, (index, 1))
         gathered = gather_crossing_values(graph, cut, index, new_length, info)
         inserted = [stage, index, positions, kept, *merge_outputs, new_length, *gathered.values()]
+        inserted += [norm_weight] if norm_weight is not None else []
         if merge_outputs:
             sizes, merged = merge_outputs
             # The residual stream past the cut carries the merged visual tokens instead of the kept ones.

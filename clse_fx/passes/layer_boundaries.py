@@ -46,3 +46,14 @@ def attention_node(nodes: list[fx.Node]) -> fx.Node:
             "load the model with attn_implementation='sdpa'"
         )
     return sdpa[0]
+
+
+def final_norm_weight(graph: fx.Graph, layers_path: str) -> fx.Node | None:
+    """The ``get_attr`` node of the weight of the norm after the decoder layers (``<decoder>.norm``), if any."""
+    norm_path = layers_path.rpartition(".")[0] + ".norm"
+    for node in graph.nodes:
+        if module_path(node).endswith(norm_path):
+            weights = [arg for arg in node.all_input_nodes if arg.op == "get_attr"]
+            if weights:
+                return weights[0]
+    return None

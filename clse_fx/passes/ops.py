@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from clse_fx.plan import StageSpec
+from clse_fx.peer_scores import Instruction, key_l1_norm, query_tokens
+from clse_fx.plan import PEER_SCORES, StageSpec
 from clse_fx.scoring import last_query_attention, merge_into_kept, score_stage
 from clse_fx.static_ops import compact_true, member_mask, running_count, take_rows, topk_mask, visual_mask
 
@@ -52,18 +53,21 @@ def clse_stage(
     positions: torch.Tensor,
     hidden: torch.Tensor,
     hidden_ref: torch.Tensor | None,
-    query: torch.Tensor,
-    key: torch.Tensor,
+    query: torch.Tensor | None,
+    key: torch.Tensor | None,
     mask: torch.Tensor | None,
     previous_kept: torch.Tensor | None,
     previous_sizes: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
     *,
     spec: StageSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One CLSE stage on the current sequence.
 
     ``positions`` [B, S] are the original positions of the current tokens; ``hidden_ref`` is the full
-    sequence at the reference layer (only read by spectral scores, on the first stage); ``previous_kept`` /
+    sequence at the reference layer (only read by spectral scores, on the first stage); ``query`` / ``key`` /
+    ``mask`` are layer K-1's attention inputs (None for a stage before layer 0); ``norm_weight`` the decoder's
+    final norm weight (read by DART only); ``previous_kept`` /
     ``previous_sizes`` are the previous stage's kept ids and merged sizes (None on the first). Returns the
     [B, S'] current-sequence index of the survivors, their original positions, the kept visual ids
     (0..N-1) [B, keep], and with ``merge="tome"`` the kept tokens' sizes and merged hidden states
@@ -76,11 +80,18 @@ def clse_stage(
     vis_index = compact_true(is_visual, num_current)  # [B, n] in sequence order
     z_cur = take_rows(hidden, vis_index)
     z_ref = z_cur if hidden_ref is None else take_rows(hidden_ref, vis_index)
-    attn = last_query_attention(query, key, mask, spec.scale).gather(1, vis_index)
+    attn = None if query is None else last_query_attention(query, key, mask, spec.scale).gather(1, vis_index)
     vis_ids = torch.arange(num_current, device=hidden.device).expand_as(vis_index)
     current = vis_ids if previous_kept is None else previous_kept  # the row's visual ids (0..N-1) of each token
     is_extra = member_mask(current, spec.extras) if spec.extras else None
-    scores = score_stage(spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra)
+    key_norm = instruction = None
+    if spec.score in PEER_SCORES:
+        key_norm = None if key is None else key_l1_norm(key)
+        instruction = Instruction(hidden, query_tokens(is_visual), key_norm, norm_weight)
+        key_norm = None if key_norm is None else key_norm.gather(1, vis_index)
+    scores = score_stage(
+        spec, attn=attn, z_ref=z_ref, z_cur=z_cur, is_extra=is_extra, key_norm=key_norm, instruction=instruction
+    )
     chosen = topk_mask(scores, keep)
     local = compact_true(chosen, keep)
     kept = current.gather(1, local)
@@ -94,7 +105,7 @@ def clse_stage(
     if spec.merge == "tome":
         pruned = compact_true(~chosen, num_current - keep)
         metric = z_cur if spec.merge_metric == "hidden" else take_rows(key.mean(dim=1), vis_index)
-        current_sizes = torch.ones_like(attn) if previous_sizes is None else previous_sizes
+        current_sizes = torch.ones_like(scores) if previous_sizes is None else previous_sizes
         z_kept, z_pruned, s_kept, s_pruned, m_kept, m_pruned = (
             take_rows(x, i) for x in (z_cur, current_sizes, metric) for i in (local, pruned)
         )

@@ -24,12 +24,14 @@ GRID_BANDS = 4  # accuracy by the queried object's row is reported per band of g
 
 @dataclass(frozen=True)
 class Method:
-    """A pruning method: a score type, optionally with CLSE-M token merging."""
+    """A pruning method: a score type, optionally with CLSE-M token merging; ``one_shot_layer`` places its
+    single-stage plan (None: at the three-stage plan's first layer)."""
 
     name: str
     score: str
     merge: str = "none"
     merge_metric: str = "hidden"
+    one_shot_layer: int | None = None
 
 
 METHODS = (
@@ -41,6 +43,10 @@ METHODS = (
     Method("uniform grid", "uniform"),
     Method("CLSE-M (merge, hidden)", "clse_attn", "tome", "hidden"),
     Method("CLSE-M (merge, keys)", "clse_attn", "tome", "keys"),
+    # The peers: DART one-shot at the first stage layer (its layer 2 of 32, scaled to this depth, needs layer K-1),
+    # CDPruner one-shot before layer 0, as its authors prune (before the decoder).
+    Method("DART (duplication)", "dart"),
+    Method("CDPruner (conditional DPP)", "cdpruner", one_shot_layer=0),
 )
 # LLaVA-1.5's 192 / 128 / 64 of 576 visual tokens, as shares of the visual tokens.
 BUDGETS = {"192/576": 1 / 3, "128/576": 2 / 9, "64/576": 1 / 9}
@@ -80,13 +86,15 @@ def accuracy_by_band(correct: Sequence[bool], items: Sequence[Item], grid: int, 
     return [h / t if t else None for h, t in zip(hits, totals)]
 
 
-def plans(num_layers: int, num_visual: int, budget: float) -> dict[str, list[tuple[int, int]]]:
+def plans(
+    num_layers: int, num_visual: int, budget: float, one_shot_layer: int | None = None
+) -> dict[str, list[tuple[int, int]]]:
     """The three-stage plan of ``budget`` (the product's LLaVA schedule scaled to depth) and a single-stage
-    plan at the first stage layer with the same average visual tokens per layer."""
+    plan at ``one_shot_layer`` (default: the first stage layer) with the same average visual tokens per layer."""
     from clse_fx.plan import plan_budget
 
     three = plan_budget(budget, num_layers, num_visual)
-    layer = three.stages[0][0]
+    layer = three.stages[0][0] if one_shot_layer is None else one_shot_layer
     total = three.avg_visual_tokens * num_layers - layer * num_visual
     keep = max(1, round(total / (num_layers - layer)))
     return {"3-stage": [tuple(s) for s in three.stages], "1-stage": [(layer, keep)]}
@@ -201,7 +209,7 @@ def sweep(model_dir: str | Path, items: Sequence[Item], cache: Path, batch: int 
     configs = [(METHODS[0], "unpruned", "none", [(1, num_visual)])]
     for method in METHODS:
         for budget, ratio in BUDGETS.items():
-            for plan, stages in plans(num_layers, num_visual, ratio).items():
+            for plan, stages in plans(num_layers, num_visual, ratio, method.one_shot_layer).items():
                 if method.merge == "none" or plan == "3-stage":
                     configs.append((method, budget, plan, stages))
     cache.mkdir(parents=True, exist_ok=True)
