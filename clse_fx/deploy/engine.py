@@ -38,10 +38,10 @@ class Generation:
     warnings: list[str] = field(default_factory=list)  # what in the prompt the model cannot read
 
 
-
 def graph_weight_bytes(graph: dict, element_type: int = 16) -> int:
     """Bytes of a manifest graph's external weights of ``element_type`` (ONNX's; 16: bfloat16)."""
     return sum(entry["length"] for entry in graph.get("initializers", {}).values() if entry["type"] == element_type)
+
 
 class Engine:
     """A loaded bundle. Feeds must match the compiled geometry; text and pixels are fitted to it by the bundle's

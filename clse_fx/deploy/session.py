@@ -77,8 +77,8 @@ class OnnxSession:
         as the session; ``weights``: the :class:`~clse_fx.deploy.weights.BundleWeights` they map, inside whose
         ``in_use()`` every run happens. ``vocab_size``: the token-id range (default: the graph's logits width).
         ``prepack``: let ONNX Runtime copy weights into its kernels' packed layouts at load (each session its own
-        copy; without it, weights are read where they are mapped). ``widen_weights``: a bfloat16 graph's weights
-        become float32 copies once, at load, instead of being cast at every run (see :func:`widened_weights_fit`)."""
+        copy; without it, weights are read where they are mapped). ``widen_weights``: a float16 or bfloat16 graph's
+        weights become float32 copies once, at load, not cast at every run (:func:`widened_weights_fit`)."""
         import onnxruntime
 
         self.path = Path(path)
@@ -90,7 +90,7 @@ class OnnxSession:
             options.add_initializer(name, value)
         if not prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
-        lean = dtype in LOW_PRECISION and not (dtype == "bfloat16" and widen_weights)
+        lean = dtype in LOW_PRECISION and not widen_weights
         if lean and (providers or ["CPUExecutionProvider"])[0] == "CPUExecutionProvider":
             # The CPU provider runs most float16/bfloat16 ops in float32 behind inserted casts, and its extended
             # optimizations fold the casts of the weights into float32 copies: 3x the weights in memory (a 7B
@@ -106,7 +106,7 @@ class OnnxSession:
             return_freed_memory()
         # A bfloat16 bundle's graphs compute in float32 from bfloat16 weights through explicit casts
         # (clse_fx/export/float32_compute.py); constant folding would turn each into a float32 copy at load.
-        disabled = ["ConstantFolding"] if dtype == "bfloat16" and not widen_weights else None
+        disabled = ["ConstantFolding"] if dtype == "bfloat16" and lean else None
         with self.using_weights():  # building the session reads (pre-packs) the weights too
             self.session = inference_session(self.path, options, providers or ["CPUExecutionProvider"], disabled)
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
