@@ -165,7 +165,10 @@ def dart_keep(
     rest = keep - len(image_pivots)
     for index, pivot in enumerate(pivot_feats):
         quota = rest // len(pivot_feats) + (index < rest % len(pivot_feats))
-        similarity = torch.zeros(len(z)) if pivot is None else F.cosine_similarity(pivot[None], feats, dim=-1)
+        if pivot is None:
+            similarity = torch.zeros(len(z), device=z.device)
+        else:
+            similarity = F.cosine_similarity(pivot[None], feats, dim=-1)
         taken = _most(-similarity, pool, quota)
         kept += taken
         pool = [i for i in pool if i not in taken]
@@ -188,18 +191,18 @@ def cdpruner_keep(
     low, high = relevance[candidates].min(), relevance[candidates].max()
     relevance = (relevance - low + 1e-6) / max(float(high - low), 1e-6)
     kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
-    gains = torch.full((len(z),), float("-inf"))
+    gains = torch.full((len(z),), float("-inf"), device=z.device)
     gains[candidates] = torch.diagonal(kernel)[candidates]
     rows: list[torch.Tensor] = []
     chosen: list[int] = []
-    closeness = torch.zeros(len(z))
+    closeness = torch.zeros(len(z), device=z.device)
     for _ in range(keep):
         gains[(gains <= 1e-5) & (gains > float("-inf"))] = 0.0
         j = int(gains.argmax())
         ratio = gains / gains[j] if gains[j] > 0 else (gains == 0).float()
         closeness = torch.maximum(closeness, ratio.clamp(min=0))
-        residual = kernel[j] - sum((row[j] * row for row in rows), torch.zeros(len(z)))
-        row = residual / float(gains[j]) ** 0.5 if gains[j] > 0 else torch.zeros(len(z))
+        residual = kernel[j] - sum((row[j] * row for row in rows), torch.zeros(len(z), device=z.device))
+        row = residual / float(gains[j]) ** 0.5 if gains[j] > 0 else torch.zeros(len(z), device=z.device)
         rows.append(row)
         gains = gains - row**2
         gains[j] = float("-inf")
@@ -221,7 +224,7 @@ def _peer_stage(
     (extras included) and a [B, n] score, whose cut is 1 (DART: 1 chosen, 0 not; CDPruner: the closeness to
     being chosen; extras +inf). The instruction is every token after the row's last visual token; key norms sum
     |k| over heads and channels."""
-    locals_, scores = [], torch.zeros(z.shape[:2])
+    locals_, scores = [], torch.zeros(z.shape[:2], device=z.device)
     for row in range(z.shape[0]):
         last_visual = int(visual[row].nonzero().max())
         text = list(range(last_visual + 1, current_ids.shape[1]))
@@ -235,7 +238,7 @@ def _peer_stage(
             chosen, scores[row] = cdpruner_keep(z[row], hidden[row, text], spec.keep, candidates)
         scores[row, is_extra[row]] = float("inf")
         locals_.append(sorted(chosen + is_extra[row].nonzero()[:, 0].tolist()))
-    return torch.tensor(locals_, dtype=torch.long), scores
+    return torch.tensor(locals_, dtype=torch.long, device=z.device), scores
 
 
 @torch.no_grad()

@@ -33,6 +33,8 @@ def _flat(*values):
         ("clse_attn", "none", "uniform", False),
         ("uniform", "tome", "per-layer", False),
         ("clse_attn", "none", "uniform", True),
+        ("dart", "none", "uniform", False),  # the peers' selections and their row-by-row oracles
+        ("cdpruner", "none", "uniform", False),
     ],
 )
 def test_meta_default_device_changes_nothing(tiny_llava, monkeypatch, score, merge, kv_policy, segmented):
