@@ -96,8 +96,15 @@ def _on_meta(model_class, config):
 
 
 def qwen2_vl_config(
-    hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, layers: int, vision_depth: int,
-    vision_hidden: int, vision_heads: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    layers: int,
+    vision_depth: int,
+    vision_hidden: int,
+    vision_heads: int,
 ) -> Qwen2VLConfig:
     """Qwen2-VL geometry: a ViT/14 with 2x2 patch merging into a GQA decoder with M-RoPE (128-wide heads), with
     Qwen2-VL's vision token ids (151652-151656)."""

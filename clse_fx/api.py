@@ -399,8 +399,11 @@ def compile(  # noqa: A001 - the public name is part of the API (clse_fx.compile
         if options.verify and (bundle is not None or module is not None):
             if manifest.quantization:
                 with phases(f"{options.weight_format} bundle vs the unquantized model", "deploy_check"):
-                    figures = deploy_check.check_lossy(options.weight_format, bundle, model, prune, inputs)
+                    figures, misses = deploy_check.check_lossy(
+                        options.weight_format, bundle, model, prune, inputs, accept=options.accept_lossy
+                    )
                     manifest.quantization["floors"] = deploy_check.LOSSY_FLOORS[options.weight_format]
+                    manifest.quantization["below_floors"] = misses  # kept by --accept-lossy; else none
             else:
                 with phases("deploy-path check: constant and flat-region images", "deploy_check"):
                     run = deploy_check.bundle_runner(bundle) if bundle else deploy_check.module_runner(model, module)

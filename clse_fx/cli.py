@@ -101,6 +101,12 @@ def _parser() -> OneLineParser:
         "--device", choices=DEVICES, help="trace and verify on this device (default: cpu; cuda for tensorrt)"
     )
     parser.add_argument(
+        "--accept-lossy",
+        action="store_true",
+        help="with --weight-format: keep a bundle that misses the lossy floors (the compile fails otherwise); the "
+        "misses are recorded in the manifest and the report",
+    )
+    parser.add_argument(
         "--no-verify",
         action="store_true",
         help="skip the checks against the eager reference and the unquantized model (parity, deploy path, the "
@@ -216,6 +222,18 @@ def _report(console, result, bundle: Path, dump_graph: str | None = None) -> Non
         )
     else:
         table.add_row("checks", "skipped (--no-verify): nothing was compared with the eager reference")
+    lossy = [k.removeprefix("lossy_").removesuffix("_logits_cosine") for k in parity if k.endswith("_logits_cosine")]
+    if lossy:
+        parts = [
+            f"{image}: logits cosine {parity[f'lossy_{image}_logits_cosine']:.3f}, top-5 containment "
+            f"{parity[f'lossy_{image}_top5_containment']:.3f}, kept overlap {parity[f'lossy_{image}_kept_overlap']:.3f}"
+            for image in lossy
+        ]
+        misses = m.quantization.get("below_floors", [])
+        verdict = "floors met"
+        if misses:
+            verdict = f"[red]BELOW FLOORS, kept by --accept-lossy: {escape('; '.join(misses))}[/red]"
+        table.add_row("quantized vs unquantized", escape("; ".join(parts).replace("_", " ")) + f" ({verdict})")
     if "onnxruntime_max_abs_logits" in parity:
         table.add_row(
             "parity ONNX Runtime vs torch",
@@ -357,6 +375,7 @@ def compile_main(argv: list[str] | None = None) -> int:
             fp16=args.fp16,
             dtype=args.dtype,
             weight_format=args.weight_format,
+            accept_lossy=args.accept_lossy,
             verify=not args.no_verify,
             device=args.device or (None if args.target == "tensorrt" else "cpu"),  # TensorRT: CUDA by default
             dump_graph=args.dump_graph,

@@ -28,7 +28,8 @@ class CompileOptions:
     scores stay float32 inside the graph whatever the dtype. Geometry: ``batch`` rows of ``text_len``
     non-image tokens with ``images`` images (``frames`` frames per video; ``image_size`` (H, W) where the
     family's resolution varies). ``weight_format``: int8 / int4 weight-only quantization of the ONNX graphs
-    (``clse_fx.export.quantize``; checked against the unquantized program by lossy measures). ``output_dir``:
+    (``clse_fx.export.quantize``; checked against the unquantized program by lossy measures; ``accept_lossy``
+    keeps a bundle under their floors, recording the misses, instead of failing the compile). ``output_dir``:
     the bundle to write (None: build and check the pruned program only); ``verify``: measure parity with the
     reference pruner and FLOPs; ``optimize_onnx``: run onnxscript's optimizer on the ONNX graphs (off: about
     twice as fast to export, but larger graphs that TensorRT's parser rejects, since shape values it folds to
@@ -51,6 +52,7 @@ class CompileOptions:
     target: str = "onnxruntime"
     dtype: str | None = None  # float32 | float16 | bfloat16; None: the model's own
     weight_format: str | None = None  # int8 | int4: weight-only quantized ONNX graphs; None: weights in ``dtype``
+    accept_lossy: bool = False  # keep a quantized bundle that misses the lossy floors (the misses are recorded)
     device: str | None = None  # cpu | cuda; None: where the model is
     output_dir: Path | None = None
     force: bool = False
@@ -75,6 +77,11 @@ class CompileOptions:
             raise ValueError(
                 f"--weight-format quantizes ONNX Runtime graphs; the {self.target} target has none: use --target "
                 f"onnxruntime, or drop --weight-format"
+            )
+        if self.accept_lossy and (self.weight_format is None or not self.verify):
+            raise ValueError(
+                "--accept-lossy keeps a --weight-format bundle that misses the lossy floors; it needs --weight-format "
+                "and the checks (drop --no-verify), or drop --accept-lossy"
             )
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")

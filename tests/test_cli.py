@@ -106,6 +106,7 @@ def unsupported_dir(tmp_path):
         (lambda d, u, t: [str(d), "--keep", "8", "--image-size", "64"], "fixed 48px"),
         (lambda d, u, t: [str(d), "--keep", "8", "--text-len", "0"], "must be >= 1"),
         (lambda d, u, t: [str(d), "--keep", "8", "--stages", "1:4"], "--keep and --stages both given"),
+        (lambda d, u, t: [str(d), "--keep", "8", "--accept-lossy"], "--accept-lossy keeps a --weight-format"),
         # Arguments are checked before the model is looked at: a missing model dir is not reported first.
         (lambda d, u, t: [str(t / "missing"), "--stages", "1-4"], "LAYER:KEEP"),
     ],

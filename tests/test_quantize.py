@@ -104,6 +104,7 @@ def test_an_int4_bundle_stores_quantized_weights_once_and_answers_through_engine
     manifest = json.loads((bundle / "manifest.json").read_text())
     quantization = manifest["quantization"]
     assert quantization["weight_format"] == "int4" and quantization["floors"] == LOSSY_FLOORS["int4"]
+    assert quantization["below_floors"] == []
     decode, prefill = quantization["weights"]["decode"], quantization["weights"]["prefill"]
     assert decode == {"int4": 4 * 7, "int8": 2}  # 4 layers x (q, k, v, o, gate, up, down); embedding, LM head
     assert prefill["int4"] == 4 * 7 and prefill["int8"] > 2  # and the vision tower and projector at 8 bits
@@ -132,7 +133,8 @@ def test_an_int4_bundle_stores_quantized_weights_once_and_answers_through_engine
 
 def test_the_lossy_check_fails_a_bundle_with_a_planted_error(int4_bundle, tiny_llava, tmp_path):
     """Flipping the LM head's 8-bit codes in weights.data (q -> 255 - q, hashes updated, as a broken quantizer
-    would write them) fails the check with one line naming the measure; the untouched bundle passes it."""
+    would write them) fails the check with one line naming the measure, or with accept (--accept-lossy) returns
+    the misses; the untouched bundle passes it."""
     from clse_fx.api import example_inputs
     from clse_fx.deploy.manifest import read_manifest
     from clse_fx.export.bundle import write_manifest
@@ -141,7 +143,8 @@ def test_the_lossy_check_fails_a_bundle_with_a_planted_error(int4_bundle, tiny_l
 
     bundle, result = int4_bundle
     prune, inputs = result.pruned.settings.prune, example_inputs(tiny_llava, CompileOptions(keep=8))
-    assert check_lossy("int4", bundle, tiny_llava, prune, inputs, steps=4)["lossy_noise_top5_containment"] > 0
+    figures, misses = check_lossy("int4", bundle, tiny_llava, prune, inputs, steps=4)
+    assert figures["lossy_noise_top5_containment"] > 0 and misses == []
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     manifest = read_manifest(broken)
@@ -152,5 +155,31 @@ def test_the_lossy_check_fails_a_bundle_with_a_planted_error(int4_bundle, tiny_l
         f.seek(entry["offset"])
         f.write((255 - codes).tobytes())
     write_manifest(broken, manifest)
-    with pytest.raises(RuntimeError, match="int4 bundle is too far from the unquantized model.*logits cosine"):
+    with pytest.raises(RuntimeError, match="int4 bundle is too far from the unquantized model: logits cosine"):
         check_lossy("int4", broken, tiny_llava, prune, inputs, steps=4)
+    # --accept-lossy: the same misses, recorded instead of raised
+    figures, misses = check_lossy("int4", broken, tiny_llava, prune, inputs, steps=4, accept=True)
+    assert any(miss.startswith("logits cosine") for miss in misses) and figures["lossy_noise_logits_cosine"] < 0.7
+
+
+def test_the_report_shows_the_lossy_figures_and_any_floor_kept_below(int4_bundle):
+    """clse-compile's report has a row with each image's cosine / top-5 / kept overlap, and says when
+    --accept-lossy kept a bundle under its floors."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from clse_fx.cli import _report
+
+    bundle, result = int4_bundle
+
+    def rendered(result) -> str:
+        console = Console(record=True, width=400)
+        _report(console, result, bundle)
+        return " ".join(console.export_text().split())
+
+    text = rendered(result)
+    assert "quantized vs unquantized" in text and "noise: logits cosine" in text and "(floors met)" in text
+    below = dict(result.manifest.quantization, below_floors=["top5 containment 0.375 < 0.6 on a noise image"])
+    kept = dataclasses.replace(result, manifest=dataclasses.replace(result.manifest, quantization=below))
+    assert "BELOW FLOORS, kept by --accept-lossy: top5 containment 0.375 < 0.6 on a noise image" in rendered(kept)

@@ -244,9 +244,12 @@ def lossy_figures(reference: TeacherForcing, got: TeacherForcing, kept_ref: list
     return figures
 
 
-def check_lossy(weight_format: str, bundle: Path, model, prune, inputs: dict, steps: int = LOSSY_STEPS) -> dict:
-    """Measure a weight-quantized bundle against the unquantized model (see :data:`LOSSY_FLOORS`); the figures for
-    the manifest (``lossy_<image>_<measure>``), or a one-line RuntimeError naming the first floor missed."""
+def check_lossy(
+    weight_format: str, bundle: Path, model, prune, inputs: dict, steps: int = LOSSY_STEPS, accept: bool = False
+) -> tuple[dict, list[str]]:
+    """Measure a weight-quantized bundle against the unquantized model (see :data:`LOSSY_FLOORS`): the figures for
+    the manifest (``lossy_<image>_<measure>``) and the floors missed, one line each. A miss raises a one-line
+    RuntimeError naming the first unless ``accept`` (``--accept-lossy``), which keeps the bundle and records them."""
     from clse_fx.deploy.engine import Engine
 
     with warnings.catch_warnings():
@@ -264,18 +267,22 @@ def check_lossy(weight_format: str, bundle: Path, model, prune, inputs: dict, st
             name: reference_generation(model, prune, case, positions[name], steps) for name, case in cases.items()
         }
     page_out_weights(model)
-    figures = {}
+    figures, misses = {}, []
     for name, case in cases.items():
         (reference, kept_ref), key = references[name], name.replace(" ", "_")
         got, kept = TeacherForcing(reference.tokens), []
         engine.generate_ids(as_deploy_feeds(case), steps, got, kept_out=kept)
         measured = lossy_figures(reference, got, kept_ref, kept)
         figures.update({f"lossy_{key}_{measure}": value for measure, value in measured.items()})
-        for measure, value in measured.items():
-            if measure in floors and value < floors[measure]:
-                raise RuntimeError(
-                    f"the {weight_format} bundle is too far from the unquantized model on a {name} image: "
-                    f"{measure.replace('_', ' ')} {value:.3f} < {floors[measure]} (LOSSY_FLOORS); the bundle was not "
-                    "written (try --weight-format int8, or report this with the model and flags)"
-                )
-    return figures
+        misses += [
+            f"{measure.replace('_', ' ')} {value:.3f} < {floors[measure]} on a {name} image"
+            for measure, value in measured.items()
+            if measure in floors and value < floors[measure]
+        ]
+    if misses and not accept:
+        raise RuntimeError(
+            f"the {weight_format} bundle is too far from the unquantized model: {misses[0]} (LOSSY_FLOORS); the "
+            "bundle was not written (try --weight-format int8, keep it anyway with --accept-lossy, or report this "
+            "with the model and flags)"
+        )
+    return figures, misses
