@@ -91,6 +91,30 @@ def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, 
         return subprocess.CompletedProcess(command, child.returncode, out.read(), err.read()), peaks
 
 
+def read_gb_per_s(gib: int = 2, threads: int = 2, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth as a decode step sees it: ``threads`` threads (ONNX Runtime's) summing
+    their halves of a ``gib`` GiB array, the best of ``repeats`` (numpy releases the GIL in the reduction)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    parts = np.array_split(np.ones(gib * 2**30 // 4, dtype=np.float32), threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - start)
+    return gib * 2**30 / best / 1e9
+
+
+def decode_weight_bytes(manifest: dict) -> int:
+    """The bytes a decode step reads from its weights: every decode initializer but the embedding table, of which
+    it reads one row per token."""
+    entries = manifest["graphs"]["decode"]["initializers"]
+    return sum(e["length"] for name, e in entries.items() if "embed_tokens" not in name)
+
+
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -137,6 +161,7 @@ def measure(checkpoint: Path, parameters: int, weight_format: str, work: Path) -
         "bundle_files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
         "engine": json.loads(engine.stdout.strip().splitlines()[-1]) | {"memory_mib": engine_memory},
         "compile_memory_mib": compile_memory,
+        "decode_weight_bytes": decode_weight_bytes(manifest),
     }
     if weight_format != "none":
         row["lossy"] = {k: v for k, v in manifest["parity"].items() if k.startswith("lossy_")}
@@ -159,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON to merge into (default: {RESULTS})")
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    bandwidth = round(read_gb_per_s(), 2)  # before any checkpoint is in memory
     for width in args.width or [Fraction(1, 8)]:
         with tempfile.TemporaryDirectory() as work:
             parameters = write_checkpoint(width, Path(work) / "checkpoint")
             for weight_format in args.weight_format:
                 row = measure(Path(work) / "checkpoint", parameters, weight_format, Path(work))
+                row["read_gb_per_s"] = bandwidth
                 key = str(width) if weight_format == "none" else f"{width} {weight_format}"
                 results[key] = row
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -172,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(row: dict, float16: dict | None) -> str:
-    """One line of the figures the scale targets are stated in (quantized rows: also against float16's)."""
+    """One line of the figures the scale targets are stated in (quantized rows: also against float16's), and the
+    decode step's time against reading its weights once at the measured bandwidth."""
     line = (
         f"{row['parameters'] / 1e6:.0f}M parameters, checkpoint {row['checkpoint_bytes'] / 2**30:.2f} GiB; compile "
         f"{row['compile_wall_s']:.0f} s, peak RSS {row['compile_peak_rss_over_checkpoint']:.2f}x the checkpoint "
         f"(anonymous {row['compile_anon_peak_over_checkpoint']:.2f}x); bundle {row['bundle_over_checkpoint']:.2f}x; "
         f"Engine RSS {row['engine_rss_over_checkpoint']:.2f}x (anonymous "
         f"{row['engine_anon_peak_over_checkpoint']:.2f}x, PSS {row['engine_pss_peak_over_checkpoint']:.2f}x); "
-        f"TTFT {row['engine']['prefill_ms'] / 1e3:.1f} s, decode {row['engine']['decode_ms_per_token']:.0f} ms/token"
+        f"TTFT {row['engine']['prefill_ms'] / 1e3:.1f} s, decode {row['engine']['decode_ms_per_token']:.0f} ms/token "
+        f"(reading its weights once: {row['decode_weight_bytes'] / row['read_gb_per_s'] / 1e6:.0f} ms at "
+        f"{row['read_gb_per_s']} GB/s)"
     )
     if row["weight_format"] == "none" or float16 is None or "decode_ms_per_token" not in float16["engine"]:
         return line
