@@ -120,22 +120,29 @@ def peer_cpu(results: Path) -> str:
 def scale(results: Path) -> str:
     gib = 2**30
 
-    def row(width: str, data: dict) -> list[str]:
-        engine = data["engine"]
+    def row(key: str, data: dict) -> list[str]:
+        width, engine = key.split()[0], data["engine"]
+        decode = "-"  # rows measured before the Engine run timed its decode steps
+        if "decode_ms_per_token" in engine:
+            decode = f"{engine['decode_ms_per_token']:.0f} ms"
+            if "decode_weight_bytes" in data:
+                decode += f" ({data['decode_weight_bytes'] / data['read_gb_per_s'] / 1e6:.0f} ms)"
         return [
             "1 (7B)" if width == "1" else width,
+            data.get("weight_format", "none").replace("none", "float16"),
             f"{data['parameters'] / 1e6:.0f}M",
-            f"{data['checkpoint_bytes'] / gib:.2f} GiB",
             f"{data['compile_wall_s']:.0f} s",
             f"{data['compile_peak_rss_bytes'] / gib:.2f} GiB = {data['compile_peak_rss_over_checkpoint']:.2f}x",
-            f"{data['bundle_over_checkpoint']:.2f}x",
-            f"{engine['load_s']:.1f} s / {engine['generate_s']:.1f} s",
+            f"{data['bundle_bytes'] / gib:.2f} GiB = {data['bundle_over_checkpoint']:.2f}x",
+            f"{engine['load_s']:.1f} s",
+            f"{engine['prefill_ms'] / 1e3:.1f} s",
+            decode,
             f"{engine['peak_rss_bytes'] / gib:.2f} GiB = {data['engine_rss_over_checkpoint']:.2f}x",
         ]
 
-    header = ["width", "parameters", "checkpoint", "compile wall", "compile peak RSS", "bundle"]
-    header += ["Engine load / answer", "Engine peak RSS"]
-    return _markdown(header, (row(width, data) for width, data in _json(results / "scale.json").items()))
+    header = ["width", "weights", "parameters", "compile wall", "compile peak RSS (x checkpoint)", "bundle"]
+    header += ["Engine load", "TTFT", "decode / token (weights read once)", "Engine peak RSS"]
+    return _markdown(header, (row(key, data) for key, data in _json(results / "scale.json").items()))
 
 
 @table("serve_load")
