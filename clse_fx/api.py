@@ -24,6 +24,7 @@ from torch import nn
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill, prune_prefill
 from clse_fx.config_facts import read_config, supported_architecture
+from clse_fx.cpu_half import float32_matmuls
 from clse_fx.demo import PROXY_MODEL
 from clse_fx.deploy.files import staged_directory
 from clse_fx.deploy.manifest import KVCacheSection, Manifest, PlanSection, RuntimeSection
@@ -96,13 +97,15 @@ class BuildContext:
     def program_output(self) -> PrefillOutputs:
         """The compiled program on the example inputs (on the model's device), computed once per compile."""
         if self.output is None:
-            self.output = self.pruned()
+            with float32_matmuls(self.model):
+                self.output = self.pruned()
         return self.output
 
     def reference_output(self) -> ReferenceOutput:
         """The eager reference pruner on the example inputs, computed once per compile."""
         if self.reference is None:
-            self.reference = reference_prune(self.model, self.pruned.settings.prune, **self.inputs)
+            with float32_matmuls(self.model):
+                self.reference = reference_prune(self.model, self.pruned.settings.prune, **self.inputs)
         return self.reference
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clse_fx.compiler import PrefillOutputs
+from clse_fx.cpu_half import float32_matmuls
 from clse_fx.deploy.loop import SamplingConfig, decode_start, generation_loop
 from clse_fx.deploy.manifest import split_prefill_outputs
 from clse_fx.deploy.session import as_array
@@ -126,7 +127,8 @@ def check(
     stage_layers = [layer for layer, _ in prune.plan.stages]
     figures = {}
     cases = {name: with_pixels(inputs, make) for name, make in IMAGES.items()}
-    with torch.no_grad():  # the model's runs first, then the bundle's: at 7B one set of weights is in use at a time
+    # The model's runs first, then the bundle's: at 7B one set of weights is in use at a time
+    with torch.no_grad(), float32_matmuls(model):
         references = {name: reference_prune(model, prune, **realistic) for name, realistic in cases.items()}
     if own_weights:
         page_out_weights(model)
@@ -262,7 +264,8 @@ def check_lossy(
     positions = {
         name: decode_start(f, runtime.decode_position_start, runtime.position_offset_input) for name, f in feeds.items()
     }
-    with torch.no_grad():  # the model's runs first, then the bundle's (one set of weights in use at a time)
+    # The model's runs first, then the bundle's (one set of weights in use at a time)
+    with torch.no_grad(), float32_matmuls(model):
         references = {
             name: reference_generation(model, prune, case, positions[name], steps) for name, case in cases.items()
         }

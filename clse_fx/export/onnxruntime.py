@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from clse_fx.compiler import PrefillOutputs, PrunedPrefill
+from clse_fx.cpu_half import float32_matmuls
 from clse_fx.decode import decode_example, equal_lengths, export_decode
 from clse_fx.deploy.manifest import KV_IN_GRAPH, KV_RUNTIME, decode_names, prefill_output_names
 from clse_fx.deploy.onnx_graph import declared_initializers
@@ -275,7 +276,8 @@ def build(context: BuildContext, bundle: Path) -> TargetSection:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     with context.phase("ONNX Runtime sessions and parity", "session_build+run"):
         step_args = decode_example(device_out.cache)
-        with torch.no_grad():  # PyTorch first, then its mapped weights handed back: ONNX Runtime maps the bundle's
+        # PyTorch first, then its mapped weights handed back: ONNX Runtime maps the bundle's
+        with torch.no_grad(), float32_matmuls(model):
             decode_torch = [as_array(t) for t in decode_program.module()(*step_args)]
             expected = input_graph_outputs(model, inputs) if pre_paths else {}
         page_out_weights(model)
