@@ -33,8 +33,9 @@ from benchmarks import geometry
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 ENGINE_RUN = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
+from clse_fx.api import peak_rss_mib
 from clse_fx.deploy.engine import Engine
 start = time.perf_counter()
 engine = Engine.load(sys.argv[1])
@@ -48,7 +49,7 @@ feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": 
 tokens, timings = engine.generate_ids(feeds, 9)
 print(json.dumps({"load_s": loaded, "generate_s": time.perf_counter() - start, "prefill_ms": timings.prefill_ms,
                   "decode_ms_per_token": timings.decode_ms_per_token,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": int(peak_rss_mib() * 2**20)}))
 """
 
 
@@ -66,14 +67,15 @@ def width_geometry(width: Fraction) -> dict:
 
 
 def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
-    """Run ``command``, sampling its memory every 0.2 s (PSS every 2 s): the peak anonymous memory (what the kernel
-    cannot drop), the peak file-backed resident memory (memory-mapped weights: clean pages the kernel reclaims under
-    pressure and reads again) and the peak proportional set size (PSS: a page mapped twice, as ONNX Runtime maps the
-    shared weights file once per session, counts once; RSS counts it twice), in MiB. The scale targets are stated in
-    RSS."""
+    """Run ``command``, sampling its memory every 0.2 s (PSS every 2 s, or as RSS grows): the peak anonymous
+    memory (what the kernel cannot drop), the peak file-backed resident memory (memory-mapped weights: clean pages
+    the kernel reclaims under pressure and reads again) and the peak proportional set size (PSS: a page mapped
+    twice, as ONNX Runtime maps the shared weights file once per session, counts once; RSS counts it twice), in
+    MiB. The scale targets are stated in RSS."""
     peaks = {"anon_peak": 0.0, "file_peak": 0.0, "pss_peak": 0.0, "rss_peak": 0.0}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        rss_at_pss = 0.0
         for sample in itertools.count():
             if child.poll() is not None:
                 break
@@ -81,13 +83,15 @@ def watched(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, 
                 status = Path(f"/proc/{child.pid}/status").read_text().splitlines()
             except OSError:
                 break
-            fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith(("Rss", "VmHWM"))}
+            fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith(("Rss", "Vm"))}
             peaks["rss_peak"] = max(peaks["rss_peak"], int(fields.get("VmHWM", 0)) / 1024)
             peaks["anon_peak"] = max(peaks["anon_peak"], int(fields.get("RssAnon", 0)) / 1024)
             peaks["file_peak"] = max(peaks["file_peak"], int(fields.get("RssFile", 0)) / 1024)
             # smaps_rollup walks every mapped page (~0.1 s at 7B: read at every sample it took half a core from the
-            # compile being measured), so it is read every 10th sample
-            if sample % 10 == 0:
+            # compile being measured), so it is read every 10th sample, and whenever RSS has grown by 64 MiB
+            rss = int(fields.get("VmRSS", 0)) / 1024
+            if sample % 10 == 0 or rss > rss_at_pss + 64:
+                rss_at_pss = rss
                 with contextlib.suppress(OSError):
                     rollup = Path(f"/proc/{child.pid}/smaps_rollup").read_text().splitlines()
                     pss = next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
