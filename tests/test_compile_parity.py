@@ -1,12 +1,17 @@
-"""The rewritten graph against the oracles: the eager reference pruner and the unmodified model."""
+"""The rewritten graph against the oracles: the eager reference pruner and the unmodified model (and FLOP counts
+against a real call's)."""
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from clse_fx.compiler import prune_prefill
+from clse_fx.metrics import prefill_flops, unpruned_prefill_flops
+from clse_fx.passes.strip_asserts import remove_asserts
 from clse_fx.plan import PruneConfig, plan_budget
 from clse_fx.reference import reference_prune
 from clse_fx.scoring import SCORE_TYPES
+from clse_fx.trace import example_args, trace_prefill
 
 from .conftest import prompt_ids
 
@@ -54,9 +59,20 @@ def test_pass_equals_reference_batch2_different_positions(tiny_llava, stages, sc
     _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, TWO_ROWS))
 
 
+def _real_flops(fn, *args) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
 def test_pass_equals_reference_batch1_scheduled_budget(tiny_llava):
-    prune = PruneConfig(plan=plan_budget(8, 4, 36))
-    _check_against_reference(tiny_llava, prune, _inputs(tiny_llava, [[5, 7, "img", 8, 9, 10]]))
+    """Also: FLOPs, counted on fake tensors (clse_fx.metrics), are the count of a real call of each graph."""
+    prune, inputs = PruneConfig(plan=plan_budget(8, 4, 36)), _inputs(tiny_llava, [[5, 7, "img", 8, 9, 10]])
+    pruned, _ = _check_against_reference(tiny_llava, prune, inputs)
+    unpruned = remove_asserts(trace_prefill(tiny_llava, inputs))  # the cached trace
+    assert prefill_flops(pruned) == _real_flops(pruned.program.module(), *pruned.example_args)
+    flops = unpruned_prefill_flops(tiny_llava, inputs)
+    assert flops == _real_flops(unpruned, *example_args(tiny_llava, inputs)) > prefill_flops(pruned)
 
 
 def test_pass_equals_reference_two_images(tiny_llava):

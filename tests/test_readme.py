@@ -145,9 +145,11 @@ def test_the_video_quick_start_makes_a_checkpoint_compiles_it_and_asks_about_a_s
 @pytest.fixture(scope="module")
 def torch_compiled(demo_model):
     """The README's demo compile for the torch-compile target, at batch 2 (rows of different lengths are
-    left-padded), with the reference pruner's plan for it."""
-    compiled = clse_fx.compile(demo_model[0], keep=64, score="clse", target="torch-compile", batch=2, max_new_tokens=8)
-    return compiled, PruneConfig(plan=plan_budget(64, 6, 256), score="clse")
+    left-padded), with the reference pruner's plan for it. Test-only, as for the AOTInductor bundle: Inductor's
+    C++ kernels built without optimisation (-O0) while the module's tests run, same generated code."""
+    with torch._inductor.config.patch({"aot_inductor.debug_compile": True}):
+        options = dict(keep=64, score="clse", target="torch-compile", batch=2, max_new_tokens=8)
+        yield clse_fx.compile(demo_model[0], **options), PruneConfig(plan=plan_budget(64, 6, 256), score="clse")
 
 
 def _tensors(feeds: dict) -> dict:
