@@ -1,8 +1,9 @@
 """Float16 matrix products on the CPU computed in float32, for the compile's eager runs of a float16 model.
 
-PyTorch's CPU kernels for float16 matrix products run at about a third of float32's speed on x86 CPUs without
-float16 units (4.7 against 13.7 GFLOP/s for a 600 x 4096 x 4096 product on this project's 2-core EPYC): at 7B the
-reference pruner, the exported program and the decode step the compile checks against took most of its time.
+PyTorch's CPU kernels for float16 matrix products run at a half to a third of float32's speed on x86 CPUs
+without float16 units (a 600 x 4096 x 4096 product on this project's 2-core EPYC: 1.6-4.3 s against 0.8-1.5 s):
+at 7B the reference pruner, the exported program and the decode step the compile checks against took most of
+its time.
 Inside :func:`float32_matmuls` each float16 ``mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` on the CPU with at least
 :data:`MIN_ROWS` rows widens its operands to float32 and rounds its result back to float16. PyTorch's float16
 kernels accumulate in float32 too, so the result differs by summation order only; both sides of each check run
