@@ -114,6 +114,10 @@ class Engine:
         prefill, decode = session(PREFILL), session(DECODE)
         preprocessor = Preprocessor(bundle, manifest.preprocess) if manifest.preprocess else None
         input_graphs = {name: session(name) for name in manifest.pipeline}
+        if weights is not None and manifest.quantization:
+            # Every quantized product was packed into its session's memory while loading: the mapped weights it
+            # was packed from are not read again (a 7B int8 engine: 21.0 -> 14.7 GiB RSS, see docs/cpu.md).
+            weights.drop_resident()
         for name in verified.identities:  # graphs and tokenizer were read by path after verification
             check_unchanged(verified, name)
         return cls(bundle, manifest, prefill, decode, preprocessor, input_graphs, weights)

@@ -59,9 +59,10 @@ class MappedFile:
         self.file = open(path, "rb", buffering=0)  # kept open (and leased) as long as it is mapped
         if FileIdentity.of(os.fstat(self.file.fileno())) != identity:
             raise BundleChangedError(f"bundle file {name} changed after it was verified; load the bundle again")
-        self.bytes = np.zeros(0, np.uint8)
+        self.bytes, self.mapping = np.zeros(0, np.uint8), None
         if identity.size:
-            self.bytes = np.frombuffer(mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+            self.mapping = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+            self.bytes = np.frombuffer(self.mapping, np.uint8)
         self.leased = self._lease()
 
     def _lease(self) -> bool:
@@ -83,6 +84,12 @@ class MappedFile:
         if (status.st_size, status.st_mtime_ns) != (self.identity.size, self.identity.mtime_ns):
             return "was rewritten or truncated"
         return None
+
+    def drop_resident(self) -> None:
+        """Unmap the file's resident pages from this process (``MADV_DONTNEED``): the page cache keeps them, and a
+        page read again is mapped back from it (a minor fault), so nothing is lost but the pages' count in RSS."""
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     def release(self) -> None:
         if self.leased:
@@ -127,6 +134,13 @@ class BundleWeights:
             if self.files[name].leased and sum(f.leased for f in self.files.values()) == 1:
                 threading.Thread(target=_watch, args=(weakref.ref(self),), daemon=True, name="clse-lease").start()
         return self.files[name]
+
+    def drop_resident(self) -> None:
+        """Take every mapped file's pages out of this process's resident memory (:meth:`MappedFile.drop_resident`):
+        for weights every session pre-packed into its own memory (quantized bundles), the mapped copy is read only
+        while the sessions are built, and would otherwise stay resident beside the packed ones."""
+        for file in self.files.values():
+            file.drop_resident()
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:

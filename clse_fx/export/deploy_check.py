@@ -11,6 +11,8 @@ inputs. A divergence fails the compile, naming the target and the stage.
 
 from __future__ import annotations
 
+import functools
+import gc
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -92,15 +94,23 @@ def as_deploy_feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return feeds
 
 
-def bundle_runner(bundle: Path) -> Callable[[dict[str, torch.Tensor]], PrefillOutputs]:
-    """The bundle's prefill as :class:`Engine` runs it: loaded (hash-checked) from disk, input graphs first."""
+def _quiet_load(bundle: Path):
+    """:meth:`Engine.load` without its warnings (e.g. onnxruntime-gpu's CPU fallback: the user's own first load
+    should say it)."""
     from clse_fx.deploy.engine import Engine
 
-    with warnings.catch_warnings():  # e.g. onnxruntime-gpu's CPU fallback: the user's first load should say it
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = Engine.load(bundle)
+        return Engine.load(bundle)
+
+
+def bundle_runner(bundle: Path) -> Callable[[dict[str, torch.Tensor]], PrefillOutputs]:
+    """The bundle's prefill as :class:`Engine` runs it: loaded (hash-checked) from disk at the first run (after
+    :func:`check`'s references: one set of weights in memory at a time), input graphs first."""
+    load = functools.cache(functools.partial(_quiet_load, bundle))
 
     def run(inputs: dict[str, torch.Tensor]) -> PrefillOutputs:
+        engine = load()
         feeds = engine.run_input_graphs(as_deploy_feeds(inputs))
         logits, positions, kept, _, valid = split_prefill_outputs(engine.prefill.run(**feeds), engine.num_stages)
         as_tensors = [torch.from_numpy(np.asarray(a)) for a in (logits, positions, valid)]
@@ -252,24 +262,25 @@ def check_lossy(
     """Measure a weight-quantized bundle against the unquantized model (see :data:`LOSSY_FLOORS`): the figures for
     the manifest (``lossy_<image>_<measure>``) and the floors missed, one line each. A miss raises a one-line
     RuntimeError naming the first unless ``accept`` (``--accept-lossy``), which keeps the bundle and records them."""
-    from clse_fx.deploy.engine import Engine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = Engine.load(bundle)
-    runtime = engine.manifest.runtime
     floors = LOSSY_FLOORS[weight_format]
     cases = {name: with_pixels(inputs, make) for name, make in LOSSY_IMAGES.items()}
+    engine = _quiet_load(bundle)
+    runtime = engine.manifest.runtime
     feeds = {name: engine.run_input_graphs(as_deploy_feeds(case)) for name, case in cases.items()}
     positions = {
         name: decode_start(f, runtime.decode_position_start, runtime.position_offset_input) for name, f in feeds.items()
     }
-    # The model's runs first, then the bundle's (one set of weights in use at a time)
+    # The model's runs first, then the bundle's, one set of weights in memory at a time: the engine (its
+    # sessions' packed weights) is let go while the references run and loaded again after (at 7B the two would
+    # not fit in 24 GB together).
+    del engine, feeds
+    gc.collect()
     with torch.no_grad(), float32_matmuls(model):
         references = {
             name: reference_generation(model, prune, case, positions[name], steps) for name, case in cases.items()
         }
     page_out_weights(model)
+    engine = _quiet_load(bundle)
     figures, misses = {}, []
     for name, case in cases.items():
         (reference, kept_ref), key = references[name], name.replace(" ", "_")
