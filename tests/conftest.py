@@ -211,24 +211,27 @@ def assert_decodes_like_portable(engine, model, folder: Path, feeds: dict, steps
 
 # The slowest files first (seconds on 2 cores): xdist gives each worker whole files, and a long file started
 # last would leave the other worker idle at the end.
-SLOW_FILES = [  # longest first, as measured (--durations=0 summed per file)
-    "test_aot_inductor.py",  # with test_readme.py (SHARED_WORKER)
+SLOW_FILES = [  # longest first, as measured (--durations=0 summed per file, 2026-12-07)
+    "test_aot_inductor.py",  # with test_readme.py (SHARED_WORKER); -m inductor only
     "test_anyres.py",
     "test_video.py",
+    "test_serve.py",
     "test_qwen2_vl.py",
     "test_compile_parity.py",
-    "test_serve.py",
-    "test_onnx_export.py",
+    "test_device.py",
+    "test_dtype.py",
     "test_generation.py",
+    "test_onnx_export.py",
     "test_video_llava.py",
     "test_tensorrt_and_targets.py",
-    "test_dtype.py",
-    "test_deploy_check.py",
-    "test_device.py",
-    "test_passes.py",
-    "test_layouts.py",
-    "test_merge.py",
     "test_cli.py",
+    "test_readme.py",
+    "test_passes.py",
+    "test_merge.py",
+    "test_layouts.py",
+    "test_quantize.py",
+    "test_deploy_check.py",
+    "test_peer_scores.py",
 ]
 
 

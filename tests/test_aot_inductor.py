@@ -21,10 +21,13 @@ from clse_fx.reference import reference_generate
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "demo"
 PRUNE = PruneConfig(plan=plan_budget(64, 6, 256), score="clse")
-pytestmark = pytest.mark.skipif(
-    not any(shutil.which(name) for name in ("c++", "g++", "clang++")),
-    reason="AOTInductor compiles C++: no C++ compiler on the PATH",
-)
+pytestmark = [
+    pytest.mark.inductor,  # a minute of Inductor C++ builds: run with -m inductor (pyproject.toml)
+    pytest.mark.skipif(
+        not any(shutil.which(name) for name in ("c++", "g++", "clang++")),
+        reason="AOTInductor compiles C++: no C++ compiler on the PATH",
+    ),
+]
 
 
 def _feeds(engine: Engine) -> dict[str, np.ndarray]:
@@ -102,3 +105,16 @@ def test_packages_load_without_the_model_code(demo_aot_bundle, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert np.array_equal(np.load(out), expected)
+
+
+def test_aot_inductor_sessions_refuse_ids_outside_the_vocabulary(demo_aot_bundle):
+    """An AOTInductor package indexes its embedding unchecked: an id out of range aborted the process (rc 134)."""
+    engine = Engine.load(demo_aot_bundle)
+    vocab = engine.manifest.vocab_size()
+    feeds = engine.encode([Image.new("RGB", (64, 64))] * 2, ["what", "what"])
+    ids = feeds["input_ids"].copy()
+    ids[0, -1] = vocab
+    with pytest.raises(ValueError, match=rf"token id {vocab}, outside the model's vocabulary"):
+        engine.prefill.run(**feeds | {"input_ids": ids})
+    with pytest.raises(ValueError, match="pixel_values holds NaN"):
+        engine.prefill.run(**feeds | {"pixel_values": np.full_like(feeds["pixel_values"], np.inf)})

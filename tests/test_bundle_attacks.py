@@ -338,20 +338,6 @@ def test_onnx_sessions_refuse_ids_outside_the_vocabulary_and_non_finite_pixels(c
         engine.decode.run(**step | {"input_ids": np.full_like(step["input_ids"], vocab)})
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="AOTInductor needs C++")
-def test_aot_inductor_sessions_refuse_ids_outside_the_vocabulary(demo_aot_bundle):
-    """An AOTInductor package indexes its embedding unchecked: an id out of range aborted the process (rc 134)."""
-    engine = Engine.load(demo_aot_bundle)
-    vocab = engine.manifest.vocab_size()
-    feeds = engine.encode([Image.new("RGB", (64, 64))] * 2, ["what", "what"])
-    ids = feeds["input_ids"].copy()
-    ids[0, -1] = vocab
-    with pytest.raises(ValueError, match=rf"token id {vocab}, outside the model's vocabulary"):
-        engine.prefill.run(**feeds | {"input_ids": ids})
-    with pytest.raises(ValueError, match="pixel_values holds NaN"):
-        engine.prefill.run(**feeds | {"pixel_values": np.full_like(feeds["pixel_values"], np.inf)})
-
-
 @pytest.mark.parametrize("change", ["rewrite", "truncate"])
 def test_a_weights_file_changed_between_runs_is_a_one_line_error(bundle, monkeypatch, change):
     """Without a lease (another user's file, a network filesystem), every run first compares the file's size and

@@ -156,6 +156,7 @@ def _tensors(feeds: dict) -> dict:
     return {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feeds.items()}
 
 
+@pytest.mark.inductor  # builds the demo's AOTInductor packages and its torch.compile module (pyproject.toml)
 def test_every_target_gives_the_readme_answers_keeping_the_reference_tokens(
     demo, demo_model, demo_aot_bundle, torch_compiled
 ):

@@ -97,6 +97,7 @@ def test_emitted_bundle_is_tensorrt_ready_and_the_gpu_target_falls_back_to_cpu(t
 
     out = tmp_path / "bundle"
     argv = [str(tiny_llava_dir), "--stages", "1:20,2:10,3:4", "--batch", "2", "-o", str(out), "--check", "tensorrt"]
+    argv += ["--no-verify"]  # what is checked here is the graphs; parity is every other test's
     assert compile_main([*argv, "--target", "onnxruntime-gpu"]) == 0
     printed = capsys.readouterr().out
     assert "TensorRT readiness: every node accepted (prefill, decode)" in printed

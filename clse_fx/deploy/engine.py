@@ -116,7 +116,7 @@ class Engine:
         input_graphs = {name: session(name) for name in manifest.pipeline}
         if weights is not None and manifest.quantization:
             # Every quantized product was packed into its session's memory while loading: the mapped weights it
-            # was packed from are not read again (a 7B int8 engine: 21.0 -> 14.7 GiB RSS, see docs/cpu.md).
+            # was packed from (6.8 GiB at 7B int8) are not read again, and pages that are come back from the cache.
             weights.drop_resident()
         for name in verified.identities:  # graphs and tokenizer were read by path after verification
             check_unchanged(verified, name)
